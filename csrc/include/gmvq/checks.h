@@ -1,0 +1,38 @@
+// Input validation shared by the CPU and CUDA kernels. Every message names the
+// argument; gmvq_ext/_checks.py mirrors these in the fake kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace gmvq {
+
+// Logits, softmax statistics and entropies: float64 for float64 inputs, else float32.
+inline at::ScalarType accumulation_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A floating (N, cols) matrix; shape_doc is shown in the message, e.g. "(N, D)".
+void check_matrix(const at::Tensor& t, const char* name, const char* shape_doc);
+// Same device (and, with same_dtype, same dtype) as the tensor called ref_name.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name,
+                bool same_dtype);
+// z (N, D), weight None or (N, D) or (N, 1), codebook (K >= 1, D): all checks.
+void check_codebook_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& codebook);
+// logits (N, K >= 1).
+void check_logits(const at::Tensor& logits, const char* name = "logits");
+// A positive finite float argument (temperature, sigma_z2).
+void check_positive_finite(double value, const char* name);
+// An optional noise tensor: floating, shape (rows, cols), on ref's device.
+void check_noise(const std::optional<at::Tensor>& noise, const char* name, int64_t rows,
+                 int64_t cols, const at::Tensor& ref);
+// A gradient of shape `shape` on ref's device.
+void check_grad(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
+                const at::Tensor& ref);
+
+// The gradient for an absent optional input: an empty tensor.
+inline at::Tensor absent_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace gmvq

@@ -1,0 +1,232 @@
+// Counter-based noise shared by the CPU kernels, the CUDA kernels and (mirrored
+// in int64/float32 tensor arithmetic) gmvq_ext/reference.py.
+//
+// Why counter-based: the fused quantize backward regenerates the Gumbel and
+// Gaussian noise of the forward instead of storing N x K values, and the same
+// (seed, offset) must give the same noise on every device.
+//
+// Counter layout (Philox4x32-10, Salmon et al. 2011):
+//   key     = (lo32(seed), hi32(seed))
+//   counter = (lo32(block), hi32(block), lo32(offset), hi32(offset))
+//   block   = element / 4 + stream * 2^62,  word = element % 4
+// Streams: 0 = Gumbel noise, element n*K + k; 1 = Gaussian noise, element n*D + d.
+//
+// Bits to numbers, in float32 with only correctly rounded +, -, *, sqrt (no
+// FMA contraction: the device path uses the _rn intrinsics, the host path is
+// compiled with -ffp-contract=off), so every device and torch itself produce
+// the same bits:
+//   u        = ((r >> 9) + 0.5) * 2^-23        in (0, 1), never 0 or 1
+//   gumbel   = -log(-log(u))                    log: Cephes logf polynomial
+//   gaussian = sqrt(2) * erfinv(2u - 1)         erfinv: Giles (2010), single precision
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define GMVQ_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define GMVQ_HOST_DEVICE inline
+#endif
+
+namespace gmvq::rng {
+
+constexpr uint64_t kGumbelStream = 0;
+constexpr uint64_t kGaussianStream = 1;
+
+struct Philox4 {
+  uint32_t word[4];
+};
+
+GMVQ_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                       uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kMul0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kMul1) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four 32-bit words of one block of a stream.
+GMVQ_HOST_DEVICE Philox4 philox_block(int64_t seed, int64_t offset, uint64_t stream,
+                                      uint64_t block) {
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint64_t off = static_cast<uint64_t>(offset);
+  const uint64_t counter = block + (stream << 62);
+  return philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
+                       static_cast<uint32_t>(off), static_cast<uint32_t>(off >> 32),
+                       static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
+}
+
+// --- correctly rounded float32 arithmetic, never contracted into an FMA ---
+GMVQ_HOST_DEVICE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+GMVQ_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GMVQ_HOST_DEVICE float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return __builtin_sqrtf(a);
+#endif
+}
+GMVQ_HOST_DEVICE int32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+GMVQ_HOST_DEVICE float bits_float(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// Uniform in (0, 1) from 32 random bits: 23 bits of the word, centred in their
+// interval, so the result is exact in float32 and never 0 or 1.
+GMVQ_HOST_DEVICE float uniform_from_bits(uint32_t r) {
+  return mul_rn(add_rn(static_cast<float>(r >> 9), 0.5f), 0x1p-23f);
+}
+
+// Natural log of a positive normal float (Cephes logf). Written out operation
+// by operation because reference.py repeats exactly these steps on tensors.
+GMVQ_HOST_DEVICE float log_canonical(float x) {
+  const int32_t bits = float_bits(x);
+  int32_t exponent = (bits >> 23) - 126;                       // x = m * 2^exponent
+  const float m = bits_float((bits & 0x007fffff) | 0x3f000000);  // m in [0.5, 1)
+  float t;
+  if (m < 0x1.6a09e6p-1f) {  // sqrt(1/2)
+    exponent -= 1;
+    t = add_rn(add_rn(m, m), -1.0f);
+  } else {
+    t = add_rn(m, -1.0f);
+  }
+  const float e = static_cast<float>(exponent);
+  const float t2 = mul_rn(t, t);
+  float y = 0x1.204376p-4f;
+  y = add_rn(mul_rn(y, t), -0x1.d7a370p-4f);
+  y = add_rn(mul_rn(y, t), 0x1.de4a34p-4f);
+  y = add_rn(mul_rn(y, t), -0x1.fcba9ep-4f);
+  y = add_rn(mul_rn(y, t), 0x1.23d37ep-3f);
+  y = add_rn(mul_rn(y, t), -0x1.555ca0p-3f);
+  y = add_rn(mul_rn(y, t), 0x1.999d58p-3f);
+  y = add_rn(mul_rn(y, t), -0x1.fffff8p-3f);
+  y = add_rn(mul_rn(y, t), 0x1.555554p-2f);
+  y = mul_rn(mul_rn(y, t), t2);
+  y = add_rn(y, mul_rn(-0x1.bd0106p-13f, e));
+  y = add_rn(y, mul_rn(-0.5f, t2));
+  float result = add_rn(t, y);
+  result = add_rn(result, mul_rn(0x1.63p-1f, e));
+  return result;
+}
+
+// erfinv on (-1, 1) (Giles 2010, single precision); |x| <= 1 - 2^-23 here.
+GMVQ_HOST_DEVICE float erfinv_canonical(float x) {
+  float w = -log_canonical(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
+  float p;
+  if (w < 5.0f) {
+    w = add_rn(w, -2.5f);
+    p = 0x1.e2cb10p-26f;
+    p = add_rn(mul_rn(p, w), 0x1.70966cp-22f);
+    p = add_rn(mul_rn(p, w), -0x1.d8e6aep-19f);
+    p = add_rn(mul_rn(p, w), -0x1.26b582p-18f);
+    p = add_rn(mul_rn(p, w), 0x1.ca65b6p-13f);
+    p = add_rn(mul_rn(p, w), -0x1.48a810p-10f);
+    p = add_rn(mul_rn(p, w), -0x1.11c9dep-8f);
+    p = add_rn(mul_rn(p, w), 0x1.f91ec6p-3f);
+    p = add_rn(mul_rn(p, w), 0x1.805c5ep+0f);
+  } else {
+    w = add_rn(sqrt_rn(w), -3.0f);
+    p = -0x1.a3e136p-13f;
+    p = add_rn(mul_rn(p, w), 0x1.a76ad6p-14f);
+    p = add_rn(mul_rn(p, w), 0x1.61b8e4p-10f);
+    p = add_rn(mul_rn(p, w), -0x1.e17bcep-9f);
+    p = add_rn(mul_rn(p, w), 0x1.7824f6p-8f);
+    p = add_rn(mul_rn(p, w), -0x1.f38baep-8f);
+    p = add_rn(mul_rn(p, w), 0x1.354afcp-7f);
+    p = add_rn(mul_rn(p, w), 0x1.006db6p+0f);
+    p = add_rn(mul_rn(p, w), 0x1.6a9efcp+1f);
+  }
+  return mul_rn(p, x);
+}
+
+GMVQ_HOST_DEVICE float gumbel_from_bits(uint32_t r) {
+  return -log_canonical(-log_canonical(uniform_from_bits(r)));
+}
+
+GMVQ_HOST_DEVICE float gaussian_from_bits(uint32_t r) {
+  const float u = uniform_from_bits(r);
+  return mul_rn(0x1.6a09e6p+0f, erfinv_canonical(add_rn(add_rn(u, u), -1.0f)));
+}
+
+// One element of a stream (convenient, but recomputes the whole block: loops
+// over consecutive elements should use fill_* below).
+GMVQ_HOST_DEVICE uint32_t random_word(int64_t seed, int64_t offset, uint64_t stream,
+                                      uint64_t element) {
+  return philox_block(seed, offset, stream, element >> 2).word[element & 3];
+}
+
+GMVQ_HOST_DEVICE float gumbel(int64_t seed, int64_t offset, uint64_t element) {
+  return gumbel_from_bits(random_word(seed, offset, kGumbelStream, element));
+}
+
+GMVQ_HOST_DEVICE float gaussian(int64_t seed, int64_t offset, uint64_t element) {
+  return gaussian_from_bits(random_word(seed, offset, kGaussianStream, element));
+}
+
+// Noise for the consecutive elements [first, first + count) of a stream,
+// one Philox call per four elements.
+template <typename Transform>
+GMVQ_HOST_DEVICE void fill_range(int64_t seed, int64_t offset, uint64_t stream, uint64_t first,
+                                 int64_t count, float* out, Transform transform) {
+  int64_t i = 0;
+  while (i < count) {
+    const uint64_t element = first + static_cast<uint64_t>(i);
+    const Philox4 block = philox_block(seed, offset, stream, element >> 2);
+    for (uint64_t word = element & 3; word < 4 && i < count; ++word, ++i) {
+      out[i] = transform(block.word[word]);
+    }
+  }
+}
+
+GMVQ_HOST_DEVICE void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, int64_t count,
+                                  float* out) {
+  fill_range(seed, offset, kGumbelStream, first, count, out,
+             [](uint32_t r) { return gumbel_from_bits(r); });
+}
+
+GMVQ_HOST_DEVICE void fill_gaussian(int64_t seed, int64_t offset, uint64_t first, int64_t count,
+                                    float* out) {
+  fill_range(seed, offset, kGaussianStream, first, count, out,
+             [](uint32_t r) { return gaussian_from_bits(r); });
+}
+
+}  // namespace gmvq::rng
