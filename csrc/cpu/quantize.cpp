@@ -10,13 +10,21 @@
 // The Gumbel and Gaussian noise are regenerated from Philox (philox.h) in the
 // backward pass instead of being stored; the forward's indices are reused.
 //
-// Determinism: per-row work never depends on the thread split; column sums
-// (q_bar) and scatter-adds (hard G_E) run in a fixed order; GEMM results are
-// accumulated block by block in block order.
+// Threads: the rows are cut into at most kStripes stripes of whole blocks, one
+// at::parallel_for task per stripe, so the whole op is one parallel region
+// (per-block regions cost a barrier each, which is ruinous on a loaded
+// machine). GEMMs inside a stripe run single-threaded on the stripe's blocks.
+//
+// Determinism: the stripes do not depend on the thread count; each stripe
+// accumulates its own q_bar and codebook-gradient partials in row order, and
+// the partials are added in stripe order. Same inputs, same bits, run after
+// run (and across thread counts as far as the BLAS is: a lone stripe runs
+// its GEMMs with the BLAS's own threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -25,27 +33,51 @@
 #include "gmvq/philox.h"
 #include "quantize_rowmath.h"
 
+// at::parallel_for is header code: without -fopenmp it silently runs serially
+// (ATen/Parallel-inl.h tests INTRA_OP_PARALLEL, defined only under _OPENMP).
+#if !defined(_OPENMP)
+#pragma message("gmvq quantize.cpp built without OpenMP (-fopenmp): the CPU kernel will run on one thread")
+#endif
+
 namespace gmvq {
 namespace {
 
 namespace rowmath = quantize_rowmath;
 
 // B * K of one block: large enough for efficient GEMMs, small enough that the
-// block's (B, K) buffers stay in cache. B never depends on the thread count,
-// so the order of every accumulation is fixed.
+// block's (B, K) buffers stay in cache. Nothing here depends on the thread count.
 constexpr int64_t kTargetBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
-// Rows of a block given to one task of at::parallel_for: about 16K elements.
-constexpr int64_t kGrainElements = int64_t{1} << 14;
+constexpr int64_t kStripes = 16;
 
-int64_t block_rows(int64_t n, int64_t k) {
-  int64_t rows = std::max<int64_t>(1, kTargetBlockElements / k);
-  // Huge K: still a few rows per block for the threads, within the hard cap.
-  rows = std::max(rows, std::min<int64_t>(16, std::max<int64_t>(1, kMaxBlockElements / k)));
-  return std::max<int64_t>(1, std::min(rows, n));
+// Rows [row_begin, row_end) of a stripe: whole blocks of rows_per_block rows.
+struct Blocking {
+  int64_t rows = 0, rows_per_block = 1, blocks = 0, stripes = 0;
+
+  Blocking(int64_t n, int64_t k) : rows(n) {
+    rows_per_block = std::max<int64_t>(1, kTargetBlockElements / k);
+    // Huge K: still a few rows per GEMM, within the hard cap on B * K.
+    rows_per_block = std::max(rows_per_block, std::min<int64_t>(16, std::max<int64_t>(1, kMaxBlockElements / k)));
+    rows_per_block = std::max<int64_t>(1, std::min(rows_per_block, n));
+    blocks = (n + rows_per_block - 1) / rows_per_block;
+    stripes = std::min(kStripes, blocks);
+  }
+  int64_t row_begin(int64_t stripe) const { return std::min(rows, stripe * blocks / stripes * rows_per_block); }
+  int64_t row_end(int64_t stripe) const { return row_begin(stripe + 1); }
+};
+
+// fn(stripe, row_begin, row_end) for every stripe, in parallel. Threads take
+// stripes from a shared counter (a thread that the OS delays takes fewer);
+// which thread runs a stripe changes nothing in its result.
+template <typename Fn>
+void for_each_stripe(const Blocking& blocking, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, blocking.stripes, 1, [&](int64_t, int64_t) {
+    for (int64_t s = next++; s < blocking.stripes; s = next++) {
+      fn(s, blocking.row_begin(s), blocking.row_end(s));
+    }
+  });
 }
-
-int64_t row_grain(int64_t k) { return std::max<int64_t>(1, kGrainElements / k); }
 
 struct Scalars {
   double temperature;
@@ -108,16 +140,14 @@ void block_logits(const Operands& op, int64_t n0, at::Tensor& logits) {
   const acc_t* a = op.row_term.data_ptr<acc_t>() + n0;
   acc_t* l = logits.data_ptr<acc_t>();
   const int64_t k = op.k;
-  at::parallel_for(0, logits.size(0), row_grain(k), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      acc_t* row = l + b * k;
-      const acc_t ab = a[b];
-      for (int64_t j = 0; j < k; ++j) {
-        const acc_t distance = ab + row[j];
-        row[j] = -(distance > acc_t(0) ? distance : acc_t(0));
-      }
+  for (int64_t b = 0; b < logits.size(0); ++b) {
+    acc_t* row = l + b * k;
+    const acc_t ab = a[b];
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t distance = ab + row[j];
+      row[j] = -(distance > acc_t(0) ? distance : acc_t(0));
     }
-  });
+  }
 }
 
 // Explicit Gumbel noise of the block as a (B, K) acc tensor (undefined if absent).
@@ -160,13 +190,11 @@ template <typename acc_t>
 void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_out, at::Tensor& indices,
                            at::Tensor& q_bar, at::Tensor& latent_reg) {
   const int64_t n = op.n, k = op.k, d = op.d;
-  const int64_t rows_per_block = block_rows(n, k);
+  const Blocking blocking(n, k);
   const bool soft = s.training && !s.hard;
   const auto options = op.z.options();
-  at::Tensor logits_buffer = at::empty({rows_per_block, k}, options);
-  at::Tensor sample_buffer = soft ? at::empty({rows_per_block, k}, options) : at::Tensor();
-  // q_bar accumulates in float64 in a fixed order (rows within a block, then blocks).
-  std::vector<double> column_sums(k, 0.0);
+  // q_bar: float64 column sums of pi per stripe (rows in order), added in stripe order.
+  std::vector<std::vector<double>> column_sums(blocking.stripes);
   const acc_t c0 = static_cast<acc_t>(std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
   const acc_t two_sigma = static_cast<acc_t>(2.0 * s.sigma_z2);
   const acc_t temperature = static_cast<acc_t>(s.temperature);
@@ -176,19 +204,24 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_o
   int64_t* idx = indices.data_ptr<int64_t>();
   acc_t* reg = latent_reg.data_ptr<acc_t>();
 
-  for (int64_t n0 = 0; n0 < n; n0 += rows_per_block) {
-    const int64_t rows = std::min(rows_per_block, n - n0);
-    at::Tensor logits = logits_buffer.narrow(0, 0, rows);
-    block_logits<acc_t>(op, n0, logits);
-    const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
-    acc_t* l = logits.data_ptr<acc_t>();
-    acc_t* y = soft ? sample_buffer.data_ptr<acc_t>() : nullptr;
+  for_each_stripe(blocking, [&](int64_t stripe, int64_t row_begin, int64_t row_end) {
+    at::Tensor logits_buffer = at::empty({blocking.rows_per_block, k}, options);
+    at::Tensor sample_buffer = soft ? at::empty({blocking.rows_per_block, k}, options) : at::Tensor();
+    std::vector<double>& sums = column_sums[stripe];
+    sums.assign(k, 0.0);
+    std::vector<float> noise(k), scratch(d);
+    std::vector<acc_t> perturbed(k), eps(d);
 
-    // Row pass 1: sample (index, soft sample) from the logits, then pi in place.
-    at::parallel_for(0, rows, row_grain(k), [&](int64_t b0, int64_t b1) {
-      std::vector<float> noise(k);
-      std::vector<acc_t> perturbed(k);
-      for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
+      const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
+      at::Tensor logits = logits_buffer.narrow(0, 0, rows);
+      block_logits<acc_t>(op, n0, logits);
+      const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
+      acc_t* l = logits.data_ptr<acc_t>();
+      acc_t* y = soft ? sample_buffer.data_ptr<acc_t>() : nullptr;
+
+      // Sample (index; soft sample y) from the logits, then pi in place and its column sums.
+      for (int64_t b = 0; b < rows; ++b) {
         acc_t* row = l + b * k;
         if (s.training) {
           const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
@@ -199,25 +232,14 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_o
           idx[n0 + b] = rowmath::row_argmax(row, k);
         }
         rowmath::softmax_row(row, acc_t(1), row, k);
+        for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(row[j]);
       }
-    });
 
-    // q_bar: column sums of pi, each column in row order.
-    at::parallel_for(0, k, 256, [&](int64_t j0, int64_t j1) {
+      // Soft training: z_q = y E for the block.
+      const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
+
+      // z_q, the noise scale, z_out and the latent term.
       for (int64_t b = 0; b < rows; ++b) {
-        const acc_t* row = l + b * k;
-        for (int64_t j = j0; j < j1; ++j) column_sums[j] += static_cast<double>(row[j]);
-      }
-    });
-
-    // Soft training: z_q = y E for the block.
-    const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
-
-    // Row pass 2: z_q, the noise scale, z_out and the latent term.
-    at::parallel_for(0, rows, row_grain(d * 8), [&](int64_t b0, int64_t b1) {
-      std::vector<float> scratch(d);
-      std::vector<acc_t> eps(d);
-      for (int64_t b = b0; b < b1; ++b) {
         const int64_t row = n0 + b;
         const acc_t* zq = soft ? soft_zq.data_ptr<acc_t>() + b * d : codebook + idx[row] * d;
         const acc_t* zr = z + row * d;
@@ -236,11 +258,15 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_o
           std::copy(zq, zq + d, o);
         }
       }
-    });
+    }
+  });
+  std::vector<double> total(k, 0.0);
+  for (const auto& sums : column_sums) {
+    for (int64_t j = 0; j < k; ++j) total[j] += sums[j];
   }
   const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
   acc_t* q = q_bar.data_ptr<acc_t>();
-  for (int64_t j = 0; j < k; ++j) q[j] = static_cast<acc_t>(column_sums[j] * inv_n);
+  for (int64_t j = 0; j < k; ++j) q[j] = static_cast<acc_t>(total[j] * inv_n);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
@@ -278,24 +304,19 @@ struct Gradients {
 struct BackwardOutputs {
   at::Tensor grad_z;        // (N, D) acc
   at::Tensor grad_weight;   // like op.weight, acc, or undefined
-  at::Tensor grad_codebook; // (K, D) acc: the direct (c^T G_zq) part
-  at::Tensor grad_gumbel;   // (N, K) in the noise's dtype, or undefined
+  at::Tensor grad_codebook; // (K, D) acc
+  at::Tensor grad_gumbel;   // (N, K) acc, or undefined
   at::Tensor grad_eps;      // (N, D) acc, or undefined
 };
 
 template <typename acc_t>
 void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradients& g, BackwardOutputs& out) {
   const int64_t n = op.n, k = op.k, d = op.d, width = op.lhs.size(1);
-  const int64_t rows_per_block = block_rows(n, k);
+  const Blocking blocking(n, k);
   const bool soft = s.training && !s.hard;
   const auto options = op.z.options();
-  at::Tensor logits_buffer = at::empty({rows_per_block, k}, options);  // l, then G_l
-  at::Tensor sample_buffer = s.training ? at::empty({rows_per_block, k}, options) : at::Tensor();  // y
-  at::Tensor grad_sample_buffer = s.training ? at::empty({rows_per_block, k}, options) : at::Tensor();  // G_y
-  at::Tensor grad_zq_buffer = at::empty({rows_per_block, d}, options);
-  at::Tensor row_sums = at::empty({rows_per_block}, options);  // S = sum_k G_l
-  // G_l^T lhs, accumulated over blocks: [G_l^T (w z), G_l^T w].
-  at::Tensor distance_codebook_terms = at::zeros({k, width}, options);
+  // Each stripe's contribution to G_E, added in stripe order at the end.
+  std::vector<at::Tensor> codebook_partials(blocking.stripes);
 
   const acc_t c0 = static_cast<acc_t>(std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
   const acc_t sigma = static_cast<acc_t>(s.sigma_z2);
@@ -308,24 +329,36 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradient
   const acc_t* grad_lat = g.grad_latent_reg.data_ptr<acc_t>();
   const int64_t* idx = g.indices.data_ptr<int64_t>();
   acc_t* grad_z = out.grad_z.data_ptr<acc_t>();
-  acc_t* grad_codebook = out.grad_codebook.data_ptr<acc_t>();
   acc_t* grad_eps = out.grad_eps.defined() ? out.grad_eps.data_ptr<acc_t>() : nullptr;
+  acc_t* grad_gumbel = out.grad_gumbel.defined() ? out.grad_gumbel.data_ptr<acc_t>() : nullptr;
   const bool full_weight = op.weight.defined() && op.weight.size(1) == d;
   const acc_t* w = op.weight.defined() ? op.weight.data_ptr<acc_t>() : nullptr;
   acc_t* grad_w = out.grad_weight.defined() ? out.grad_weight.data_ptr<acc_t>() : nullptr;
 
-  for (int64_t n0 = 0; n0 < n; n0 += rows_per_block) {
-    const int64_t rows = std::min(rows_per_block, n - n0);
-    at::Tensor logits = logits_buffer.narrow(0, 0, rows);
-    block_logits<acc_t>(op, n0, logits);
-    const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
-    acc_t* l = logits.data_ptr<acc_t>();
-    acc_t* y = s.training ? sample_buffer.data_ptr<acc_t>() : nullptr;
+  for_each_stripe(blocking, [&](int64_t stripe, int64_t row_begin, int64_t row_end) {
+    const int64_t block = blocking.rows_per_block;
+    at::Tensor logits_buffer = at::empty({block, k}, options);  // l, then G_l
+    at::Tensor sample_buffer = s.training ? at::empty({block, k}, options) : at::Tensor();       // y
+    at::Tensor grad_sample_buffer = s.training ? at::empty({block, k}, options) : at::Tensor();  // G_y
+    at::Tensor grad_zq_buffer = at::empty({block, d}, options);
+    at::Tensor pq_buffer = at::empty({block, width}, options);
+    // c^T G_zq (the direct path through z_q = c E) and G_l^T lhs = [G_l^T (w z), G_l^T w].
+    at::Tensor direct = at::zeros({k, d}, options);
+    at::Tensor distance_terms = at::zeros({k, width}, options);
+    acc_t* direct_ptr = direct.data_ptr<acc_t>();
+    std::vector<float> noise(k), scratch(d);
+    std::vector<acc_t> eps(d), r(d), row_sums(block);
 
-    // Row pass A: regenerate y; pi; G_l1 = pi (G_pi - <pi, G_pi>) into the logits' place.
-    at::parallel_for(0, rows, row_grain(k), [&](int64_t b0, int64_t b1) {
-      std::vector<float> noise(k);
-      for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
+      const int64_t rows = std::min(block, row_end - n0);
+      at::Tensor logits = logits_buffer.narrow(0, 0, rows);
+      block_logits<acc_t>(op, n0, logits);
+      const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
+      acc_t* l = logits.data_ptr<acc_t>();
+      acc_t* y = s.training ? sample_buffer.data_ptr<acc_t>() : nullptr;
+
+      // Regenerate y; pi; G_l1 = pi (G_pi - <pi, G_pi>) in the logits' place.
+      for (int64_t b = 0; b < rows; ++b) {
         acc_t* row = l + b * k;
         if (s.training) {
           acc_t* yrow = y + b * k;
@@ -337,17 +370,12 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradient
         const acc_t mean = rowmath::row_dot(row, grad_pi, k);
         for (int64_t j = 0; j < k; ++j) row[j] = row[j] * (grad_pi[j] - mean);
       }
-    });
 
-    const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
+      const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
 
-    // Row pass B: the quantize-and-noise part. G_zq into the block buffer,
-    // the direct part of G_z into grad_z, G_eps.
-    acc_t* grad_zq = grad_zq_buffer.data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(d * 8), [&](int64_t b0, int64_t b1) {
-      std::vector<float> scratch(d);
-      std::vector<acc_t> eps(d), r(d);
-      for (int64_t b = b0; b < b1; ++b) {
+      // The quantize-and-noise part: G_zq, the direct part of G_z, G_eps.
+      acc_t* grad_zq = grad_zq_buffer.data_ptr<acc_t>();
+      for (int64_t b = 0; b < rows; ++b) {
         const int64_t row = n0 + b;
         const acc_t* zq = soft ? soft_zq.data_ptr<acc_t>() + b * d : codebook + idx[row] * d;
         const acc_t* zr = z + row * d;
@@ -358,87 +386,74 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradient
           rho2 += r[j] * r[j];
         }
         const acc_t lat = grad_lat[row] / sigma;  // d latent_reg / d r = r / sigma_z2
-        acc_t* gz = grad_z + row * d;
-        acc_t* gq = grad_zq + b * d;
+        // d z_out / d r through the scale s = ||r|| / c0: (alpha / c0) r / ||r||,
+        // taken as 0 at r = 0 like torch's norm backward.
+        acc_t coef = 0;
         if (s.training) {
           eps_row<acc_t>(op, s, row, scratch, eps.data());
           const acc_t rho = std::sqrt(rho2);
           const acc_t alpha = rowmath::row_dot(gzo, eps.data(), d);
-          // d rho / d r = r / rho, taken as 0 at rho = 0 (torch's norm backward).
-          const acc_t coef = rho > acc_t(0) ? alpha / (rho * c0) : acc_t(0);
-          for (int64_t j = 0; j < d; ++j) {
-            const acc_t direct = coef * r[j] + lat * r[j];
-            gz[j] = direct;
-            gq[j] = gzo[j] - direct;
-          }
+          coef = rho > acc_t(0) ? alpha / (rho * c0) : acc_t(0);
           if (grad_eps != nullptr) {
             const acc_t scale = rho / c0;
             for (int64_t j = 0; j < d; ++j) grad_eps[row * d + j] = gzo[j] * scale;
           }
-        } else {
-          for (int64_t j = 0; j < d; ++j) {
-            const acc_t direct = lat * r[j];
-            gz[j] = direct;
-            gq[j] = gzo[j] - direct;
-          }
+        }
+        acc_t* gz = grad_z + row * d;
+        acc_t* gq = grad_zq + b * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const acc_t through_r = coef * r[j] + lat * r[j];
+          gz[j] = through_r;
+          gq[j] = gzo[j] - through_r;
         }
       }
-    });
-    const at::Tensor grad_zq_block = grad_zq_buffer.narrow(0, 0, rows);
+      const at::Tensor grad_zq_block = grad_zq_buffer.narrow(0, 0, rows);
 
-    // Codebook gradient through z_q = c E: c^T G_zq.
-    if (soft) {
-      at::Tensor gc = out.grad_codebook;
-      gc.addmm_(sample_buffer.narrow(0, 0, rows).t(), grad_zq_block);
-    } else {
-      for (int64_t b = 0; b < rows; ++b) {  // fixed order: deterministic scatter-add
-        acc_t* dst = grad_codebook + idx[n0 + b] * d;
-        const acc_t* src = grad_zq + b * d;
-        for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+      // Codebook gradient through z_q = c E: c^T G_zq (hard: a scatter-add in row order).
+      if (soft) {
+        direct.addmm_(sample_buffer.narrow(0, 0, rows).t(), grad_zq_block);
+      } else {
+        for (int64_t b = 0; b < rows; ++b) {
+          acc_t* dst = direct_ptr + idx[n0 + b] * d;
+          const acc_t* src = grad_zq + b * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+        }
       }
-    }
 
-    // Row pass C (training): G_l += G_l2 = (1/T) y (G_y - <y, G_y>), G_y = G_zq E^T.
-    acc_t* sums = row_sums.data_ptr<acc_t>();
-    if (s.training) {
-      at::Tensor grad_sample = grad_sample_buffer.narrow(0, 0, rows);
-      at::mm_out(grad_sample, grad_zq_block, op.codebook.t());
-      const acc_t* gy = grad_sample.data_ptr<acc_t>();
-      at::parallel_for(0, rows, row_grain(k), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          acc_t* yrow = y + b * k;
+      // Training: G_l += G_l2 = (1/T) y (G_y - <y, G_y>), G_y = G_zq E^T (hard:
+      // straight-through, the same formula). S = row sums of G_l.
+      if (s.training) {
+        at::Tensor grad_sample = grad_sample_buffer.narrow(0, 0, rows);
+        at::mm_out(grad_sample, grad_zq_block, op.codebook.t());
+        const acc_t* gy = grad_sample.data_ptr<acc_t>();
+        for (int64_t b = 0; b < rows; ++b) {
+          const acc_t* yrow = y + b * k;
           const acc_t* gyrow = gy + b * k;
           acc_t* row = l + b * k;
+          acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + (n0 + b) * k : nullptr;
           const acc_t mean = rowmath::row_dot(yrow, gyrow, k);
           for (int64_t j = 0; j < k; ++j) {
             const acc_t g2 = inv_temperature * yrow[j] * (gyrow[j] - mean);
             row[j] += g2;
-            // G_gumbel = G_l2; y is no longer needed, so its buffer keeps G_l2.
-            yrow[j] = g2;
+            if (gg != nullptr) gg[j] = g2;  // v = l + g: the noise gets G_l2 too
           }
-          sums[b] = rowmath::row_sum(row, k);
+          row_sums[b] = rowmath::row_sum(row, k);
         }
-      });
-      if (gumbel.defined()) {
-        out.grad_gumbel.narrow(0, n0, rows).copy_(sample_buffer.narrow(0, 0, rows));
+      } else {
+        for (int64_t b = 0; b < rows; ++b) row_sums[b] = rowmath::row_sum(l + b * k, k);
       }
-    } else {
-      at::parallel_for(0, rows, row_grain(k), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) sums[b] = rowmath::row_sum(l + b * k, k);
-      });
-    }
 
-    // Distance backward: [-2 P, Q] = G_l rhs, and G_l^T lhs for the codebook.
-    const at::Tensor pq = at::mm(logits, op.rhs);
-    distance_codebook_terms.addmm_(logits.t(), op.lhs.narrow(0, n0, rows));
-    const acc_t* pqp = pq.data_ptr<acc_t>();
-    at::parallel_for(0, rows, row_grain(d * 8), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+      // Distance backward: [-2 P, Q] = G_l rhs; G_l^T lhs for the codebook.
+      at::Tensor pq = pq_buffer.narrow(0, 0, rows);
+      at::mm_out(pq, logits, op.rhs);
+      distance_terms.addmm_(logits.t(), op.lhs.narrow(0, n0, rows));
+      const acc_t* pqp = pq.data_ptr<acc_t>();
+      for (int64_t b = 0; b < rows; ++b) {
         const int64_t row = n0 + b;
-        const acc_t srow = sums[b];
+        const acc_t srow = row_sums[b];
         const acc_t* zr = z + row * d;
-        const acc_t* pm2 = pqp + b * width;      // -2 P
-        const acc_t* q = pm2 + d;                // Q (D values, or 1 for ||e||^2)
+        const acc_t* pm2 = pqp + b * width;  // -2 P
+        const acc_t* q = pm2 + d;            // Q: D values (full weight) or 1 (||e||^2)
         acc_t* gz = grad_z + row * d;
         acc_t scalar_grad_w = 0;
         for (int64_t j = 0; j < d; ++j) {
@@ -456,12 +471,13 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradient
         }
         if (grad_w != nullptr && !full_weight) grad_w[row] = -(scalar_grad_w + q[0]);
       }
-    });
-  }
-  // G_E += 2 (G_l^T (w z) - E * (G_l^T w)).
-  const at::Tensor cross = distance_codebook_terms.narrow(1, 0, d);
-  const at::Tensor weight_sums = distance_codebook_terms.narrow(1, d, width - d);
-  out.grad_codebook.add_((cross - op.codebook * weight_sums) * 2.0);
+    }
+    // G_E of the stripe: c^T G_zq + 2 (G_l^T (w z) - E * (G_l^T w)).
+    const at::Tensor cross = distance_terms.narrow(1, 0, d);
+    const at::Tensor weight_sums = distance_terms.narrow(1, d, width - d);
+    codebook_partials[stripe] = direct.add_((cross - op.codebook * weight_sums) * 2.0);
+  });
+  for (const at::Tensor& partial : codebook_partials) out.grad_codebook.add_(partial);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_backward_cpu(
@@ -499,9 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   out.grad_weight = op.weight.defined() ? at::empty(op.weight.sizes(), op.z.options()) : at::Tensor();
   out.grad_codebook = at::zeros({k, op.d}, op.z.options());
   const bool noise_grads = training;  // eval uses neither noise: their gradients are 0
-  if (gumbel_noise.has_value() && noise_grads) {
-    out.grad_gumbel = at::empty(gumbel_noise->sizes(), gumbel_noise->options().dtype(acc));
-  }
+  if (gumbel_noise.has_value() && noise_grads) out.grad_gumbel = at::empty({n, k}, op.z.options());
   if (eps_noise.has_value() && noise_grads) out.grad_eps = at::empty({n, op.d}, op.z.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "quantize_backward_cpu", [&] {
     quantize_backward_impl<scalar_t>(op, s, g, out);
