@@ -22,6 +22,7 @@
 // its GEMMs with the BLAS's own threads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -69,10 +70,15 @@ struct Blocking {
 // fn(stripe, row_begin, row_end) for every stripe, in parallel. Threads take
 // stripes from a shared counter (a thread that the OS delays takes fewer);
 // which thread runs a stripe changes nothing in its result.
+// The caller's thread-local state (dispatch keys below autograd, grad mode) is
+// installed in every worker: the ATen calls made inside (at::mm_out, ...)
+// must dispatch exactly as they would on the calling thread.
 template <typename Fn>
 void for_each_stripe(const Blocking& blocking, const Fn& fn) {
   std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, blocking.stripes, 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t s = next++; s < blocking.stripes; s = next++) {
       fn(s, blocking.row_begin(s), blocking.row_end(s));
     }
