@@ -76,6 +76,17 @@ def test_noise_shapes(device, gaussian, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gaussian", [False, True], ids=["gumbel", "gaussian"])
+def test_noise_tails_are_bit_identical_to_reference(device, gaussian):
+    # 2^20 draws reach |eps| > 4.5 and u within 2^-20 of 0 or 1, where the
+    # transforms' rarely taken branches (erfinv's tail, log near 1) run.
+    like = torch.empty(1024, 1024, device=device)
+    noise = ops.philox_noise(like, 7, 3, gaussian)
+    assert noise.abs().max() > (4.5 if gaussian else 10.0)
+    assert_same_bits(noise, reference_noise(7, 3, (1024, 1024), gaussian))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_noise_is_float32_whatever_like_is(device):
     # Only like's shape and device matter: dtype and layout are ignored.
     like = torch.zeros(6, 10, dtype=torch.float16, device=device).t()
