@@ -21,12 +21,44 @@ def nearest_code(x: Tensor, centroids: Tensor) -> Tensor:
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=x.device)
 
 
+def _squared_distance_to(data: Tensor, row_norms: Tensor, point: Tensor) -> Tensor:
+    # ||x||^2 - 2 x.p + ||p||^2: one matrix-vector product instead of an (N, D) temporary.
+    return (row_norms - 2.0 * (data @ point) + point.dot(point)).clamp_min(0)
+
+
+def kmeans_plus_plus(data: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre is a row
+    drawn with probability proportional to its squared distance to the nearest
+    centre so far. The uniforms come from ``generator`` (CPU) up front, and
+    each draw is an inverse-CDF search on the device: no host round trip per centre."""
+    n = data.shape[0]
+    uniforms = torch.rand(k, generator=generator, dtype=torch.float64).to(data.device)
+    first = int(torch.randint(n, (1,), generator=generator))
+    chosen = torch.empty(k, dtype=torch.int64, device=data.device)
+    chosen[0] = first
+    row_norms = (data * data).sum(1)
+    nearest = _squared_distance_to(data, row_norms, data[first]).double()
+    for i in range(1, k):
+        cumulative = nearest.cumsum(0)
+        # All rows coincide with a centre: fall back to uniform choice.
+        weights_total = cumulative[-1]
+        target = uniforms[i] * torch.where(weights_total > 0, weights_total, torch.ones_like(weights_total))
+        cumulative = torch.where(weights_total > 0, cumulative,
+                                 torch.arange(1, n + 1, device=data.device, dtype=torch.float64))
+        pick = torch.searchsorted(cumulative, target[None], right=True).clamp_max(n - 1)
+        chosen[i] = pick[0]
+        nearest = torch.minimum(nearest, _squared_distance_to(data, row_norms, data[pick[0]]).double())
+    return data[chosen].clone()
+
+
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, iterations: int = 10, seed: int = 0) -> Tensor:
-    """k centroids of the rows of x (N, D) after ``iterations`` Lloyd steps, float32 (or float64).
+    """k centroids of the rows of x (N, D) after ``iterations`` Lloyd steps, float32 (float64 for float64).
 
-    Initial centroids: k distinct rows drawn by a CPU torch.Generator seeded
-    with ``seed`` (the same on every device and run). With fewer rows than
+    Seeding: k-means++ from a CPU torch.Generator seeded with ``seed``, so the
+    result is a function of (x, k, iterations, seed) on a given device (on CUDA,
+    index_add_ may sum in another order: last-bit differences between runs;
+    under torch.distributed rank 0's result is broadcast). With fewer rows than
     k, rows are drawn with replacement and jittered by 1e-3 times the data's
     per-dimension standard deviation. A cluster that loses every point keeps
     its previous centroid."""
@@ -36,8 +68,7 @@ def kmeans(x: Tensor, k: int, iterations: int = 10, seed: int = 0) -> Tensor:
     n, d = data.shape
     generator = torch.Generator().manual_seed(int(seed))
     if n >= k:
-        start = torch.randperm(n, generator=generator)[:k]
-        centroids = data[start.to(data.device)].clone()
+        centroids = kmeans_plus_plus(data, k, generator)
     else:
         start = torch.randint(n, (k,), generator=generator)
         jitter = torch.randn(k, d, generator=generator, dtype=data.dtype).to(data.device)
