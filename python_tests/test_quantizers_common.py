@@ -95,3 +95,24 @@ def test_bad_layouts_are_rejected():
     q = build_quantizer("vqvae", codebook_size=4, dim=3, channel_first=True)
     with pytest.raises(ValueError, match="rank >= 2"):
         q(torch.randn(3))
+
+
+@pytest.mark.parametrize("name", sorted(set(QUANTIZERS) - {"gmvq"}))  # GM-VQ: its own file
+def test_compile_fullgraph_in_training(name):
+    """Dynamo captures every baseline's training forward whole (aot_eager: tracing, not codegen),
+    including the buffer updates (step counter, dead-code replacement)."""
+    torch._dynamo.reset()
+    modules = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        modules.append(build_quantizer(name, codebook_size=16, dim=4).train())
+    eager, compiled_module = modules
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    for seed in range(2):
+        x = torch.randn(2, eager.input_channels, 3, 3, generator=torch.Generator().manual_seed(seed))
+        expected, got = eager(x), compiled(x)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[2], expected[2])
+    for (key, a), b in zip(eager.state_dict().items(), compiled_module.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=key)
