@@ -34,11 +34,10 @@ def global_weighted_mean(local_mean: Tensor, local_count: int) -> Tensor:
         return local_mean
     import torch.distributed.nn.functional as dist_fn
 
-    count = torch.tensor(float(local_count), dtype=local_mean.dtype, device=local_mean.device)
-    total = count.clone()
-    torch.distributed.all_reduce(total)
-    weighted = dist_fn.all_reduce(local_mean * count)
-    return weighted / total.clamp_min(1)
+    # One collective: the count travels with the weighted sum (it carries no gradient).
+    count = torch.full((1,), float(local_count), dtype=local_mean.dtype, device=local_mean.device)
+    packed = dist_fn.all_reduce(torch.cat([local_mean.reshape(-1) * count, count]))
+    return (packed[:-1] / packed[-1:].clamp_min(1)).reshape(local_mean.shape)
 
 
 def broadcast_from_rank0_(tensor: Tensor) -> Tensor:
