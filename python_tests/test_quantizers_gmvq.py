@@ -303,3 +303,25 @@ def test_distributed_q_bar_is_global_with_gradient():
         # world_size copies of each rank's share of the global gradient.
         torch.testing.assert_close(results[r]["grad"], world_size * rows[r].grad)
         assert int(results[r]["step"]) == 1
+
+
+@pytest.mark.slow
+def test_compile_inductor_training_step_matches_eager():
+    """Real code generation (inductor), forward and backward, two steps without recompiling."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(), make()
+    for q in (eager, compiled_module):
+        q.train()
+        q(contract.feature_map(q, seed=3))
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for seed in range(2):
+        x = contract.feature_map(eager, seed=seed)
+        grads = []
+        for module, q in ((eager, eager), (compiled, compiled_module)):
+            x_q = x.clone().requires_grad_(True)
+            q.zero_grad()
+            out, idx, loss, _ = module(x_q)
+            (out.pow(2).mean() + loss).backward()
+            grads.append((out.detach(), idx, loss.detach(), x_q.grad, q.codebook.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
