@@ -276,8 +276,10 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
         rows = _distributed_rows(rank).requires_grad_(True)
         _, _, loss, info = q(rows)
         loss.backward()
+        # The same rows on both ranks: each rank draws its own noise (offset = step * world + rank).
+        second, _, _, _ = q(_distributed_rows(0))
         torch.save({"codebook": q.codebook.detach(), "grad": rows.grad, "entropy": info["entropy"],
-                    "step": q.step.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "step": q.step.clone(), "second": second.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -302,7 +304,14 @@ def test_distributed_q_bar_is_global_with_gradient():
         # Every rank's loss is the global KL, so the all-reduce backward sums
         # world_size copies of each rank's share of the global gradient.
         torch.testing.assert_close(results[r]["grad"], world_size * rows[r].grad)
-        assert int(results[r]["step"]) == 1
+        assert int(results[r]["step"]) == 2
+        z0 = _distributed_rows(0)
+        offset = 1 * world_size + r
+        expected = reference.quantize(z0[:, :4], F.softplus(z0[:, 4:]), codebook, 2.0, 0.5, True, True, 0, 0,
+                                      reference.gumbel_noise(0, offset, 12, 16),
+                                      reference.gaussian_noise(0, offset, 12, 4))[0]
+        torch.testing.assert_close(results[r]["second"], expected)
+    assert not torch.equal(results[0]["second"], results[1]["second"])
 
 
 @pytest.mark.slow
