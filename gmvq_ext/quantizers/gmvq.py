@@ -37,9 +37,14 @@ class GaussianMixtureVQ(Quantizer):
     Codebook: a K x D parameter (the optimiser trains it, weight decay
     included), initialised by k-means on the first training batch's z_hat
     (``initialise_codebook``; on rank 0 from every rank's vectors, then
-    broadcast). Call one training forward eagerly before torch.compile: the
-    initialisation is data-dependent Python, after it the compiled forward
-    has no branch on data.
+    broadcast). Call one training forward eagerly (or ``initialise_codebook``)
+    before torch.compile(fullgraph=True): the initialisation is data-dependent
+    and excluded from tracing (without fullgraph it is a graph break that runs
+    eagerly once); after it the compiled forward has no branch on data.
+
+    Statistics under torch.distributed: "perplexity" and "entropy" come from
+    the global q_bar; "perplexity_hard" and "codes_used" count this rank's
+    indices.
 
     Dtypes: everything is computed in the codebook's dtype (float32 unless the
     module was converted), with autocast disabled inside: z_hat and w_raw are
@@ -149,6 +154,8 @@ class GaussianMixtureVQ(Quantizer):
         return z_out, indices, loss, info
 
     # ------------------------------------------------------------------ initialisation
+    # Never traced: under torch.compile it runs eagerly (a graph break, an error with fullgraph=True).
+    @torch._dynamo.disable
     @torch.no_grad()
     def initialise_codebook(self, z_hat: Tensor) -> None:
         """k-means of z_hat (N, D) rows into the codebook; every rank gets rank 0's result.
