@@ -254,6 +254,20 @@ def test_compile_fullgraph_matches_eager(train):
     assert torch.equal(compiled_module.step, eager.step)
 
 
+def test_compile_before_initialisation_runs_kmeans_eagerly():
+    """Without fullgraph, k-means is a graph break run eagerly once; with it, an error."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(), make()
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for seed in range(2):
+        x = contract.feature_map(eager, seed=seed)
+        torch.testing.assert_close(compiled(x)[0], eager(x)[0])
+    assert torch.equal(compiled_module.codebook, eager.codebook)
+    torch._dynamo.reset()  # the cached graphs above would be reused
+    with pytest.raises(Exception, match="initialise_codebook|skip|disable"):
+        torch.compile(make(), backend="aot_eager", fullgraph=True)(contract.feature_map(eager))
+
+
 # ---------------------------------------------------------------- torch.distributed
 def _free_port() -> int:
     with socket.socket() as s:
