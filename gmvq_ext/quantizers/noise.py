@@ -5,14 +5,19 @@ Bit-identical to ``gmvq_ext.reference.gumbel_noise`` / ``gaussian_noise`` /
 (the modules' ``seed`` and ``step`` buffers). Reading them with ``.item()``
 would make torch.compile(fullgraph=True) break the graph unless
 ``capture_scalar_outputs`` is set; tensor arithmetic keeps the noise inside
-the compiled graph and lets it follow the buffers without recompiling."""
+the compiled graph and lets it follow the buffers without recompiling.
+
+Eagerly, where ``torch.ops.gmvq.philox_noise`` has a kernel for the device,
+the Gumbel and Gaussian noise come from it instead (same bits, by that op's
+contract; the int64 tensor Philox costs ~100 passes over N x K elements)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import ops, reference
+from .backend import has_kernel
 
 _MASK32 = 0xFFFFFFFF
 
@@ -28,14 +33,29 @@ def random_words(seed: Tensor, offset: Tensor, stream: int, numel: int, device=N
     return torch.stack(words, dim=1).reshape(-1)[:numel]
 
 
+def _kernel_noise(seed: Tensor, offset: Tensor, rows: int, columns: int, device, gaussian: bool):
+    """The op's noise when it has a kernel here and we are not being traced, else None."""
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling() or not has_kernel("philox_noise", device.type):
+        return None
+    like = torch.empty((rows, columns), dtype=torch.float32, device=device)
+    return ops.philox_noise(like, int(seed), int(offset), gaussian)
+
+
 def gumbel_noise(seed: Tensor, offset: Tensor, n: int, k: int, device=None) -> Tensor:
     """Gumbel(0, 1) g[n, k] (stream 0, element n*K + k), float32 (N, K)."""
+    fast = _kernel_noise(seed, offset, n, k, device, gaussian=False)
+    if fast is not None:
+        return fast
     u = reference.uniform_from_bits(random_words(seed, offset, reference.GUMBEL_STREAM, n * k, device))
     return -reference.log_canonical(-reference.log_canonical(u)).reshape(n, k)
 
 
 def gaussian_noise(seed: Tensor, offset: Tensor, n: int, d: int, device=None) -> Tensor:
     """N(0, 1) eps[n, d] (stream 1, element n*D + d), float32 (N, D)."""
+    fast = _kernel_noise(seed, offset, n, d, device, gaussian=True)
+    if fast is not None:
+        return fast
     u = reference.uniform_from_bits(random_words(seed, offset, reference.GAUSSIAN_STREAM, n * d, device))
     return (reference.erfinv_canonical((u + u) + -1.0) * reference._SQRT_TWO).reshape(n, d)
 
