@@ -254,6 +254,28 @@ def test_compile_fullgraph_matches_eager(train):
     assert torch.equal(compiled_module.step, eager.step)
 
 
+@requires_fused
+@pytest.mark.parametrize("train", [True, False])
+def test_compile_fullgraph_auto_backend(train):
+    """Eval compiles the fused op; training falls back to the reference (the op's
+    float temperature cannot be traced). Values match eager (fused) either way."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(backend="auto"), make(backend="auto")
+    for q in (eager, compiled_module):
+        q.train()
+        q(contract.feature_map(q, seed=3))
+        q.train(train)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    for seed in range(2):
+        for q in (eager, compiled_module):
+            q.set_progress(seed, 4)  # a new temperature must not need a new graph
+        x = contract.feature_map(eager, seed=seed)
+        expected, got = eager(x), compiled(x)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[2], expected[2])
+
+
 def test_compile_before_initialisation_runs_kmeans_eagerly():
     """Without fullgraph, k-means is a graph break run eagerly once; with it, an error."""
     torch._dynamo.reset()

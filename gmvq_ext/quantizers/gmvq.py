@@ -54,12 +54,14 @@ class GaussianMixtureVQ(Quantizer):
 
     Backends: "reference" runs ``gmvq_ext.reference.quantize`` with explicit
     Philox noise keyed by the ``seed`` and ``step`` buffers (compiles with
-    fullgraph=True as is); "fused" runs ``torch.ops.gmvq.quantize``, which
-    takes seed, offset and temperature as Python numbers: under
-    torch.compile(fullgraph=True) set
-    ``torch._dynamo.config.capture_scalar_outputs = True`` so that reading them
-    from the buffers stays in the graph. "auto" (default) takes the fused
-    kernel where one is built for the device. Both draw the same noise.
+    fullgraph=True as is); "fused" runs ``torch.ops.gmvq.quantize``, which never
+    holds an N x K tensor; "auto" (default) takes the fused kernel where one is
+    built for the device. Both draw the same noise and give the same values.
+    torch.compile and "fused": evaluation compiles with fullgraph=True; in
+    training the op needs seed, offset and temperature as Python numbers, and
+    its schema's ``float temperature`` cannot take a traced value (Dynamo's
+    SymFloat), so compiled training with "auto" runs the reference path, and
+    with "fused" fails at trace time. Eager training uses the kernel.
     """
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, weight: Optional[str] = "full",
@@ -124,7 +126,12 @@ class GaussianMixtureVQ(Quantizer):
             self.initialise_codebook(z_hat)
         n = z_hat.shape[0]
         offset = self._next_noise_offset() if self.training else self.step
-        if use_fused(self.backend, "quantize", z_hat.device.type):
+        fused = use_fused(self.backend, "quantize", z_hat.device.type)
+        if fused and self.training and self.backend == "auto" and torch.compiler.is_compiling():
+            # The op's schema takes the temperature as a float, which cannot be a traced
+            # value: compiled training runs the reference (same values, N x K memory).
+            fused = False
+        if fused:
             # The op takes Python numbers; evaluation uses none of them, so it reads no buffer.
             temperature, seed, offset_int = ((float(self.temperature.item()), int(self.seed.item()),
                                               int(offset.item())) if self.training else (1.0, 0, 0))
