@@ -91,8 +91,8 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Images from code indices (B, H, W)."""
-        codes = self.quantizer.get_codes_from_indices(indices)
-        return self.decoder(codes)
+        codes = self.quantizer.get_codes_from_indices(indices)  # channel-last (B, H, W, D)
+        return self.decoder(codes.permute(0, 3, 1, 2))
 
 
 def build_autoencoder(dataset: str, quantizer: nn.Module) -> Autoencoder:

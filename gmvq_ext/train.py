@@ -160,6 +160,7 @@ def run(args) -> dict | None:
         train_metrics["codes_used"] = int((code_counts > 0).sum())
         distributed.broadcast_buffers(bare, ctx)  # evaluate rank 0's BatchNorm statistics everywhere
         eval_metrics = evaluate(bare, eval_set, args.eval_batch_size, ctx, args.num_workers)
+        reconstructions = reconstruct(bare, fixed_images, ctx.device)  # every rank: the quantizer communicates
         rng_states = distributed.gather_objects(ckpt.rng_state(), ctx)
         if ctx.is_main:
             record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
@@ -167,8 +168,9 @@ def run(args) -> dict | None:
                       "images_per_second": steps_per_epoch * args.batch_size / epoch_seconds,
                       **{f"train/{k}": v for k, v in train_metrics.items()},
                       **{f"{eval_split}/{k}": v for k, v in eval_metrics.items() if k != "code_counts"}}
-            save_pictures(bare, fixed_images, eval_metrics["code_counts"], out / "images", epoch + 1, eval_split,
-                          ctx.device)
+            save_reconstruction_grid(fixed_images, reconstructions, out / "images" / f"recon_epoch{epoch + 1:03d}.png")
+            save_code_histogram(eval_metrics["code_counts"], out / "images" / f"codes_epoch{epoch + 1:03d}.png",
+                                f"{eval_split} code usage, epoch {epoch + 1}")
             ckpt.save_atomic({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                               "train_seconds": train_seconds, "rng": rng_states, "args": vars(args),
@@ -195,6 +197,10 @@ def run(args) -> dict | None:
     # ---- final test evaluation
     distributed.broadcast_buffers(bare, ctx)
     test_metrics = evaluate(bare, test_set, args.eval_batch_size, ctx, args.num_workers)
+    # Data-parallel ranks must hold identical weights; record each rank's checksum.
+    checksums = distributed.gather_objects(parameter_checksum(bare), ctx)
+    if len(set(checksums)) > 1:
+        log(f"warning: ranks ended with different parameters: checksums {checksums}")
     results = None
     if ctx.is_main:
         results = {
@@ -213,6 +219,7 @@ def run(args) -> dict | None:
             "train_seconds": train_seconds,
             "images_per_second": step * args.batch_size / train_seconds if train_seconds > 0 else None,
             "world_size": ctx.world_size,
+            "rank_parameter_checksums": checksums,
             "device": str(ctx.device),
             "quantizer": {"name": args.quantizer, "options": options},
             "args": vars(args),
@@ -245,6 +252,17 @@ def check_same_run(args, saved: dict, saved_world_size: int, world_size: int) ->
                          f"{saved_world_size}: the data shards and RNG streams would differ")
 
 
+def parameter_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in state_dict order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def scalar_info(info: dict) -> dict:
     """The quantizer's scalar diagnostics (perplexity, loss terms, ...)."""
     return {name: value for name, value in info.items()
@@ -266,13 +284,12 @@ def progress_bar(iterable, description: str, enabled: bool):
 
 
 @torch.no_grad()
-def save_pictures(model, images, code_counts, folder: Path, epoch: int, split: str, device) -> None:
+def reconstruct(model, images, device) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    reconstructions = model(images.to(device))[0]
+    reconstructions = model(images.to(device))[0].cpu()
     model.train(was_training)
-    save_reconstruction_grid(images, reconstructions, folder / f"recon_epoch{epoch:03d}.png")
-    save_code_histogram(code_counts, folder / f"codes_epoch{epoch:03d}.png", f"{split} code usage, epoch {epoch}")
+    return reconstructions
 
 
 def open_metrics(path: Path, keep_epochs: int):

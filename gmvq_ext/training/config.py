@@ -22,7 +22,9 @@ PAPER_DEFAULTS = {
 WARMUP_START_FACTOR = 0.2
 QUANTIZER_NAMES = ("gmvq", "vqvae", "vqvae-l2", "vqvae-replace", "gumbel", "sqvae")
 # Quantizer options settable from the command line; None means "the quantizer's default".
-QUANTIZER_OPTIONS = ("beta", "gamma", "sigma_z2")
+# --beta is GM-VQ's entropy weight and, for the VQ-VAE family, the commitment
+# weight (the "beta" of the VQ-VAE paper): the first accepted name is used.
+QUANTIZER_OPTIONS = {"beta": ("beta", "commitment"), "gamma": ("gamma",), "sigma_z2": ("sigma_z2",)}
 # Arguments that define a run: a --resume with different values would not continue it.
 RUN_DEFINING = ("dataset", "quantizer", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
                 "codebook_size", "dim", "beta", "gamma", "sigma_z2", "max_train_images", "val_fraction")
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform)")
     p.add_argument("--gamma", type=float, help="GM-VQ: weight of the latent term")
     p.add_argument("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
+    p.add_argument("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, "
+                        "replace_after=50, hard=False (repeatable; values parsed as Python literals)")
     p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"),
                    help="GM-VQ bottleneck: fused kernel or the plain-PyTorch reference; auto = fused "
                         "when this device has the kernel")
@@ -100,15 +105,24 @@ def quantizer_options(args, device: torch.device) -> dict:
     quantizer with a ``backend`` option, the backend for ``device``."""
     from ..quantizers import QUANTIZERS
 
-    accepted = inspect.signature(QUANTIZERS[args.quantizer]).parameters
+    accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
     options = {}
-    for name in QUANTIZER_OPTIONS:
+    for name, keywords in QUANTIZER_OPTIONS.items():
         value = getattr(args, name)
         if value is None:
             continue
-        if name not in accepted:
+        keyword = next((k for k in keywords if k in accepted), None)
+        if keyword is None:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to the {args.quantizer} quantizer")
-        options[name] = value
+        options[keyword] = value
+    for item in getattr(args, "quantizer_option", None) or []:
+        keyword, value = parse_option(item)
+        if keyword not in accepted or keyword in ("dim", "codebook_size", "backend"):
+            raise ValueError(f"--quantizer-option {keyword}: the {args.quantizer} quantizer takes "
+                             f"{sorted(accepted - {'dim', 'codebook_size', 'backend'})}")
+        options[keyword] = value
+    if "seed" in accepted:
+        options["seed"] = args.seed  # the quantizer's own (Philox) noise key
     if "backend" in accepted:
         backend = args.backend
         if backend == "auto":
@@ -117,6 +131,33 @@ def quantizer_options(args, device: torch.device) -> dict:
     elif args.backend == "fused":
         raise ValueError(f"--backend fused applies only to gmvq, not {args.quantizer}")
     return options
+
+
+def quantizer_keywords(cls) -> set[str]:
+    """Constructor keywords of a quantizer class, following ``**options`` to its base classes."""
+    keywords = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
+        keywords |= {n for n, p in parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
+                     and p.kind is not p.VAR_POSITIONAL}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return keywords
+
+
+def parse_option(item: str) -> tuple[str, object]:
+    import ast
+
+    keyword, separator, text = item.partition("=")
+    if not separator or not keyword:
+        raise ValueError(f"--quantizer-option expects NAME=VALUE, got {item!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word such as full or scalar
+    return keyword.strip(), value
 
 
 def build_model(args, options: dict):

@@ -7,8 +7,11 @@
   quantizer's info["perplexity"]); perplexity_hard likewise with hard counts.
 - codes_used: codes chosen at least once over the whole split;
   perplexity_hard_global: exp(entropy) of those whole-split code counts.
-Batches stay whole and go to ranks round-robin, so per-batch statistics do
-not depend on the number of processes; sums are all-reduced.
+Under torchrun every rank evaluates the whole split, identically. Splitting
+it would be faster, but the quantizers communicate inside their forward (GM-VQ
+all-reduces q_bar over ranks), so every rank must make the same calls, and
+whole batches keep the per-batch perplexity exactly the single-process value.
+Rank 0's BatchNorm statistics must be broadcast first (``broadcast_buffers``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import collate_images
-from .distributed import Context, all_reduce_sum
+from .distributed import Context
 from .sampling import evaluation_batches
 
 
@@ -33,10 +36,9 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num
     was_training = model.training
     model.eval()
     k = codebook_size(model.quantizer)
-    batches = evaluation_batches(len(dataset), batch_size, ctx.rank, ctx.world_size)
+    batches = evaluation_batches(len(dataset), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images,
                         generator=torch.Generator())
-    # float64 sums: exact enough that 1 and N processes agree to ~1e-12.
     sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # sse, elements, ppl, ppl_hard, batches
     counts = torch.zeros(k, dtype=torch.int64, device=ctx.device)
     for images in loader:
@@ -48,8 +50,6 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num
         sums[3] += float(info["perplexity_hard"])
         sums[4] += 1
         counts += torch.bincount(indices.reshape(-1), minlength=k)
-    all_reduce_sum(sums, ctx)
-    all_reduce_sum(counts, ctx)
     model.train(was_training)
     sse, elements, perplexity, perplexity_hard, n_batches = sums.tolist()
     if n_batches == 0:

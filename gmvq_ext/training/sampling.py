@@ -32,10 +32,6 @@ def training_batches(n: int, global_batch: int, seed: int, epoch: int, rank: int
     return batches
 
 
-def evaluation_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """Whole evaluation batches in order, batch i to rank i % world_size.
-
-    Keeping batches whole makes per-batch statistics (the soft perplexity)
-    independent of the number of processes."""
-    batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
-    return batches[rank::world_size]
+def evaluation_batches(n: int, batch_size: int) -> list[list[int]]:
+    """Evaluation batches in order; the last one may be smaller."""
+    return [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
