@@ -44,10 +44,14 @@ RECONSTRUCTION_IMAGES = 32
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return run(args)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"gmvq_ext.train: error: {error}") from error
+    finally:  # main() may be called in-process (tests, notebooks): leave global state as found
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 def run(args) -> dict | None:

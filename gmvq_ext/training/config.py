@@ -27,7 +27,8 @@ QUANTIZER_NAMES = ("gmvq", "vqvae", "vqvae-l2", "vqvae-replace", "gumbel", "sqva
 QUANTIZER_OPTIONS = {"beta": ("beta", "commitment"), "gamma": ("gamma",), "sigma_z2": ("sigma_z2",)}
 # Arguments that define a run: a --resume with different values would not continue it.
 RUN_DEFINING = ("dataset", "quantizer", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
-                "codebook_size", "dim", "beta", "gamma", "sigma_z2", "max_train_images", "val_fraction")
+                "codebook_size", "dim", "beta", "gamma", "sigma_z2", "quantizer_option", "max_train_images",
+                "val_fraction")
 
 
 def build_parser() -> argparse.ArgumentParser:
