@@ -5,6 +5,7 @@ with their fake kernels and autograd formulas."""
 
 from ._library import build_info
 from . import ops, reference
+from .quantizers import QUANTIZERS, GaussianMixtureVQ, build_quantizer
 
-__all__ = ["build_info", "ops", "reference"]
+__all__ = ["build_info", "ops", "reference", "GaussianMixtureVQ", "build_quantizer", "QUANTIZERS"]
 __version__ = "0.1.0"

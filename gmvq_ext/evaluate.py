@@ -1,0 +1,89 @@
+"""Re-evaluate a trained autoencoder from its checkpoint on the test split.
+
+    python -m gmvq_ext.evaluate --checkpoint runs/gmvq/checkpoint.pt [--data-dir DIR] [--device cpu]
+
+Prints the test metrics as JSON (the same definitions and keys as
+results.json: test_mse in [-1, 1] pixels, test_mse_01, test_perplexity,
+codes_used, ...) and writes them to --out (default: evaluation.json beside
+the checkpoint). Runs under torchrun too; rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from .data import DataError, build_dataset
+from .training import checkpoint as ckpt
+from .training import distributed
+from .training.config import build_model, quantizer_options
+from .training.evaluation import evaluate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gmvq_ext.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by gmvq_ext.train")
+    p.add_argument("--data-dir", help="default: the --data-dir the model was trained with")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, help="default: the training run's evaluation batch size")
+    p.add_argument("--max-test-images", type=int, help="default: the training run's --max-test-images")
+    p.add_argument("--all-test-images", action="store_true", help="ignore the run's --max-test-images")
+    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
+                   help="GM-VQ bottleneck implementation (does not change the trained model)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", help="where to write the metrics JSON; default evaluation.json beside the checkpoint")
+    return p
+
+
+def main(argv=None) -> dict | None:
+    options = build_parser().parse_args(argv)
+    try:
+        return run(options)
+    except (DataError, FileNotFoundError, ValueError, KeyError) as error:
+        raise SystemExit(f"gmvq_ext.evaluate: error: {error}") from error
+
+
+def run(options) -> dict | None:
+    state = ckpt.load(options.checkpoint)
+    args = Namespace(**state["args"])
+    args.backend = options.backend
+    if options.data_dir is not None:
+        args.data_dir = options.data_dir
+    max_test_images = None if options.all_test_images else (options.max_test_images or args.max_test_images)
+    batch_size = options.batch_size or args.eval_batch_size
+
+    ctx = distributed.setup(options.device)
+    test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, max_test_images)
+    model = build_model(args, quantizer_options(args, ctx.device)).to(ctx.device)
+    model.load_state_dict(state["model"])
+    metrics = evaluate(model, test_set, batch_size, ctx, options.num_workers)
+
+    results = None
+    if ctx.is_main:
+        results = {
+            "checkpoint": str(options.checkpoint),
+            "epoch": state["epoch"],
+            "pixel_range": "[-1, 1]",
+            "test_mse": metrics["mse"],
+            "test_mse_01": metrics["mse_01"],
+            "test_perplexity": metrics["perplexity"],
+            "test_perplexity_hard": metrics["perplexity_hard"],
+            "test_perplexity_hard_global": metrics["perplexity_hard_global"],
+            "codes_used": metrics["codes_used"],
+            "codebook_size": args.codebook_size,
+            "test_images": metrics["images"],
+            "quantizer": {"name": args.quantizer, "options": quantizer_options(args, ctx.device)},
+        }
+        out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+    distributed.teardown(ctx)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Quantizers on one interface: GM-VQ and the baselines of the paper's Table 1.
+
+Every quantizer maps an encoder output x to
+``(quantized, indices, loss, info) = quantizer(x)``:
+  quantized  the decoder input, x's layout with ``code_dim`` channels;
+  indices    int64, x's shape without the channel dimension;
+  loss       a scalar to add to the reconstruction loss (the quantizer's own
+             weighted terms);
+  info       detached float tensors: "perplexity" (exp H of the batch's mean
+             soft posterior), "perplexity_hard", "codes_used", and each loss
+             term as "loss/<name>".
+and offers ``get_codes_from_indices(indices) -> (..., D)`` and
+``set_progress(step, total_steps)`` (the temperature schedule). The layout
+rule is in ``base.py``.
+"""
+
+from __future__ import annotations
+
+from .base import Quantizer
+from .gmvq import GaussianMixtureVQ
+from .gumbel_vq import GumbelVQ
+from .sqvae import SQVAEQuantizer
+from .vqvae import DeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer
+
+QUANTIZERS: dict[str, type] = {
+    "gmvq": GaussianMixtureVQ,
+    "vqvae": VectorQuantizer,
+    "vqvae-l2": NormalizedVQ,
+    "vqvae-replace": DeadCodeReplacementVQ,
+    "gumbel": GumbelVQ,
+    "sqvae": SQVAEQuantizer,
+}
+
+
+def build_quantizer(name: str, codebook_size: int = 1024, dim: int = 64, **options) -> Quantizer:
+    """The quantizer registered as ``name`` with K = codebook_size, D = dim and its own options."""
+    try:
+        cls = QUANTIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}") from None
+    return cls(dim=dim, codebook_size=codebook_size, **options)
+
+
+__all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "VectorQuantizer",
+           "NormalizedVQ", "DeadCodeReplacementVQ", "GumbelVQ", "SQVAEQuantizer"]

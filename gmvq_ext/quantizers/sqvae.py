@@ -1,0 +1,85 @@
+"""SQ-VAE Gaussian stochastic quantisation (Takida et al. 2022), "gaussian_1".
+
+One learned variance s^2 = exp(log_variance) shared by every dimension:
+  logits[n, k] = -||z[n] - e_k||^2 / (2 s^2),  P = softmax(logits),
+  training:  c = gumbel_softmax(logits, tau) (soft by default, as in SQ-VAE),
+             quantized = c @ E;
+  eval:      quantized = E[argmax_k logits].
+Loss = latent_weight * (KL_discrete + KL_gaussian), averaged over vectors:
+  KL_discrete = sum_k P log P + log K   (= KL(P || Uniform), >= 0),
+  KL_gaussian = ||z - quantized||^2 / (2 s^2).
+Gradients reach s^2 through both terms: the learned variance shrinks as
+reconstruction improves, so the quantisation anneals itself ("self-annealing").
+
+Simplifications, documented:
+  * SQ-VAE sums its terms per image and pairs them with a reconstruction term
+    dim_x/2 * log(MSE) (a learned decoder variance). Here every term is a
+    mean per latent vector, added to the trainer's mean-squared error; the
+    default latent_weight 2e-3 ~ 2 * MSE * (latent vectors / pixel
+    elements) with MSE ~ 0.01 and 16x16 latents of a 32x32x3 image, which
+    gives the two terms the relative gradient scale they have in SQ-VAE.
+  * The temperature follows the shared schedule (2.0 -> 0.1, as the GM-VQ
+    paper does for every Gumbel baseline) instead of SQ-VAE's 1e-5 decay.
+  * log_variance starts at 0 (s^2 = 1) unless given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from . import noise
+from .backend import codebook_distance
+from .base import Quantizer, entropy, usage_statistics
+
+
+class SQVAEQuantizer(Quantizer):
+    """input_channels = code_dim = D."""
+
+    def __init__(self, dim: int = 64, codebook_size: int = 1024, *, latent_weight: float = 2e-3,
+                 log_variance_init: float = 0.0, hard: bool = False, seed: int = 0,
+                 channel_first: Optional[bool] = None, temperature_start: float = 2.0,
+                 temperature_end: float = 0.1):
+        super().__init__(channel_first=channel_first, seed=seed, temperature_start=temperature_start,
+                         temperature_end=temperature_end)
+        self.code_dim = self.input_channels = int(dim)
+        self.codebook_size = int(codebook_size)
+        self.latent_weight, self.hard = float(latent_weight), bool(hard)
+        self.codebook = nn.Parameter(torch.randn(self.codebook_size, self.code_dim))
+        self.log_variance = nn.Parameter(torch.tensor(float(log_variance_init)))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.code_dim}, codebook_size={self.codebook_size}, "
+                f"latent_weight={self.latent_weight}, hard={self.hard}")
+
+    def quantize_vectors(self, rows: Tensor):
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            z = rows.to(self.codebook.dtype)
+            n = z.shape[0]
+            variance = self.log_variance.exp()
+            logits = -codebook_distance(z, None, self.codebook) / (2.0 * variance)
+            log_probs = torch.log_softmax(logits, dim=1)
+            probs = log_probs.exp()
+            if self.training:
+                gumbel = noise.gumbel_noise(self.seed, self._next_noise_offset(), n, self.codebook_size, z.device)
+                sample, indices = reference.gumbel_argmax(logits, self.temperature, self.hard, 0, 0, gumbel)
+                quantized = sample.to(self.codebook.dtype) @ self.codebook
+            else:
+                indices = logits.argmax(1)
+                quantized = self.codebook[indices]
+            kl_discrete = (math.log(self.codebook_size) - entropy(probs)).sum() / max(n, 1)
+            kl_gaussian = (z - quantized).pow(2).sum() / (2.0 * variance * max(n, 1))
+            discrete_term = self.latent_weight * kl_discrete
+            gaussian_term = self.latent_weight * kl_gaussian
+            info = usage_statistics(probs.sum(0) / max(n, 1), indices, self.codebook_size)
+            info.update({
+                "temperature": self.temperature.detach().clone(),
+                "variance": variance.detach().clone(),
+                "loss/kl_discrete": discrete_term.detach(),
+                "loss/kl_gaussian": gaussian_term.detach(),
+            })
+            return quantized, indices, discrete_term + gaussian_term, info

@@ -1,0 +1,133 @@
+"""VQ-VAE and two of its codebook-collapse remedies (the paper's Table 1 baselines).
+
+* ``VectorQuantizer`` (van den Oord et al. 2017): nearest code, straight-through
+  gradient, loss = ||sg(z) - e||^2 + commitment * ||z - sg(e)||^2 (means over
+  elements, as in the authors' and most public implementations).
+* ``NormalizedVQ`` (Yu et al. 2022, ViT-VQGAN): the same on l2-normalised
+  encoder outputs and codes (the decoder receives unit vectors). ViT-VQGAN's
+  low-dimensional factorised lookup is not included: D is the code dim.
+* ``DeadCodeReplacementVQ`` (Zeghidour et al. 2021; Dhariwal et al. 2020): a code
+  unused for ``replace_after`` consecutive training steps is replaced by a
+  random encoder output of the current batch.
+
+Their posterior is deterministic (one-hot), so the "soft" perplexity of
+``info`` is the perplexity of the index histogram, equal to "perplexity_hard".
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed, noise
+from .backend import codebook_distance
+from .base import Quantizer, code_counts, usage_statistics
+
+
+class VectorQuantizer(Quantizer):
+    """VQ-VAE quantizer: input and output D channels.
+
+    The codebook starts uniform in [-1/K, 1/K] (the customary VQ-VAE
+    initialisation), trained by the codebook loss (no EMA)."""
+
+    def __init__(self, dim: int = 64, codebook_size: int = 1024, *, commitment: float = 0.25,
+                 seed: int = 0, channel_first: Optional[bool] = None):
+        super().__init__(channel_first=channel_first, seed=seed)
+        self.code_dim = self.input_channels = int(dim)
+        self.codebook_size = int(codebook_size)
+        self.commitment = float(commitment)
+        bound = 1.0 / self.codebook_size
+        self.codebook = nn.Parameter(torch.empty(self.codebook_size, self.code_dim).uniform_(-bound, bound))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.code_dim}, codebook_size={self.codebook_size}, commitment={self.commitment}"
+
+    # NormalizedVQ compares and quantizes l2-normalised vectors.
+    normalize = False
+
+    def _project(self, vectors: Tensor) -> Tensor:
+        return F.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    def codebook_vectors(self) -> Tensor:
+        return self._project(self.codebook)
+
+    def quantize_vectors(self, rows: Tensor):
+        with torch.autocast(device_type=rows.device.type, enabled=False):
+            z = rows.to(self.codebook.dtype)
+            if self.training:
+                self._before_quantize(z)
+            z, codes = self._project(z), self._project(self.codebook)
+            with torch.no_grad():
+                indices = codebook_distance(z.detach(), None, codes.detach()).argmin(1)
+            z_q = codes[indices]
+            codebook_loss = F.mse_loss(z_q, z.detach())
+            commitment_loss = self.commitment * F.mse_loss(z, z_q.detach())
+            # Straight-through: the decoder sees z_q, the encoder gets the decoder's gradient.
+            quantized = z + (z_q - z).detach()
+            counts = code_counts(indices, self.codebook_size)
+            if self.training:
+                self._after_quantize(counts)
+            histogram = counts.to(torch.float32) / max(z.shape[0], 1)
+            info = usage_statistics(histogram, indices, self.codebook_size)
+            info["loss/codebook"] = codebook_loss.detach()
+            info["loss/commitment"] = commitment_loss.detach()
+            return quantized, indices, codebook_loss + commitment_loss, info
+
+    # Hooks for DeadCodeReplacementVQ.
+    def _before_quantize(self, z: Tensor) -> None:
+        pass
+
+    def _after_quantize(self, counts: Tensor) -> None:
+        pass
+
+
+class NormalizedVQ(VectorQuantizer):
+    """VQ-VAE on l2-normalised vectors: distances are cosine distances and
+    ``quantized`` and ``get_codes_from_indices`` are unit vectors."""
+
+    normalize = True
+
+
+class DeadCodeReplacementVQ(VectorQuantizer):
+    """VQ-VAE whose dead codes are replaced by random current encoder outputs.
+
+    ``steps_unused`` (a buffer) counts, per code, the training steps since the
+    code was last chosen (under torch.distributed: chosen on any rank). At the
+    start of a training forward every code with ``steps_unused >= replace_after``
+    takes the value of an encoder output of this batch picked by Philox
+    (key: the ``seed`` buffer, counter: the ``step`` buffer), and its counter
+    restarts. Under torch.distributed rank 0's choice is broadcast. The
+    optimiser's moments of a replaced code are left as they are."""
+
+    def __init__(self, dim: int = 64, codebook_size: int = 1024, *, replace_after: int = 100, **options):
+        super().__init__(dim, codebook_size, **options)
+        if replace_after < 1:
+            raise ValueError(f"replace_after must be >= 1, got {replace_after}")
+        self.replace_after = int(replace_after)
+        self.register_buffer("steps_unused", torch.zeros(self.codebook_size, dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", replace_after={self.replace_after}"
+
+    @torch.no_grad()
+    def _before_quantize(self, z: Tensor) -> None:
+        offset = self._next_noise_offset()
+        if z.shape[0] == 0:
+            return
+        dead = self.steps_unused >= self.replace_after
+        picks = noise.random_indices(self.seed, offset, self.codebook_size, z.shape[0], z.device)
+        # Branch-free: every code is rewritten, live ones with their own value.
+        self.codebook.copy_(torch.where(dead[:, None], z[picks], self.codebook))
+        distributed.broadcast_from_rank0_(self.codebook.data)
+        self.steps_unused.masked_fill_(dead, 0)
+
+    @torch.no_grad()
+    def _after_quantize(self, counts: Tensor) -> None:
+        if distributed.is_distributed():
+            counts = counts.clone()  # the caller's counts stay this rank's statistics
+            torch.distributed.all_reduce(counts)
+        self.steps_unused.copy_(torch.where(counts > 0, torch.zeros_like(self.steps_unused),
+                                            self.steps_unused + 1))

@@ -1,0 +1,372 @@
+"""GaussianMixtureVQ: the interface, the GMVQ_MATH.md loss, k-means initialisation,
+backends, torch.compile and torch.distributed."""
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantizer_contract as contract
+from gmvq_ext import reference
+from gmvq_ext.quantizers import GaussianMixtureVQ, noise
+from gmvq_ext.quantizers.base import entropy
+
+
+def fused_quantize_available() -> bool:
+    """Whether the fused CPU kernel of gmvq::quantize is built (it arrives with a later merge)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gmvq::quantize", "CPU")
+
+
+requires_fused = pytest.mark.skipif(not fused_quantize_available(), reason="gmvq::quantize has no CPU kernel yet")
+
+
+def make(**options):
+    torch.manual_seed(0)
+    options.setdefault("backend", "reference")
+    return GaussianMixtureVQ(dim=4, codebook_size=16, **options)
+
+
+def test_registry():
+    contract.check_registry("gmvq", GaussianMixtureVQ)
+
+
+@pytest.mark.parametrize("weight, channels", [("full", 8), ("scalar", 5), (None, 4)])
+def test_input_channels_by_weight_mode(weight, channels):
+    assert make(weight=weight).input_channels == channels
+
+
+@pytest.mark.parametrize("weight", ["full", "scalar", None])
+def test_shapes_and_layouts(weight):
+    contract.check_shapes_and_layouts(lambda **o: make(weight=weight, **o))
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make, extra_keys=("temperature", "entropy"))
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make)
+
+
+def test_training_noise_advances():
+    contract.check_training_noise_advances(make)
+
+
+def test_set_progress():
+    contract.check_set_progress(make, hard=False)
+
+
+def test_loss_matches_the_math():
+    """loss = gamma mean(latent_reg) + beta (log K - H(q_bar)), outputs = reference.quantize."""
+    q = make(beta=2.0, gamma=0.3, sigma_z2=0.7)
+    q.train()
+    q(contract.feature_map(q, seed=3))  # k-means
+    x = contract.feature_map(q)
+    offset = q.step.clone()
+    out, idx, loss, info = q(x)
+    rows = x.movedim(1, -1).reshape(-1, 8)
+    z, w = rows[:, :4], F.softplus(rows[:, 4:])
+    n = rows.shape[0]
+    ref = reference.quantize(z, w, q.codebook.detach(), 2.0, 0.7, True, True, 0, 0,
+                             reference.gumbel_noise(0, int(offset), n, 16),
+                             reference.gaussian_noise(0, int(offset), n, 4))
+    torch.testing.assert_close(out.movedim(1, -1).reshape(-1, 4), ref[0])
+    assert torch.equal(idx.reshape(-1), ref[1])
+    h = entropy(ref[2])
+    torch.testing.assert_close(info["entropy"], h)
+    torch.testing.assert_close(loss.detach(), 0.3 * ref[3].mean() + 2.0 * (math.log(16) - h))
+    torch.testing.assert_close(info["loss/latent"], 0.3 * ref[3].mean())
+
+
+def test_eval_is_argmax_without_noise():
+    q = make()
+    q.train()
+    q(contract.feature_map(q, seed=3))
+    q.eval()
+    x = contract.feature_map(q)
+    out, idx, _, _ = q(x)
+    rows = x.movedim(1, -1).reshape(-1, 8)
+    logits = -reference.codebook_distance(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook.detach())
+    assert torch.equal(idx.reshape(-1), logits.argmax(1))
+    torch.testing.assert_close(out.movedim(1, -1).reshape(-1, 4), q.codebook.detach()[logits.argmax(1)])
+
+
+def test_separate_weights_match_the_concatenated_input():
+    q = make().eval()
+    x = contract.feature_map(q)
+    combined = q(x)
+    separate = q(x[:, :4], w_raw=x[:, 4:])
+    assert torch.equal(combined[0], separate[0]) and torch.equal(combined[1], separate[1])
+    # A scalar raw weight broadcasts over the D dimensions.
+    scalar = q(x[:, :4], w_raw=x[:, 4:5])
+    full = q(x[:, :4], w_raw=x[:, 4:5].expand(-1, 4, -1, -1))
+    assert torch.equal(scalar[1], full[1])
+    with pytest.raises(ValueError, match="w_raw"):
+        q(x[:, :4], w_raw=x[:, 4:7])
+
+
+def test_noise_offset_counts_training_forwards():
+    q = make()
+    q.train()
+    for expected in range(1, 4):
+        q(contract.feature_map(q))
+        assert int(q.step) == expected
+    q.eval()
+    q(contract.feature_map(q))
+    assert int(q.step) == 3
+
+
+# ---------------------------------------------------------------- k-means
+def test_kmeans_initialisation_puts_codes_on_the_clusters():
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.randn(16, 4, generator=gen) * 10
+    z = centres.repeat(20, 1) + 0.01 * torch.randn(320, 4, generator=gen)
+    q = make(weight=None).train()
+    assert not bool(q.initialized)
+    q(z)
+    assert bool(q.initialized)
+    # Each code sits on a cluster centre, each centre has a code (random init would not).
+    distance = torch.cdist(q.codebook.detach(), centres)
+    assert distance.min(1).values.max() < 0.1
+    assert distance.min(0).values.max() < 0.1
+    # The second forward does not re-initialise.
+    before = q.codebook.detach().clone()
+    q(z + 5)
+    assert torch.equal(q.codebook.detach(), before)
+
+
+def test_kmeans_with_fewer_vectors_than_codes():
+    z = torch.randn(5, 4)
+    q = make(weight=None).train()
+    q(z)
+    codes = q.codebook.detach()
+    assert torch.cdist(codes, z).min(1).values.max() < 0.05  # near the data
+    assert torch.unique(codes, dim=0).shape[0] == 16  # but not duplicates
+
+
+def test_kmeans_is_deterministic_and_seeded():
+    z = torch.randn(100, 8)
+    a, b, c = make().train(), make().train(), make(seed=7).train()
+    for q in (a, b, c):
+        q(z)
+    assert torch.equal(a.codebook, b.codebook)
+    assert not torch.equal(a.codebook, c.codebook)
+
+
+def test_loaded_state_decides_whether_kmeans_runs():
+    trained = make().train()
+    trained(torch.randn(50, 8))
+    fresh = make()
+    fresh.load_state_dict(trained.state_dict())
+    fresh.train()
+    fresh(torch.randn(50, 8) * 100)
+    assert torch.equal(fresh.codebook, trained.codebook)
+    # And an uninitialised state re-arms it.
+    fresh.load_state_dict(make().state_dict())
+    assert fresh._kmeans_pending
+
+
+def test_kmeans_init_can_be_disabled():
+    q = make(kmeans_init=False).train()
+    before = q.codebook.detach().clone()
+    q(torch.randn(50, 8))
+    assert torch.equal(q.codebook.detach(), before)
+
+
+# ---------------------------------------------------------------- dtypes and backends
+def test_autocast_computes_in_codebook_dtype():
+    q = make().eval()
+    x = contract.feature_map(q).to(torch.bfloat16)
+    expected = q(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = q(x)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_module_noise_is_the_reference_noise():
+    seed, offset = torch.tensor(12345678901), torch.tensor(2**33 + 5)
+    assert torch.equal(noise.gumbel_noise(seed, offset, 7, 9), reference.gumbel_noise(12345678901, 2**33 + 5, 7, 9))
+    assert torch.equal(noise.gaussian_noise(seed, offset, 7, 3),
+                       reference.gaussian_noise(12345678901, 2**33 + 5, 7, 3))
+
+
+@requires_fused
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_backend_matches_reference(train):
+    fused, ref = make(backend="fused"), make(backend="reference")
+    fused.load_state_dict(ref.state_dict())
+    for q in (fused, ref):
+        q.train()
+        q(contract.feature_map(q, seed=3))
+        q.train(train)
+    x = contract.feature_map(ref).requires_grad_(True)
+    results = []
+    for q in (fused, ref):
+        x_q = x.detach().clone().requires_grad_(True)
+        out, idx, loss, info = q(x_q)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+        ((out - target).pow(2).mean() + loss).backward()
+        results.append((out.detach(), idx, loss.detach(), x_q.grad, q.codebook.grad))
+    (o1, i1, l1, gx1, ge1), (o2, i2, l2, gx2, ge2) = results
+    torch.testing.assert_close(o1, o2)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(gx1, gx2)
+    torch.testing.assert_close(ge1, ge2)
+
+
+# ---------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("train", [True, False])
+def test_compile_fullgraph_matches_eager(train):
+    """Dynamo captures the whole forward after initialisation (aot_eager: tracing, not codegen)."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(), make()
+    for q in (eager, compiled_module):
+        q.train()
+        q(contract.feature_map(q, seed=3))  # k-means runs eagerly
+        q.set_progress(5, 10)
+        q.train(train)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    for seed in range(2):  # the second call must reuse the graph with the advanced step
+        x = contract.feature_map(eager, seed=seed)
+        expected = eager(x)
+        got = compiled(x)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[2], expected[2])
+    assert torch.equal(compiled_module.step, eager.step)
+
+
+@requires_fused
+@pytest.mark.parametrize("train", [True, False])
+def test_compile_fullgraph_auto_backend(train):
+    """Eval compiles the fused op; training falls back to the reference (the op's
+    float temperature cannot be traced). Values match eager (fused) either way."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(backend="auto"), make(backend="auto")
+    for q in (eager, compiled_module):
+        q.train()
+        q(contract.feature_map(q, seed=3))
+        q.train(train)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    for seed in range(2):
+        for q in (eager, compiled_module):
+            q.set_progress(seed, 4)  # a new temperature must not need a new graph
+        x = contract.feature_map(eager, seed=seed)
+        expected, got = eager(x), compiled(x)
+        torch.testing.assert_close(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+        torch.testing.assert_close(got[2], expected[2])
+
+
+def test_compile_before_initialisation_runs_kmeans_eagerly():
+    """Without fullgraph, k-means is a graph break run eagerly once; with it, an error."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(), make()
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for seed in range(2):
+        x = contract.feature_map(eager, seed=seed)
+        torch.testing.assert_close(compiled(x)[0], eager(x)[0])
+    assert torch.equal(compiled_module.codebook, eager.codebook)
+    torch._dynamo.reset()  # the cached graphs above would be reused
+    with pytest.raises(Exception, match="initialise_codebook|skip|disable"):
+        torch.compile(make(), backend="aot_eager", fullgraph=True)(contract.feature_map(eager))
+
+
+# ---------------------------------------------------------------- torch.distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_rows(rank: int) -> torch.Tensor:
+    # Different batch sizes per rank: the global mean must weight by count.
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(12 if rank == 0 else 7, 8, generator=gen)
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
+        q = GaussianMixtureVQ(dim=4, codebook_size=16, backend="reference", gamma=0.0, beta=1.0).train()
+        rows = _distributed_rows(rank).requires_grad_(True)
+        _, _, loss, info = q(rows)
+        loss.backward()
+        # The same rows on both ranks: each rank draws its own noise (offset = step * world + rank).
+        second, _, _, _ = q(_distributed_rows(0))
+        torch.save({"codebook": q.codebook.detach(), "grad": rows.grad, "entropy": info["entropy"],
+                    "step": q.step.clone(), "second": second.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_q_bar_is_global_with_gradient():
+    world_size = 2
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(_distributed_worker, args=(world_size, _free_port(), out_dir),
+                                    nprocs=world_size, join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+    codebook = results[0]["codebook"]
+    assert torch.equal(results[1]["codebook"], codebook)
+
+    # The same computation on the concatenated batch in one process.
+    rows = [_distributed_rows(r).requires_grad_(True) for r in range(world_size)]
+    z = torch.cat(rows)
+    logits = -reference.codebook_distance(z[:, :4], F.softplus(z[:, 4:]), codebook)
+    global_entropy, _ = reference.aggregated_posterior_entropy(logits)
+    (math.log(16) - global_entropy).backward()
+    for r in range(world_size):
+        torch.testing.assert_close(results[r]["entropy"], global_entropy.detach())
+        # Every rank's loss is the global KL, so the all-reduce backward sums
+        # world_size copies of each rank's share of the global gradient.
+        torch.testing.assert_close(results[r]["grad"], world_size * rows[r].grad)
+        assert int(results[r]["step"]) == 2
+        z0 = _distributed_rows(0)
+        offset = 1 * world_size + r
+        expected = reference.quantize(z0[:, :4], F.softplus(z0[:, 4:]), codebook, 2.0, 0.5, True, True, 0, 0,
+                                      reference.gumbel_noise(0, offset, 12, 16),
+                                      reference.gaussian_noise(0, offset, 12, 4))[0]
+        torch.testing.assert_close(results[r]["second"], expected)
+    assert not torch.equal(results[0]["second"], results[1]["second"])
+
+
+@pytest.mark.slow
+def test_compile_inductor_training_step_matches_eager():
+    """Real code generation (inductor), forward and backward, two steps without recompiling."""
+    torch._dynamo.reset()
+    eager, compiled_module = make(), make()
+    for q in (eager, compiled_module):
+        q.train()
+        q(contract.feature_map(q, seed=3))
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for seed in range(2):
+        x = contract.feature_map(eager, seed=seed)
+        grads = []
+        for module, q in ((eager, eager), (compiled, compiled_module)):
+            x_q = x.clone().requires_grad_(True)
+            q.zero_grad()
+            out, idx, loss, _ = module(x_q)
+            (out.pow(2).mean() + loss).backward()
+            grads.append((out.detach(), idx, loss.detach(), x_q.grad, q.codebook.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,85 @@
+"""Gumbel-VQ: the encoder emits K logits, a Gumbel-softmax sample picks a code."""
+
+import math
+
+import torch
+
+import quantizer_contract as contract
+from gmvq_ext import reference
+from gmvq_ext.quantizers import GumbelVQ
+
+
+def make(**options):
+    torch.manual_seed(0)
+    return GumbelVQ(dim=4, codebook_size=16, **options)
+
+
+def test_registry():
+    contract.check_registry("gumbel", GumbelVQ)
+    assert make().input_channels == 16 and make().code_dim == 4
+
+
+def test_shapes_and_layouts():
+    contract.check_shapes_and_layouts(make)
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make, extra_keys=("temperature",))
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make)
+
+
+def test_training_noise_advances():
+    contract.check_training_noise_advances(make)
+
+
+def test_set_progress():
+    contract.check_set_progress(make, hard=False)
+
+
+def test_training_sample_and_kl():
+    q = make(kl_weight=0.5).train()
+    q.set_progress(2, 10)
+    logits = torch.randn(30, 16) * 3
+    out, idx, loss, info = q(logits)
+    temperature = float(q.temperature)
+    sample, expected_idx = reference.gumbel_argmax(logits, temperature, True, 0, 0, reference.gumbel_noise(0, 0, 30, 16))
+    assert torch.equal(idx, expected_idx)
+    torch.testing.assert_close(out, q.codebook.detach()[idx])  # hard: exactly one code each
+    probs = torch.softmax(logits, 1)
+    kl = (probs * (torch.log(probs) + math.log(16))).sum(1).mean()
+    torch.testing.assert_close(loss, 0.5 * kl)
+    torch.testing.assert_close(info["perplexity"], torch.exp(-(probs.mean(0) * probs.mean(0).log()).sum()))
+
+
+def test_straight_through_gradient_reaches_logits():
+    q = make().train()
+    logits = torch.randn(10, 16, requires_grad=True)
+    out, idx, _, _ = q(logits)
+    out.sum().backward()
+    assert logits.grad.abs().sum() > 0
+    # Only the chosen code's row receives codebook gradient.
+    used = torch.zeros(16, dtype=torch.bool)
+    used[idx] = True
+    assert bool((q.codebook.grad[~used] == 0).all()) and bool((q.codebook.grad[used] != 0).any())
+
+
+def test_eval_picks_the_argmax():
+    q = make().eval()
+    logits = torch.randn(20, 16)
+    _, idx, _, _ = q(logits)
+    assert torch.equal(idx, logits.argmax(1))

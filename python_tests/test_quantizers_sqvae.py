@@ -1,0 +1,85 @@
+"""SQ-VAE Gaussian stochastic quantisation (gaussian_1: one learned variance)."""
+
+import math
+
+import torch
+
+import quantizer_contract as contract
+from gmvq_ext import reference
+from gmvq_ext.quantizers import SQVAEQuantizer
+
+
+def make(**options):
+    torch.manual_seed(0)
+    return SQVAEQuantizer(dim=4, codebook_size=16, **options)
+
+
+def test_registry():
+    contract.check_registry("sqvae", SQVAEQuantizer)
+
+
+def test_shapes_and_layouts():
+    contract.check_shapes_and_layouts(make)
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make, extra_keys=("temperature", "variance"))
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make)
+
+
+def test_training_noise_advances():
+    contract.check_training_noise_advances(make)
+
+
+def test_set_progress():
+    # Soft samples by default, as in SQ-VAE.
+    contract.check_set_progress(make)
+
+
+def test_loss_terms_follow_the_paper():
+    q = make(latent_weight=0.1, log_variance_init=math.log(2.0)).train()
+    z = torch.randn(25, 4)
+    out, idx, loss, info = q(z)
+    logits = -torch.cdist(z, q.codebook.detach()).pow(2) / (2 * 2.0)
+    probs = torch.softmax(logits, 1)
+    kl_discrete = (probs * (probs.log() + math.log(16))).sum(1).mean()
+    sample, expected_idx = reference.gumbel_argmax(logits, 2.0, False, 0, 0, reference.gumbel_noise(0, 0, 25, 16))
+    assert torch.equal(idx, expected_idx)
+    torch.testing.assert_close(out, sample @ q.codebook.detach(), rtol=1e-4, atol=1e-4)
+    kl_gaussian = (z - out.detach()).pow(2).sum(1).mean() / (2 * 2.0)
+    torch.testing.assert_close(info["loss/kl_discrete"], 0.1 * kl_discrete, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(info["loss/kl_gaussian"], 0.1 * kl_gaussian, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(info["variance"], torch.tensor(2.0))
+
+
+def test_variance_is_learned():
+    q = make().train()
+    out, _, loss, _ = q(torch.randn(25, 4))
+    (out.pow(2).mean() + loss).backward()
+    assert q.log_variance.grad is not None and q.log_variance.grad != 0
+
+
+def test_small_variance_anneals_to_nearest_code():
+    """As the variance shrinks the stochastic code becomes the deterministic nearest one."""
+    q = make(log_variance_init=math.log(1e-4)).train()
+    q.set_progress(100, 100)
+    z = torch.randn(40, 4)
+    out, idx, _, _ = q(z)
+    nearest = torch.cdist(z, q.codebook.detach()).argmin(1)
+    assert torch.equal(idx, nearest)
+    torch.testing.assert_close(out, q.codebook.detach()[nearest])

@@ -1,0 +1,103 @@
+"""VQ-VAE (van den Oord et al.): nearest code, straight-through, codebook + commitment loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantizer_contract as contract
+from gmvq_ext.quantizers import VectorQuantizer
+
+
+def make(**options):
+    torch.manual_seed(0)
+    return VectorQuantizer(dim=4, codebook_size=16, **options)
+
+
+def make_spread(**options):
+    # Codes at the data's scale, so that a batch uses several of them.
+    q = make(**options)
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
+    return q
+
+
+def test_registry():
+    contract.check_registry("vqvae", VectorQuantizer)
+
+
+def test_shapes_and_layouts():
+    contract.check_shapes_and_layouts(make_spread)
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make_spread)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make_spread)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make_spread)
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make_spread)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make_spread)
+
+
+def test_nearest_code_and_losses():
+    q = make_spread().train()
+    z = torch.randn(50, 4, requires_grad=True)
+    out, idx, loss, info = q(z)
+    distances = torch.cdist(z.detach(), q.codebook.detach())
+    assert torch.equal(idx, distances.argmin(1))
+    codes = q.codebook.detach()[idx]
+    torch.testing.assert_close(out.detach(), codes)
+    torch.testing.assert_close(info["loss/codebook"], F.mse_loss(codes, z.detach()))
+    torch.testing.assert_close(info["loss/commitment"], 0.25 * F.mse_loss(z.detach(), codes))
+    # Soft and hard perplexity coincide: the posterior is one-hot.
+    assert torch.equal(info["perplexity"], info["perplexity_hard"])
+
+
+def test_straight_through_gradient():
+    q = make_spread().train()
+    z = torch.randn(20, 4, requires_grad=True)
+    out, _, _, _ = q(z)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    torch.testing.assert_close(z.grad, g)  # the decoder's gradient passes unchanged
+    assert q.codebook.grad is None or q.codebook.grad.abs().sum() == 0
+
+
+def test_codebook_loss_moves_codes_commitment_moves_encoder():
+    q = make_spread().train()
+    z = torch.randn(20, 4, requires_grad=True)
+    _, idx, loss, _ = q(z)
+    loss.backward()
+    codes = q.codebook.detach()[idx]
+    n_elements = z.numel()
+    torch.testing.assert_close(z.grad, 0.25 * 2 * (z.detach() - codes) / n_elements)
+    expected = torch.zeros_like(q.codebook).index_add_(0, idx, 2 * (codes - z.detach()) / n_elements)
+    torch.testing.assert_close(q.codebook.grad, expected)
+
+
+def test_set_progress_is_harmless():
+    q = make_spread().eval()
+    x = contract.feature_map(q)
+    before = q(x)[0]
+    q.set_progress(5, 10)
+    assert torch.equal(q(x)[0], before)
+
+
+def test_autocast_computes_in_codebook_dtype():
+    q = make_spread().eval()
+    x = contract.feature_map(q).to(torch.bfloat16)
+    expected = q(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = q(x)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[1], expected[1])

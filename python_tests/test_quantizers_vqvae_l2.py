@@ -1,0 +1,64 @@
+"""VQ-VAE on l2-normalised vectors (ViT-VQGAN style)."""
+
+import torch
+import torch.nn.functional as F
+
+import quantizer_contract as contract
+from gmvq_ext.quantizers import NormalizedVQ
+
+
+def make(**options):
+    torch.manual_seed(0)
+    q = NormalizedVQ(dim=4, codebook_size=16, **options)
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
+    return q
+
+
+def test_registry():
+    contract.check_registry("vqvae-l2", NormalizedVQ)
+
+
+def test_shapes_and_layouts():
+    contract.check_shapes_and_layouts(make)
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make)
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make)
+
+
+def test_quantized_vectors_are_unit_codes_chosen_by_cosine():
+    q = make().train()
+    z = torch.randn(40, 4) * 7  # the scale of z must not matter
+    out, idx, _, info = q(z)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(40))
+    cosine = F.normalize(z, dim=-1) @ F.normalize(q.codebook.detach(), dim=-1).T
+    assert torch.equal(idx, cosine.argmax(1))
+    unit = F.normalize(z, dim=-1)
+    codes = F.normalize(q.codebook.detach(), dim=-1)[idx]
+    torch.testing.assert_close(info["loss/codebook"], F.mse_loss(codes, unit))
+    torch.testing.assert_close(q.get_codes_from_indices(idx).norm(dim=-1), torch.ones(40))
+
+
+def test_scale_invariant():
+    q = make().eval()
+    z = torch.randn(30, 4)
+    a, b = q(z), q(z * 3.5)
+    assert torch.equal(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0])

@@ -1,0 +1,95 @@
+"""VQ-VAE with dead-code replacement."""
+
+import pytest
+import torch
+
+import quantizer_contract as contract
+from gmvq_ext.quantizers import DeadCodeReplacementVQ
+
+
+def make(replace_after=2, **options):
+    torch.manual_seed(0)
+    q = DeadCodeReplacementVQ(dim=4, codebook_size=16, replace_after=replace_after, **options)
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
+    return q
+
+
+def test_registry():
+    contract.check_registry("vqvae-replace", DeadCodeReplacementVQ)
+
+
+def test_shapes_and_layouts():
+    contract.check_shapes_and_layouts(make)
+
+
+def test_gradient_flow():
+    contract.check_gradient_flow(make)
+
+
+def test_eval_determinism():
+    contract.check_eval_determinism(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make)
+
+
+def test_codes_from_indices():
+    contract.check_codes_from_indices(make)
+
+
+def test_state_dict_round_trip():
+    contract.check_state_dict_round_trip(make)
+
+
+def _far_batch(seed):
+    # Data far from every code but one: codes 1..15 go unused.
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 4, generator=gen) * 0.01 + 50.0
+
+
+def test_unused_codes_are_counted_and_replaced_by_encoder_outputs():
+    q = make(replace_after=2).train()
+    with torch.no_grad():
+        q.codebook[0].fill_(50.0)  # the only live code
+    original = q.codebook.detach().clone()
+    q(_far_batch(0))
+    assert int(q.steps_unused[0]) == 0 and bool((q.steps_unused[1:] == 1).all())
+    q(_far_batch(1))
+    assert bool((q.steps_unused[1:] == 2).all())
+    assert torch.equal(q.codebook.detach(), original), "nothing is dead before replace_after steps"
+    batch = _far_batch(2)
+    _, idx, _, info = q(batch)
+    # Dead codes now hold rows of the batch, the live one is untouched.
+    replaced = q.codebook.detach()[1:]
+    assert torch.cdist(replaced, batch).min(1).values.max() == 0
+    assert torch.equal(q.codebook.detach()[0], original[0])
+    # This very batch was quantized with the new codes: usage spreads out.
+    assert float(info["codes_used"]) > 1
+    assert int(q.steps_unused[idx].max()) == 0
+
+
+def test_replacement_is_deterministic_given_the_seed():
+    runs = []
+    for seed in (0, 0, 3):
+        q = make(replace_after=1, seed=seed).train()
+        for step in range(3):
+            q(_far_batch(step))
+        runs.append(q.codebook.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_eval_never_replaces():
+    q = make(replace_after=1).eval()
+    before = q.codebook.detach().clone()
+    for step in range(3):
+        q(_far_batch(step))
+    assert torch.equal(q.codebook.detach(), before)
+    assert int(q.steps_unused.max()) == 0
+
+
+def test_replace_after_must_be_positive():
+    with pytest.raises(ValueError, match="replace_after"):
+        make(replace_after=0)

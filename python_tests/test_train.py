@@ -1,0 +1,194 @@
+"""python -m gmvq_ext.train end to end on the CIFAR-10 sample: artifacts, exact
+resume, bad input, and a 2-process torchrun (gloo) run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmvq_ext import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/data/cifar10-sample")
+for candidate in (ROOT / ".." / "shared" / "data" / "cifar10-sample", ROOT / ".." / ".." / "shared" / "data" /
+                  "cifar10-sample"):
+    if candidate.is_dir():
+        DATA = candidate.resolve()
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="CIFAR-10 sample not found")
+
+SMALL = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "--codebook-size", "64",
+         "--dim", "16", "--batch-size", "32", "--max-train-images", "96", "--max-test-images", "64",
+         "--lr", "1e-3", "--warmup-epochs", "1", "--gamma", "0.1", "--seed", "3", "--device", "cpu"]
+RESULT_KEYS = {"test_mse", "test_mse_01", "test_perplexity", "codes_used", "epochs", "images_per_second",
+               "quantizer", "args", "pixel_range"}
+METRICS_TO_MATCH = ("test_mse", "test_mse_01", "test_perplexity", "test_perplexity_hard", "codes_used", "steps")
+
+
+def without_gamma() -> list[str]:
+    """SMALL minus its GM-VQ-only --gamma option."""
+    at = SMALL.index("--gamma")
+    return SMALL[:at] + SMALL[at + 2:]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny runs are dominated by OpenMP overhead on
+    a shared machine, and the result must not depend on it anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def python_path() -> str:
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
+    environment = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *module, *argv], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=600)
+
+
+def load_weights(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_one_epoch_cli_writes_every_artifact(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(*SMALL, "--epochs", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend" in done.stdout  # which GM-VQ implementation ran is logged
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+    assert {"train/mse", "train/loss", "train/perplexity", "test/mse", "test/perplexity",
+            "test/codes_used", "lr", "images_per_second"} <= set(records[0])
+
+    results = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["epochs"] == 1 and results["test_images"] == 64 and results["steps"] == 3
+    assert results["test_mse_01"] == pytest.approx(results["test_mse"] / 4)
+    assert 1 <= results["test_perplexity"] <= 64 and 1 <= results["codes_used"] <= 64
+    assert results["images_per_second"] > 0
+    assert results["quantizer"]["options"]["backend"] in ("fused", "reference")
+
+    from PIL import Image
+
+    for name in ("recon_epoch001.png", "codes_epoch001.png"):
+        with Image.open(out / "images" / name) as picture:
+            assert picture.size[0] > 100 and picture.size[1] > 60
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "args"} <= set(state)
+    assert state["epoch"] == 1 and state["step"] == 3 and state["args"]["codebook_size"] == 64
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main([*SMALL, "--epochs", "2", "--out", str(straight)]) is not None
+    assert train.main([*SMALL, "--epochs", "2", "--stop-after-epoch", "1", "--out", str(split)]) is None
+    assert not (split / "results.json").exists()
+    assert torch.load(split / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    train.main([*SMALL, "--epochs", "2", "--resume", "--out", str(split)])
+
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((split / "results.json").read_text())
+    for key in METRICS_TO_MATCH:
+        assert a[key] == b[key], key
+    wa, wb = load_weights(straight), load_weights(split)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    lines = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    reference = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["test/mse"] == reference[1]["test/mse"]
+
+    # a resume that would change the run is refused, naming the difference
+    with pytest.raises(SystemExit, match="--lr"):
+        train.main([*[a if a != "1e-3" else "2e-3" for a in SMALL], "--epochs", "3", "--resume", "--out",
+                    str(split)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--data-dir", "/nonexistent/cifar"], "does not exist"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_fails_clearly(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as raised:
+        train.main([*SMALL, "--epochs", "1", "--out", str(tmp_path / "run"), *argv])
+    assert message in str(raised.value) + capsys.readouterr().err
+
+
+def test_unknown_dataset_and_existing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--dataset", "mnist", "--data-dir", str(DATA), "--out", str(tmp_path)])
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main([*SMALL, "--epochs", "1", "--out", str(out)])
+
+
+def test_options_must_fit_the_quantizer(tmp_path):
+    # SMALL sets --gamma, a GM-VQ option
+    with pytest.raises(SystemExit, match="--gamma does not apply to the vqvae quantizer"):
+        train.main([*SMALL, "--quantizer", "vqvae", "--epochs", "1", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="takes.*kl_weight"):
+        train.main([*without_gamma(), "--quantizer", "gumbel", "--quantizer-option", "kl_wieght=1",
+                    "--epochs", "1",
+                    "--out", str(tmp_path / "b")])
+
+
+def test_quantizer_options_from_the_command_line():
+    from gmvq_ext.training.config import parse_args, quantizer_options
+
+    args = parse_args([*without_gamma(), "--quantizer", "vqvae", "--beta", "0.5", "--out", "x"])
+    assert quantizer_options(args, torch.device("cpu")) == {"commitment": 0.5, "seed": 3}
+    args = parse_args([*SMALL, "--beta", "2", "--sigma-z2", "0.25", "--quantizer-option", "weight=scalar",
+                       "--quantizer-option", "hard=False", "--backend", "reference", "--out", "x"])
+    assert quantizer_options(args, torch.device("cpu")) == {
+        "beta": 2.0, "gamma": 0.1, "sigma_z2": 0.25, "weight": "scalar", "hard": False, "seed": 3,
+        "backend": "reference"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.train", *SMALL,
+         "--epochs", "1", "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    checksums = results["rank_parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert train.parameter_checksum(_rebuild(out)) == checksums[0]  # the checkpoint holds those weights
+    assert results["steps"] == 3 and results["test_images"] == 64
+
+
+def _rebuild(out: Path):
+    from argparse import Namespace
+
+    from gmvq_ext.training.config import build_model
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    model = build_model(Namespace(**state["args"]), state["quantizer_options"])
+    model.load_state_dict(state["model"])
+    return model
