@@ -24,6 +24,8 @@ __all__ = [
     "philox4x32_10",
     "random_words",
     "uniform_from_bits",
+    "gumbel_from_words",
+    "gaussian_from_words",
     "gumbel_noise",
     "gaussian_noise",
     "codebook_distance",
@@ -76,15 +78,23 @@ def philox4x32_10(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int
     return c0, c1, c2, c3
 
 
-def random_words(seed: int, offset: int, stream: int, numel: int, device=None) -> Tensor:
-    """The first ``numel`` 32-bit words of a stream, as int64 in [0, 2^32)."""
+def random_words(seed, offset, stream: int, numel: int, device=None) -> Tensor:
+    """The first ``numel`` 32-bit words of a stream, as int64 in [0, 2^32).
+
+    seed and offset are Python ints or 0-d int64 tensors (tensors let a
+    compiled model follow changing values without recompiling)."""
+    if isinstance(seed, Tensor):
+        seed = seed.to(device=device, dtype=torch.int64)
+    if isinstance(offset, Tensor):
+        offset = offset.to(device=device, dtype=torch.int64)
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     blocks = blocks + (stream << 62)
+    zeros = torch.zeros_like(blocks)
     counter = (
         blocks & _MASK32,
         blocks >> 32,
-        torch.full_like(blocks, offset & _MASK32),
-        torch.full_like(blocks, (offset >> 32) & _MASK32),
+        zeros + (offset & _MASK32),
+        zeros + ((offset >> 32) & _MASK32),
     )
     words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
     return torch.stack(words, dim=1).reshape(-1)[:numel]
@@ -146,16 +156,25 @@ def erfinv_canonical(x: Tensor) -> Tensor:
     return torch.where(w < 5.0, central, tail) * x
 
 
-def gumbel_noise(seed: int, offset: int, n: int, k: int, device=None) -> Tensor:
+def gumbel_from_words(words: Tensor) -> Tensor:
+    """Gumbel(0, 1) from 32-bit words: -log(-log(u)), float32."""
+    return -log_canonical(-log_canonical(uniform_from_bits(words)))
+
+
+def gaussian_from_words(words: Tensor) -> Tensor:
+    """N(0, 1) from 32-bit words: sqrt(2) erfinv(2u - 1), float32."""
+    u = uniform_from_bits(words)
+    return erfinv_canonical((u + u) + -1.0) * _SQRT_TWO
+
+
+def gumbel_noise(seed, offset, n: int, k: int, device=None) -> Tensor:
     """Gumbel(0, 1) noise g[n, k] from stream 0, element n*K + k; float32 (N, K)."""
-    words = random_words(seed, offset, GUMBEL_STREAM, n * k, device)
-    return -log_canonical(-log_canonical(uniform_from_bits(words))).reshape(n, k)
+    return gumbel_from_words(random_words(seed, offset, GUMBEL_STREAM, n * k, device)).reshape(n, k)
 
 
-def gaussian_noise(seed: int, offset: int, n: int, d: int, device=None) -> Tensor:
+def gaussian_noise(seed, offset, n: int, d: int, device=None) -> Tensor:
     """N(0, 1) noise eps[n, d] from stream 1, element n*D + d; float32 (N, D)."""
-    u = uniform_from_bits(random_words(seed, offset, GAUSSIAN_STREAM, n * d, device))
-    return (erfinv_canonical((u + u) + -1.0) * _SQRT_TWO).reshape(n, d)
+    return gaussian_from_words(random_words(seed, offset, GAUSSIAN_STREAM, n * d, device)).reshape(n, d)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Philox noise keyed by 0-d int64 tensors instead of Python ints.
 
-Bit-identical to ``gmvq_ext.reference.gumbel_noise`` / ``gaussian_noise`` /
-``random_words`` (the tests check it), but the seed and offset stay tensors
+The reference's generator called with the seed and offset kept as tensors
 (the modules' ``seed`` and ``step`` buffers). Reading them with ``.item()``
 would make torch.compile(fullgraph=True) break the graph unless
 ``capture_scalar_outputs`` is set; tensor arithmetic keeps the noise inside
@@ -19,18 +18,7 @@ from torch import Tensor
 from .. import ops, reference
 from .backend import has_kernel
 
-_MASK32 = 0xFFFFFFFF
-
-
-def random_words(seed: Tensor, offset: Tensor, stream: int, numel: int, device=None) -> Tensor:
-    """The first ``numel`` 32-bit words of a Philox stream, int64 in [0, 2^32)."""
-    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device) + (stream << 62)
-    offset = offset.to(device=blocks.device, dtype=torch.int64)
-    seed = seed.to(device=blocks.device, dtype=torch.int64)
-    zeros = torch.zeros_like(blocks)
-    counter = (blocks & _MASK32, blocks >> 32, zeros + (offset & _MASK32), zeros + ((offset >> 32) & _MASK32))
-    words = reference.philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
-    return torch.stack(words, dim=1).reshape(-1)[:numel]
+random_words = reference.random_words  # accepts the 0-d tensor seed and offset
 
 
 def _kernel_noise(seed: Tensor, offset: Tensor, rows: int, columns: int, device, gaussian: bool):
@@ -47,8 +35,7 @@ def gumbel_noise(seed: Tensor, offset: Tensor, n: int, k: int, device=None) -> T
     fast = _kernel_noise(seed, offset, n, k, device, gaussian=False)
     if fast is not None:
         return fast
-    u = reference.uniform_from_bits(random_words(seed, offset, reference.GUMBEL_STREAM, n * k, device))
-    return -reference.log_canonical(-reference.log_canonical(u)).reshape(n, k)
+    return reference.gumbel_noise(seed, offset, n, k, device)
 
 
 def gaussian_noise(seed: Tensor, offset: Tensor, n: int, d: int, device=None) -> Tensor:
@@ -56,8 +43,7 @@ def gaussian_noise(seed: Tensor, offset: Tensor, n: int, d: int, device=None) ->
     fast = _kernel_noise(seed, offset, n, d, device, gaussian=True)
     if fast is not None:
         return fast
-    u = reference.uniform_from_bits(random_words(seed, offset, reference.GAUSSIAN_STREAM, n * d, device))
-    return (reference.erfinv_canonical((u + u) + -1.0) * reference._SQRT_TWO).reshape(n, d)
+    return reference.gaussian_noise(seed, offset, n, d, device)
 
 
 # The quantizers' own discrete choices (dead-code replacement) use the
