@@ -119,7 +119,12 @@ def _make_step(torch, case, n, k, d, dtype, device):
     return step, (z, weight, codebook, grads, noise)
 
 
-def run_case(case, n, k, d, dtype_name, device, warmup, repeats) -> dict:
+def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb=None) -> dict:
+    if memory_limit_gb:  # a shared machine: fail this case (reported as OOM) rather than the machine
+        import resource
+
+        limit = int(memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -195,6 +200,8 @@ def spawn_case(case, shape, dtype, args) -> dict:
     n, k, d = shape
     command = [sys.executable, __file__, "--_case", case, "--_shape", f"{n}x{k}x{d}", "--dtypes", dtype,
                "--device", args.device, "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    if args.memory_limit_gb:
+        command += ["--memory-limit-gb", str(args.memory_limit_gb)]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -207,7 +214,8 @@ def spawn_case(case, shape, dtype, args) -> dict:
             result["process_wall_s"] = wall
             return result
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    out_of_memory = any("out of memory" in line.lower() for line in tail) or done.returncode in (-9, 137)
+    out_of_memory = done.returncode in (-9, 137) or any(
+        "out of memory" in line.lower() or "can't allocate memory" in line.lower() for line in tail)
     return {"status": "oom" if out_of_memory else "error", "returncode": done.returncode, "error": " | ".join(tail)}
 
 
@@ -255,6 +263,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case (its whole subprocess)")
+    parser.add_argument("--memory-limit-gb", type=float, help="CPU: address-space limit per case (RLIMIT_AS)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--markdown", type=Path, help="also write the markdown table here")
     parser.add_argument("--_case", help=argparse.SUPPRESS)
@@ -263,7 +272,8 @@ def main(argv=None):
 
     if args._case:  # child process: one case
         n, k, d = (int(v) for v in args._shape.split("x"))
-        result = run_case(args._case, n, k, d, args.dtypes, args.device, args.warmup, args.repeats)
+        result = run_case(args._case, n, k, d, args.dtypes, args.device, args.warmup, args.repeats,
+                          args.memory_limit_gb if args.device == "cpu" else None)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
