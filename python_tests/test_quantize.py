@@ -18,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, tolerance, upcast
+from helpers import (DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, requires_cuda, tolerance,
+                     upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -434,3 +435,17 @@ def test_peak_resident_memory_stays_far_below_n_by_k():
     peak = json.loads(done.stdout.strip().splitlines()[-1])
     # Inputs and outputs are O(N D + K D) (~1 MiB here); one N x K float32 tensor is 64 MiB.
     assert peak < n * k * 4 // 4, f"peak resident memory grew by {peak / 2**20:.1f} MiB"
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_peak_memory_stays_far_below_n_by_k(mode):
+    n, k, d = 8192, 8192, 8
+    z, w, e = make_codebook_inputs(n, k, d, weight="full", device="cuda", requires_grad=True)
+    grads = upstream_grads(n, k, d, torch.float32, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    scalar_loss(run(ops.quantize, z, w, e, mode), grads).backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < n * k * 4 // 4
