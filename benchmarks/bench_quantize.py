@@ -139,8 +139,9 @@ def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb
         _reset_peak_rss()
     for _ in range(warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
+        cpu_start = time.process_time()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -152,9 +153,13 @@ def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = torch.cuda.max_memory_allocated() - base if cuda else _status_kib("VmHWM") * 1024 - base
     del keep_alive
-    return {"status": "ok", "median_s": statistics.median(times), "times_s": times, "peak_bytes": peak}
+    # CPU seconds of the whole process per run (all threads): less sensitive than
+    # wall time to other load on a shared machine, but it counts spin-waiting.
+    return {"status": "ok", "median_s": statistics.median(times), "times_s": times,
+            "median_cpu_s": None if cuda else statistics.median(cpu_times), "peak_bytes": peak}
 
 
 # ---------------------------------------------------------------------------
@@ -233,11 +238,12 @@ def markdown_table(results, info) -> str:
         f"threads), torch {info['torch_version']}, {info['date_utc']}, load average at start "
         f"{info['load_average_1_5_15'][0]:.2f}.",
         "",
-        "Forward + backward, training, hard, weight (N, D). Time: median ms; memory: peak MiB above the inputs. "
+        "Forward + backward, training, hard, weight (N, D). Time: median wall ms (CUDA: events); process CPU: "
+        "median CPU ms of all the process's threads (CPU runs only); memory: peak MiB above the inputs. "
         "Speed-up = case time / fused time; memory ratio = fused peak / case peak (same run).",
         "",
-        "| N x K x D | dtype | case | time ms | peak MiB | fused speed-up | fused memory ratio |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| N x K x D | dtype | case | time ms | process CPU ms | peak MiB | fused speed-up | fused memory ratio |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results:
         fused = row["cases"].get("fused", {"status": "missing"})
@@ -250,7 +256,9 @@ def markdown_table(results, info) -> str:
                 speed = f"{r['median_s'] / fused['median_s']:.2f}x"
                 if r["peak_bytes"] > 0:
                     mem = f"{fused['peak_bytes'] / r['peak_bytes']:.3f}"
-            lines.append(f"| {row['shape']} | {row['dtype']} | {case} | {_fmt_time(r)} | {_fmt_mem(r)} | {speed} | {mem} |")
+            cpu = f"{r['median_cpu_s'] * 1e3:.0f}" if r.get("median_cpu_s") is not None else "-"
+            lines.append(f"| {row['shape']} | {row['dtype']} | {case} | {_fmt_time(r)} | {cpu} | {_fmt_mem(r)} | {speed} "
+                         f"| {mem} |")
     return "\n".join(lines)
 
 
