@@ -7,13 +7,19 @@ are compared with the reference run on the same rounded values in float32."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, tolerance, upcast
+from helpers import (DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, requires_cuda, tolerance,
+                     upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -384,3 +390,58 @@ def test_no_n_by_k_allocation_in_forward_or_backward(mode):
         small = n // 4
         z_small, w_small = z[:small].detach(), w[:small].detach()
         assert _largest_allocation(lambda: run(reference.quantize, z_small, w_small, e, mode)) >= small * k * 4
+
+
+_PEAK_RSS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from gmvq_ext import ops
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    def step(n, k, d):
+        gen = torch.Generator().manual_seed(0)
+        z, w = torch.randn(n, d, generator=gen).requires_grad_(), torch.rand(n, d, generator=gen).requires_grad_()
+        e = torch.randn(k, d, generator=gen).requires_grad_()
+        z_out, _, q_bar, latent_reg = ops.quantize(z, w, e, 0.7, 0.5, True, True, 1, 0)
+        (z_out.sum() + q_bar.sum() + latent_reg.sum()).backward()
+
+    n, k, d = (int(v) for v in sys.argv[1:])
+    step(64, k, d)  # one-time allocations (BLAS buffers, thread stacks) before the baseline
+    base = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    step(n, k, d)
+    print(json.dumps(status("VmHWM") - base))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_resident_memory_stays_far_below_n_by_k():
+    # Catches N x K buffers the profiler cannot see (std::vector, malloc): the
+    # whole process's peak resident memory over forward + backward.
+    n, k, d = 4096, 4096, 8
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(n), str(k), str(d)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    peak = json.loads(done.stdout.strip().splitlines()[-1])
+    # Inputs and outputs are O(N D + K D) (~1 MiB here); one N x K float32 tensor is 64 MiB.
+    assert peak < n * k * 4 // 4, f"peak resident memory grew by {peak / 2**20:.1f} MiB"
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cuda_peak_memory_stays_far_below_n_by_k(mode):
+    n, k, d = 8192, 8192, 8
+    z, w, e = make_codebook_inputs(n, k, d, weight="full", device="cuda", requires_grad=True)
+    grads = upstream_grads(n, k, d, torch.float32, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    scalar_loss(run(ops.quantize, z, w, e, mode), grads).backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < n * k * 4 // 4
