@@ -138,8 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
   at::Tensor q_bar;
   dispatch_acc(acc, [&](auto tag) {
     using T = decltype(tag);
-    const auto v = make_view<T>(terms, gumbel, seed, offset, temperature, hard, training);
+    auto v = make_view<T>(terms, gumbel, seed, offset, temperature, hard, training);
     stats = row_stats<T>(v, opts, /*want_index=*/true, /*want_z_soft=*/soft_sample, at::Tensor());
+    v.lse1 = stats.lse1.data_ptr<T>();  // q_bar needs the normalised pi: a second sweep
     q_bar = q_bar_sweep<T>(v, opts);
   });
   const auto z_acc = z.to(acc);

@@ -111,10 +111,10 @@ struct RowStatsOut {
   T* z_soft = nullptr;        // (N, D), when wanted
 };
 
-// Dynamic shared memory: p[64][65], row_scale[64], z_acc[64][D].
+// Dynamic shared memory: p^T[64][kTilePad], row_scale[64], z_acc[64][D].
 template <typename T>
 int64_t row_stats_smem(int64_t d, bool z_soft) {
-  return z_soft ? static_cast<int64_t>(sizeof(T)) * (kTile * (kTile + 1) + kTile + kTile * d) : 0;
+  return z_soft ? static_cast<int64_t>(sizeof(T)) * (kTile * kTilePad + kTile + kTile * d) : 0;
 }
 
 template <typename T, bool FULL>
@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(QuantizeView<T> v, 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t n = v.dist.n, k_total = v.dist.k, d = v.dist.d;
   const bool want_z_soft = out.z_soft != nullptr;
-  T* p_tile = dynamic_smem<T>();                 // [64][65]
-  T* row_scale = p_tile + kTile * (kTile + 1);   // [64]
+  T* p_tile = dynamic_smem<T>();              // [code][row], kTilePad per code
+  T* row_scale = p_tile + kTile * kTilePad;   // [64]
   T* z_acc = row_scale + kTile;                  // [64][D]
   if (want_z_soft) {
     for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) z_acc[idx] = T(0);
@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(QuantizeView<T> v, 
         for (int j = 0; j < kMicro; ++j) {
           const T p = exp_shift(y_arg[j], new_max);
           tile_sum += p;
-          if (want_z_soft) p_tile[(ty * kMicro + i) * (kTile + 1) + tx * kMicro + j] = p;
+          if (want_z_soft) p_tile[(tx * kMicro + j) * kTilePad + ty * kMicro + i] = p;
         }
         s2[i] = s2[i] * scale + tile_sum;
         m2[i] = new_max;
@@ -186,14 +186,10 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(QuantizeView<T> v, 
       // z_acc[r] = z_acc[r] * scale_r + sum_k p[r][k] e_k (E read through L1).
       __syncthreads();
       const int64_t codes = k_total - col0 < kTile ? k_total - col0 : kTile;
-      const T* e = v.dist.codebook.ptr + col0 * d;
-      for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) {
-        const int64_t r = idx / d, dd = idx % d;
-        const T* p_row = p_tile + r * (kTile + 1);
-        T sum = 0;
-        for (int64_t kc = 0; kc < codes; ++kc) sum = fma(p_row[kc], e[kc * d + dd], sum);
-        z_acc[idx] = z_acc[idx] * row_scale[r] + sum;
-      }
+      const T* const a[1] = {p_tile};
+      const T* const b[1] = {v.dist.codebook.ptr + col0 * d};
+      accumulate_products<T, 1>(z_acc, a, b, codes, d, row_scale,
+                                [](int, int64_t, const T* c) { return c[0]; });
       // tile_logits' first barrier orders these reads before the next writes.
     }
   }
@@ -262,10 +258,10 @@ struct RowGradOut {
   T* grad_gumbel = nullptr;  // (N, K), when the noise was given
 };
 
-// Dynamic shared memory: gl[64][65], p_acc[64][D], q_acc[64][D].
+// Dynamic shared memory: gl^T[64][kTilePad], p_acc[64][D], q_acc[64][D].
 template <typename T>
 int64_t row_grad_smem(int64_t d) {
-  return static_cast<int64_t>(sizeof(T)) * (kTile * (kTile + 1) + 2 * kTile * d);
+  return static_cast<int64_t>(sizeof(T)) * (kTile * kTilePad + 2 * kTile * d);
 }
 
 template <typename T, bool FULL, bool GY>
@@ -275,8 +271,8 @@ __global__ void __launch_bounds__(kThreads) row_grad_kernel(QuantizeView<T> v, R
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t n = v.dist.n, k_total = v.dist.k, d = v.dist.d;
   const bool want_q = out.q != nullptr;
-  T* gl_tile = dynamic_smem<T>();              // [64][65]
-  T* p_acc = gl_tile + kTile * (kTile + 1);    // [64][D]
+  T* gl_tile = dynamic_smem<T>();              // [code][row], kTilePad per code
+  T* p_acc = gl_tile + kTile * kTilePad;       // [64][D]
   T* q_acc = p_acc + kTile * d;                // [64][D]
   for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) {
     p_acc[idx] = T(0);
@@ -297,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) row_grad_kernel(QuantizeView<T> v, R
       for (int j = 0; j < kMicro; ++j) {
         const ElementGrad<T> e = element_grad(v, r, k0 + j, l[i][j], g[j], gy[i][j]);
         s[i] += e.grad_logit;
-        gl_tile[(ty * kMicro + i) * (kTile + 1) + tx * kMicro + j] = e.grad_logit;
+        gl_tile[(tx * kMicro + j) * kTilePad + ty * kMicro + i] = e.grad_logit;
         if (out.grad_gumbel != nullptr && r < n && k0 + j < k_total) {
           out.grad_gumbel[r * k_total + k0 + j] = e.grad_gumbel;
         }
@@ -305,18 +301,13 @@ __global__ void __launch_bounds__(kThreads) row_grad_kernel(QuantizeView<T> v, R
     }
     __syncthreads();
     const int64_t codes = k_total - col0 < kTile ? k_total - col0 : kTile;
-    const T* e = v.dist.codebook.ptr + col0 * d;
-    const T* e2 = v.dist.code_sq.ptr + col0 * d;
-    for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) {
-      const int64_t r = idx / d, dd = idx % d;
-      const T* g_row = gl_tile + r * (kTile + 1);
-      T sp = 0, sq = 0;
-      for (int64_t kc = 0; kc < codes; ++kc) {
-        sp = fma(g_row[kc], e[kc * d + dd], sp);
-        if (want_q) sq = fma(g_row[kc], e2[kc * d + dd], sq);
-      }
-      p_acc[idx] += sp;
-      q_acc[idx] += sq;
+    const auto first = [](int, int64_t, const T* c) { return c[0]; };
+    const T* const a[1] = {gl_tile};
+    const T* const e[1] = {v.dist.codebook.ptr + col0 * d};
+    accumulate_products<T, 1>(p_acc, a, e, codes, d, nullptr, first);
+    if (want_q) {
+      const T* const e2[1] = {v.dist.code_sq.ptr + col0 * d};
+      accumulate_products<T, 1>(q_acc, a, e2, codes, d, nullptr, first);
     }
   }
 
@@ -346,11 +337,11 @@ struct ColSweepArgs {
   int64_t rows_per_segment = 0;
 };
 
-// Dynamic shared memory: GRAD: gl[64][65], c[64][65], g_acc[64][D];
+// Dynamic shared memory: GRAD: gl[row][kTilePad], c[row][kTilePad], g_acc[64][D];
 // q_bar: sums[16][64].
 template <typename T>
 int64_t col_sweep_smem(int64_t d, bool grad) {
-  return static_cast<int64_t>(sizeof(T)) * (grad ? 2 * kTile * (kTile + 1) + kTile * d : 16 * kTile);
+  return static_cast<int64_t>(sizeof(T)) * (grad ? 2 * kTile * kTilePad + kTile * d : 16 * kTile);
 }
 
 template <typename T, bool FULL, bool GY, bool GRAD>
@@ -362,9 +353,9 @@ __global__ void __launch_bounds__(kThreads) col_sweep_kernel(QuantizeView<T> v, 
   const int64_t n = v.dist.n, k_total = v.dist.k, d = v.dist.d;
   const int64_t row_begin = segment * args.rows_per_segment;
   const int64_t row_end = row_begin + args.rows_per_segment < n ? row_begin + args.rows_per_segment : n;
-  T* gl_tile = dynamic_smem<T>();              // [64][65]
-  T* c_tile = gl_tile + kTile * (kTile + 1);   // [64][65]
-  T* g_acc = c_tile + kTile * (kTile + 1);     // [64][D]
+  T* gl_tile = dynamic_smem<T>();              // [row][code], kTilePad per row
+  T* c_tile = gl_tile + kTile * kTilePad;      // [row][code]
+  T* g_acc = c_tile + kTile * kTilePad;        // [code][D]
   if constexpr (GRAD) {
     for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) g_acc[idx] = T(0);
   }
@@ -385,8 +376,8 @@ __global__ void __launch_bounds__(kThreads) col_sweep_kernel(QuantizeView<T> v, 
           const bool valid = r < row_end;
           const ElementGrad<T> e = valid ? element_grad(v, r, k0 + j, l[i][j], g[j], gy[i][j])
                                          : ElementGrad<T>{T(0), T(0), T(0)};
-          gl_tile[(ty * kMicro + i) * (kTile + 1) + tx * kMicro + j] = e.grad_logit;
-          c_tile[(ty * kMicro + i) * (kTile + 1) + tx * kMicro + j] = e.code_weight;
+          gl_tile[(ty * kMicro + i) * kTilePad + tx * kMicro + j] = e.grad_logit;
+          c_tile[(ty * kMicro + i) * kTilePad + tx * kMicro + j] = e.code_weight;
         }
       } else {
 #pragma unroll
@@ -398,22 +389,17 @@ __global__ void __launch_bounds__(kThreads) col_sweep_kernel(QuantizeView<T> v, 
     if constexpr (GRAD) {
       __syncthreads();
       const int64_t rows = row_end - row0 < kTile ? row_end - row0 : kTile;
-      const T* wz = v.dist.wz.ptr + row0 * d;
-      const T* w = v.dist.w_full.ptr + row0 * d;
-      const T* gzq = v.grad_zq.ptr + row0 * d;
-      for (int64_t idx = threadIdx.x; idx < kTile * d; idx += kThreads) {
-        const int64_t kc = idx / d, dd = idx % d;
-        if (col0 + kc >= k_total) continue;
-        T s_wz = 0, s_w = 0, s_c = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const T gl = gl_tile[r * (kTile + 1) + kc];
-          s_wz = fma(gl, wz[r * d + dd], s_wz);
-          s_w = fma(gl, w[r * d + dd], s_w);
-          s_c = fma(c_tile[r * (kTile + 1) + kc], gzq[r * d + dd], s_c);
-        }
-        const T e = v.dist.codebook.ptr[(col0 + kc) * d + dd];
-        g_acc[idx] += T(2) * s_wz - T(2) * e * s_w + s_c;
-      }
+      // 2 G_l^T (w z) - 2 e_k * (G_l^T w) + c^T G_zq for this tile's rows.
+      const T* const a[3] = {gl_tile, gl_tile, c_tile};
+      const T* const b[3] = {v.dist.wz.ptr + row0 * d, v.dist.w_full.ptr + row0 * d,
+                             v.grad_zq.ptr + row0 * d};
+      const T* codebook = v.dist.codebook.ptr;
+      accumulate_products<T, 3>(g_acc, a, b, rows, d, nullptr,
+                                [=](int kc, int64_t dd, const T* c) {
+                                  const int64_t k = col0 + kc;
+                                  const T e = k < k_total ? codebook[k * d + dd] : T(0);
+                                  return T(2) * c[0] - T(2) * e * c[1] + c[2];
+                                });
     }
   }
 

@@ -117,3 +117,60 @@ __device__ __forceinline__ void tile_products(TileStage<T, NP>& stage, const Ope
 }
 
 }  // namespace gmvq::cuda
+
+namespace gmvq::cuda {
+
+// The second GEMM of the fused kernels (P @ E in flash-attention terms): for
+// m < 64 and every column dd < D of a row-major (64, D) accumulator in
+// shared memory,
+//   acc[m][dd] = acc[m][dd] * (scale ? scale[m] : 1) + combine(m, dd, c),
+//   c[p] = sum_{t < count} a_p[t][m] * b_p[t * D + dd],
+// where a_p is a (64, kTilePad) tile in shared memory indexed [t][m] and b_p
+// a row-major (count, D) block in global memory (read through L1). Each
+// thread owns 4 x 4 outputs per 64 columns: per t, one 16-byte shared load
+// and four global loads feed 16 FMAs per product.
+template <typename T, int NP, typename Combine>
+__device__ __forceinline__ void accumulate_products(T* acc, const T* const (&a)[NP],
+                                                    const T* const (&b)[NP], int64_t count,
+                                                    int64_t d, const T* scale, Combine combine) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+    T c[NP][kMicro][kMicro];
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) c[p][i][j] = T(0);
+    const int64_t col = d0 + tx * kMicro;
+    for (int64_t t = 0; t < count; ++t) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        T av[kMicro], bv[kMicro];
+        load4(a[p] + t * kTilePad + ty * kMicro, av);
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) bv[j] = col + j < d ? b[p][t * d + col + j] : T(0);
+#pragma unroll
+        for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+          for (int j = 0; j < kMicro; ++j) c[p][i][j] = fma(av[i], bv[j], c[p][i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i) {
+      const int m = ty * kMicro + i;
+      const T s = scale != nullptr ? scale[m] : T(1);
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) {
+        if (col + j >= d) continue;
+        T parts[NP];
+#pragma unroll
+        for (int p = 0; p < NP; ++p) parts[p] = c[p][i][j];
+        T& out = acc[m * d + col + j];
+        out = out * s + combine(m, col + j, parts);
+      }
+    }
+  }
+}
+
+}  // namespace gmvq::cuda
