@@ -22,7 +22,14 @@ import time
 
 import torch
 
-import gmvq_ext
+try:
+    import gmvq_ext
+except ModuleNotFoundError:  # run from a source tree built in place (tools/dev_build.sh)
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    import gmvq_ext
 from gmvq_ext import ops, reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
