@@ -29,8 +29,13 @@ set(Caffe2_DIR "${_gmvq_torch_prefix}/Caffe2")
 find_package(pybind11 CONFIG REQUIRED)
 message(STATUS "gmvq_ext: torch ${GMVQ_TORCH_VERSION} (CUDA: '${GMVQ_TORCH_CUDA_VERSION}') from ${_gmvq_torch_prefix}")
 
+# at::parallel_for is header code that runs serially unless the including file
+# is compiled with OpenMP. torch links libgomp.so.1 and is loaded first, so our
+# reference to the same soname binds to torch's runtime: one thread pool.
+find_package(OpenMP REQUIRED COMPONENTS CXX)
+
 function(gmvq_configure_torch_target target)
-  target_link_libraries(${target} PRIVATE ${TORCH_LIBRARIES})
+  target_link_libraries(${target} PRIVATE ${TORCH_LIBRARIES} OpenMP::OpenMP_CXX)
   target_include_directories(${target} PRIVATE "${PROJECT_SOURCE_DIR}/csrc/include" ${TORCH_INCLUDE_DIRS})
   separate_arguments(_torch_flags UNIX_COMMAND "${TORCH_CXX_FLAGS}")
   # -ffp-contract=off: the noise transforms must round step by step (philox.h).

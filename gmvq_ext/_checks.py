@@ -75,3 +75,11 @@ def check_noise(noise: Optional[Tensor], name: str, rows: int, cols: int, ref: T
         noise.shape[0] == rows and noise.shape[1] == cols,
         lambda: f"{name} must have shape ({rows}, {cols}), got {list(noise.shape)}",
     )
+
+
+def check_grad(grad: Tensor, name: str, shape: tuple, ref: Tensor) -> None:
+    torch._check(
+        tuple(grad.shape) == tuple(shape), lambda: f"{name} must have shape {list(shape)}, got {list(grad.shape)}"
+    )
+    torch._check(grad.device == ref.device, lambda: f"{name} must be on {ref.device}, got {grad.device}")
+    torch._check(grad.dtype.is_floating_point, lambda: f"{name} must be floating point, got {grad.dtype}")

@@ -95,6 +95,7 @@ def _(z, weight, codebook):
 @torch.library.register_fake("gmvq::codebook_distance_backward")
 def _(grad_distance, z, weight, codebook):
     checks.check_codebook_inputs(z, weight, codebook)
+    checks.check_grad(grad_distance, "grad_distance", (z.shape[0], codebook.shape[0]), z)
     return (_like_or_absent(z, z), _like_or_absent(weight, z), _like_or_absent(codebook, z))
 
 
@@ -109,6 +110,10 @@ def _(z, weight, codebook, temperature):
 @torch.library.register_fake("gmvq::weighted_softmax_backward")
 def _(grad_probs, grad_lse, probs, z, weight, codebook, temperature):
     checks.check_codebook_inputs(z, weight, codebook)
+    n, k = z.shape[0], codebook.shape[0]
+    checks.check_grad(grad_probs, "grad_probs", (n, k), z)
+    checks.check_grad(grad_lse, "grad_lse", (n,), z)
+    checks.check_grad(probs, "probs", (n, k), z)
     checks.check_positive_finite(temperature, "temperature")
     return (_like_or_absent(z, z), _like_or_absent(weight, z), _like_or_absent(codebook, z))
 
@@ -125,6 +130,7 @@ def _(logits, temperature, hard, seed, offset, noise):
 @torch.library.register_fake("gmvq::gumbel_argmax_backward")
 def _(grad_sample, logits, temperature, seed, offset, noise):
     checks.check_logits(logits)
+    checks.check_grad(grad_sample, "grad_sample", tuple(logits.shape), logits)
     checks.check_positive_finite(temperature, "temperature")
     checks.check_noise(noise, "noise", logits.shape[0], logits.shape[1], logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -140,6 +146,10 @@ def _(logits):
 @torch.library.register_fake("gmvq::aggregated_posterior_entropy_backward")
 def _(grad_entropy, grad_q_bar, logits, q_bar):
     checks.check_logits(logits)
+    k = logits.shape[1]
+    checks.check_grad(grad_entropy, "grad_entropy", (), logits)
+    checks.check_grad(grad_q_bar, "grad_q_bar", (k,), logits)
+    checks.check_grad(q_bar, "q_bar", (k,), logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

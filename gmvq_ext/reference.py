@@ -140,7 +140,9 @@ def erfinv_canonical(x: Tensor) -> Tensor:
     """erfinv on (-1, 1), Giles (2010) single precision, as in philox.h."""
     w = -log_canonical((1.0 + -x) * (1.0 + x))
     central = _horner(_ERFINV_CENTRAL, w + -2.5)
-    tail = _horner(_ERFINV_TAIL, torch.sqrt(w) + -3.0)
+    # torch.sqrt in float32 is not always correctly rounded on CPU (vectorised
+    # paths); float64 sqrt rounded to float32 is, like the kernels' sqrt.
+    tail = _horner(_ERFINV_TAIL, torch.sqrt(w.double()).float() + -3.0)
     return torch.where(w < 5.0, central, tail) * x
 
 

@@ -1,0 +1,149 @@
+// aggregated_posterior_entropy: q_bar = (1 / max(N, 1)) sum_n softmax(l)[n]
+// and H = -sum_k q_bar log(max(q_bar, 1e-30)); and its backward op, which
+// recomputes the posterior row by row from the logits.
+//
+// The column sum over n runs over fixed blocks of rows whose partial sums
+// are added in block order: the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "gmvq/checks.h"
+
+namespace gmvq {
+namespace {
+
+// Rows per partial sum of q_bar (a constant, not the thread count, so results are reproducible).
+constexpr int64_t kRowsPerBlock = 64;
+// reference.LOG_CLAMP: the smallest probability whose log is taken.
+constexpr double kLogClamp = 1e-30;
+// Rows per parallel task of the row-wise loops.
+constexpr int64_t kRowGrain = 16;
+
+// Row max and row sum of exp(l - max): pi[n, k] = exp(l[n, k] - max[n]) / sum[n].
+template <typename acc_t>
+void row_statistics(const acc_t* logits, int64_t n, int64_t k, acc_t* row_max, acc_t* row_sum) {
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* l = logits + row * k;
+      const acc_t m = *std::max_element(l, l + k);
+      acc_t total = 0;
+      for (int64_t j = 0; j < k; ++j) total += std::exp(l[j] - m);
+      row_max[row] = m;
+      row_sum[row] = total;
+    }
+  });
+}
+
+template <typename acc_t>
+void posterior_row(const acc_t* l, int64_t k, acc_t m, acc_t total, acc_t* pi) {
+  for (int64_t j = 0; j < k; ++j) pi[j] = std::exp(l[j] - m) / total;
+}
+
+std::tuple<at::Tensor, at::Tensor> aggregated_posterior_entropy_cpu(const at::Tensor& logits) {
+  check_logits(logits);
+  const auto acc = accumulation_type(logits.scalar_type());
+  const auto l = logits.to(acc).contiguous();
+  const int64_t n = l.size(0), k = l.size(1);
+  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  auto q_bar = at::zeros({k}, l.options());
+  auto entropy = at::empty({}, l.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "aggregated_posterior_entropy_cpu", [&] {
+    const scalar_t* l_data = l.data_ptr<scalar_t>();
+    auto stats = at::empty({2, n}, l.options());
+    scalar_t* row_max = stats.data_ptr<scalar_t>();
+    scalar_t* row_sum = row_max + n;
+    row_statistics(l_data, n, k, row_max, row_sum);
+
+    auto partial = at::zeros({blocks, k}, l.options());
+    scalar_t* partial_data = partial.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pi(k);
+      for (int64_t block = begin; block < end; ++block) {
+        scalar_t* sums = partial_data + block * k;
+        const int64_t last = std::min(n, (block + 1) * kRowsPerBlock);
+        for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
+          posterior_row(l_data + row * k, k, row_max[row], row_sum[row], pi.data());
+          for (int64_t j = 0; j < k; ++j) sums[j] += pi[j];
+        }
+      }
+    });
+
+    scalar_t* q = q_bar.data_ptr<scalar_t>();
+    const auto rows = static_cast<scalar_t>(std::max<int64_t>(n, 1));
+    scalar_t h = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      scalar_t total = 0;
+      for (int64_t block = 0; block < blocks; ++block) total += partial_data[block * k + j];
+      q[j] = total / rows;
+      h += q[j] * std::log(std::max(q[j], static_cast<scalar_t>(kLogClamp)));
+    }
+    *entropy.data_ptr<scalar_t>() = -h;
+  });
+  return {entropy, q_bar};
+}
+
+// With M = max(N, 1) and c = max(q_bar, 1e-30) (gradient only where q_bar >= 1e-30,
+// like clamp_min's), the total gradient on q_bar is
+//   G_q[k] = grad_q_bar[k] - grad_entropy (log c[k] + [q_bar[k] >= 1e-30] q_bar[k] / c[k]),
+// each row's posterior receives G_pi = G_q / M and the softmax backward gives
+//   G_l[n, k] = pi[n, k] (G_pi[k] - sum_j pi[n, j] G_pi[j]).
+at::Tensor aggregated_posterior_entropy_backward_cpu(const at::Tensor& grad_entropy,
+                                                     const at::Tensor& grad_q_bar,
+                                                     const at::Tensor& logits,
+                                                     const at::Tensor& q_bar) {
+  check_logits(logits);
+  const int64_t n = logits.size(0), k = logits.size(1);
+  check_grad(grad_entropy, "grad_entropy", {}, logits);
+  check_grad(grad_q_bar, "grad_q_bar", {k}, logits);
+  check_grad(q_bar, "q_bar", {k}, logits);
+  const auto acc = accumulation_type(logits.scalar_type());
+  const auto l = logits.to(acc).contiguous();
+  const auto q = q_bar.to(acc).contiguous();
+  const auto g_q_bar = grad_q_bar.to(acc).contiguous();
+  auto grad_logits = at::empty({n, k}, l.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "aggregated_posterior_entropy_backward_cpu", [&] {
+    const auto g_h = grad_entropy.to(acc).item<scalar_t>();
+    const auto clamp = static_cast<scalar_t>(kLogClamp);
+    const auto rows = static_cast<scalar_t>(std::max<int64_t>(n, 1));
+    const scalar_t* q_data = q.data_ptr<scalar_t>();
+    const scalar_t* g_q_data = g_q_bar.data_ptr<scalar_t>();
+    std::vector<scalar_t> g_pi(k);
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t c = std::max(q_data[j], clamp);
+      const scalar_t through_log = q_data[j] >= clamp ? -g_h * q_data[j] / c : scalar_t(0);
+      g_pi[j] = (g_q_data[j] + -g_h * std::log(c) + through_log) / rows;
+    }
+
+    const scalar_t* l_data = l.data_ptr<scalar_t>();
+    auto stats = at::empty({2, n}, l.options());
+    scalar_t* row_max = stats.data_ptr<scalar_t>();
+    scalar_t* row_sum = row_max + n;
+    row_statistics(l_data, n, k, row_max, row_sum);
+    scalar_t* out = grad_logits.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> pi(k);
+      for (int64_t row = begin; row < end; ++row) {
+        posterior_row(l_data + row * k, k, row_max[row], row_sum[row], pi.data());
+        scalar_t dot = 0;
+        for (int64_t j = 0; j < k; ++j) dot += pi[j] * g_pi[j];
+        scalar_t* out_row = out + row * k;
+        for (int64_t j = 0; j < k; ++j) out_row[j] = pi[j] * (g_pi[j] - dot);
+      }
+    });
+  });
+  return grad_logits.to(logits.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
+  m.impl("aggregated_posterior_entropy", &aggregated_posterior_entropy_cpu);
+  m.impl("aggregated_posterior_entropy_backward", &aggregated_posterior_entropy_backward_cpu);
+}
+
+}  // namespace gmvq

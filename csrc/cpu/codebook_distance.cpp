@@ -1,0 +1,32 @@
+// codebook_distance: d[n, k] = sum_d w[n, d] (z[n, d] - codebook[k, d])^2,
+// (N, K) in the accumulation dtype, and its backward op.
+#include <torch/library.h>
+
+#include "distance_math.h"
+#include "gmvq/checks.h"
+
+namespace gmvq {
+namespace {
+
+at::Tensor codebook_distance_cpu(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                                 const at::Tensor& codebook) {
+  check_codebook_inputs(z, weight, codebook);
+  return cpu::distance_forward(z, weight, codebook);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> codebook_distance_backward_cpu(
+    const at::Tensor& grad_distance, const at::Tensor& z, const std::optional<at::Tensor>& weight,
+    const at::Tensor& codebook) {
+  check_codebook_inputs(z, weight, codebook);
+  check_grad(grad_distance, "grad_distance", {z.size(0), codebook.size(0)}, z);
+  return cpu::distance_backward(grad_distance, z, weight, codebook);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
+  m.impl("codebook_distance", &codebook_distance_cpu);
+  m.impl("codebook_distance_backward", &codebook_distance_backward_cpu);
+}
+
+}  // namespace gmvq

@@ -1,0 +1,38 @@
+// philox_noise: the kernels' counter-based noise as a tensor, so tests and
+// users can see exactly the Gumbel / Gaussian draws every kernel uses
+// (bit-identical to reference.gumbel_noise / reference.gaussian_noise).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "gmvq/checks.h"
+#include "gmvq/philox.h"
+
+namespace gmvq {
+namespace {
+
+// Elements per parallel chunk: enough work per task to amortise scheduling,
+// and a multiple of 4 so most chunks start on a Philox block boundary.
+constexpr int64_t kElementsPerChunk = 4096;
+
+at::Tensor philox_noise_cpu(const at::Tensor& like, int64_t seed, int64_t offset, bool gaussian) {
+  TORCH_CHECK(like.dim() == 2, "like must be a 2-D tensor (R, C), got ", like.dim(), "-D");
+  auto out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
+  float* data = out.data_ptr<float>();
+  // Element r * C + c of the stream is out[r][c], so the flat index of the
+  // contiguous output is the stream element: fill any range of it directly.
+  at::parallel_for(0, out.numel(), kElementsPerChunk, [&](int64_t begin, int64_t end) {
+    const auto first = static_cast<uint64_t>(begin);
+    if (gaussian) {
+      rng::fill_gaussian(seed, offset, first, end - begin, data + begin);
+    } else {
+      rng::fill_gumbel(seed, offset, first, end - begin, data + begin);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmvq, CPU, m) { m.impl("philox_noise", &philox_noise_cpu); }
+
+}  // namespace gmvq

@@ -1,0 +1,52 @@
+// weighted_softmax: probs = softmax(-d / T) over the K codes and the row
+// log-sum-exp lse, d the weighted codebook distance; and its backward op,
+// which uses the saved probs instead of recomputing them.
+#include <torch/library.h>
+
+#include "distance_math.h"
+#include "gmvq/checks.h"
+
+namespace gmvq {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> weighted_softmax_cpu(const at::Tensor& z,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        const at::Tensor& codebook,
+                                                        double temperature) {
+  check_codebook_inputs(z, weight, codebook);
+  check_positive_finite(temperature, "temperature");
+  const auto logits = cpu::distance_forward(z, weight, codebook).neg_().div_(temperature);
+  auto lse = at::logsumexp(logits, /*dim=*/1);
+  auto probs = at::exp(logits - lse.unsqueeze(1));
+  return {probs, lse};
+}
+
+// G_l = p (G_p - sum_k p G_p) + G_lse p for the logits l = -d / T, then the
+// distance backward with G_d = -G_l / T.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward_cpu(
+    const at::Tensor& grad_probs, const at::Tensor& grad_lse, const at::Tensor& probs,
+    const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
+    double temperature) {
+  check_codebook_inputs(z, weight, codebook);
+  check_positive_finite(temperature, "temperature");
+  const int64_t n = z.size(0), k = codebook.size(0);
+  check_grad(grad_probs, "grad_probs", {n, k}, z);
+  check_grad(grad_lse, "grad_lse", {n}, z);
+  check_grad(probs, "probs", {n, k}, z);
+
+  const auto acc = accumulation_type(z.scalar_type());
+  const auto p = cpu::dense(probs, acc);
+  const auto g_p = cpu::dense(grad_probs, acc);
+  const auto g_lse = cpu::dense(grad_lse, acc).unsqueeze(1);
+  const auto grad_logits = p * (g_p - (p * g_p).sum(1, /*keepdim=*/true)) + g_lse * p;
+  return cpu::distance_backward(grad_logits.neg().div_(temperature), z, weight, codebook);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
+  m.impl("weighted_softmax", &weighted_softmax_cpu);
+  m.impl("weighted_softmax_backward", &weighted_softmax_backward_cpu);
+}
+
+}  // namespace gmvq

@@ -1,0 +1,386 @@
+"""gmvq::quantize and gmvq::quantize_backward against reference.quantize.
+
+The reference is the specification: forward values are compared output by
+output, gradients with autograd through the reference. Low-precision inputs
+are compared with the reference run on the same rounded values in float32."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gmvq_ext import ops, reference
+from helpers import DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, tolerance, upcast
+
+SEED, OFFSET = 1234, 7
+TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
+# mode -> (hard, training)
+MODES = {"train_hard": (True, True), "train_soft": (False, True), "eval": (True, False)}
+WEIGHTS = ["full", "scalar", None]
+
+
+def run(fn, z, weight, codebook, mode, gumbel=None, eps=None, seed=SEED, offset=OFFSET):
+    hard, training = MODES[mode]
+    return fn(z, weight, codebook, TEMPERATURE, SIGMA_Z2, hard, training, seed, offset, gumbel, eps)
+
+
+def upstream_grads(n, k, d, dtype, device, seed=1):
+    """Random upstream gradients for (z_out, q_bar, latent_reg). grad z_out is
+    representable in z's dtype so that the kernel (whose z_out has that dtype)
+    and the float32 reference see the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = reference.accumulation_dtype(dtype)
+    g_z = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype).to(acc)
+    g_q = torch.randn(k, generator=gen, dtype=torch.float64).to(acc)
+    g_l = torch.randn(n, generator=gen, dtype=torch.float64).to(acc)
+    return g_z.to(device), g_q.to(device), g_l.to(device)
+
+
+def scalar_loss(outputs, grads):
+    z_out, _, q_bar, latent_reg = outputs
+    g_z, g_q, g_l = grads
+    return (z_out.to(g_z.dtype) * g_z).sum() + (q_bar * g_q).sum() + (latent_reg * g_l).sum()
+
+
+def grads_of(outputs, grads, inputs):
+    present = [t for t in inputs if t is not None]
+    found = iter(torch.autograd.grad(scalar_loss(outputs, grads), present, allow_unused=True))
+    result = []
+    for t in inputs:
+        if t is None:
+            result.append(None)
+            continue
+        g = next(found)
+        result.append(torch.zeros_like(t) if g is None else g)
+    return result
+
+
+def assert_close(actual, expected, **tol):
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
+
+
+def explicit_noise(n, k, d, dtype, device, requires_grad):
+    gumbel = reference.gumbel_noise(SEED, OFFSET, n, k).to(dtype=dtype, device=device)
+    eps = reference.gaussian_noise(SEED, OFFSET, n, d).to(dtype=dtype, device=device)
+    return gumbel.requires_grad_(requires_grad), eps.requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------
+# Values and gradients against the reference
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("noise", ["philox", "explicit"])
+def test_matches_reference(device, dtype, weight, mode, noise):
+    n, k, d = 37, 19, 5
+    z, w, e = make_codebook_inputs(n, k, d, dtype=dtype, device=device, weight=weight, requires_grad=True)
+    gumbel, eps = explicit_noise(n, k, d, dtype, device, True) if noise == "explicit" else (None, None)
+    inputs = [z, w, e, gumbel, eps]
+    grads = upstream_grads(n, k, d, dtype, device)
+
+    got = run(ops.quantize, *inputs[:3], mode, gumbel, eps)
+    want = run(reference.quantize, *inputs[:3], mode, gumbel, eps)
+    tol = tolerance(dtype)
+    assert got[0].dtype == dtype and got[1].dtype == torch.int64
+    assert got[2].dtype == got[3].dtype == reference.accumulation_dtype(dtype)
+    torch.testing.assert_close(got[1], want[1])
+    for a, b in zip([got[0], got[2], got[3]], [want[0], want[2], want[3]]):
+        torch.testing.assert_close(a, b, **tol)
+
+    for a, b, source in zip(grads_of(got, grads, inputs), grads_of(want, grads, inputs), inputs):
+        if source is None:
+            continue
+        assert a.dtype == source.dtype and a.shape == source.shape
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION_DTYPES, ids=str)
+@pytest.mark.parametrize("weight", ["full", None], ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_low_precision_matches_reference_on_rounded_inputs(device, dtype, weight, mode):
+    n, k, d = 37, 19, 5
+    z, w, e = make_codebook_inputs(n, k, d, dtype=dtype, device=device, weight=weight, requires_grad=True)
+    z32, w32, e32 = upcast(z), upcast(w), upcast(e)
+    grads = upstream_grads(n, k, d, dtype, device)
+
+    got = run(ops.quantize, z, w, e, mode)
+    want = run(reference.quantize, z32, w32, e32, mode)
+    tol = tolerance(dtype)
+    assert got[0].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
+    torch.testing.assert_close(got[1], want[1])
+    # z_out is rounded to the input dtype on the way out: compare it loosely.
+    assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[2], want[2], **tolerance(torch.float32))
+    torch.testing.assert_close(got[3], want[3], **tolerance(torch.float32))
+
+    for a, b, source in zip(grads_of(got, grads, [z, w, e]), grads_of(want, grads, [z32, w32, e32]), [z, w, e]):
+        if source is None:
+            continue
+        assert a.dtype == dtype
+        assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_indices_equal_reference_for_the_same_seed(device, mode):
+    # float64 inputs: no near ties between the kernel's and the reference's rounding.
+    n, k, d = 300, 64, 8
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float64, device=device, weight="full", seed=3)
+    for seed, offset in [(0, 0), (2**40 + 5, 3), (SEED, 2**33)]:
+        got = run(ops.quantize, z, w, e, mode, seed=seed, offset=offset)[1]
+        want = run(reference.quantize, z, w, e, mode, seed=seed, offset=offset)[1]
+        assert torch.equal(got, want)
+    if MODES[mode][1]:  # training: the noise does move the codes
+        assert not torch.equal(run(ops.quantize, z, w, e, mode, seed=1)[1], run(ops.quantize, z, w, e, mode, seed=2)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["train_hard", "train_soft"])
+def test_explicit_reference_noise_equals_generated_noise(device, mode):
+    # Rows spanning several blocks and stripes, K not a multiple of 4 (Philox words).
+    n, k, d = 700, 203, 7
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float32, device=device, weight="full", requires_grad=True)
+    gumbel, eps = explicit_noise(n, k, d, torch.float32, device, False)
+    grads = upstream_grads(n, k, d, torch.float32, device)
+    generated = run(ops.quantize, z, w, e, mode)
+    generated_grads = grads_of(generated, grads, [z, w, e])
+    # The Gumbel noise of reference.py is bit-identical to the kernel's.
+    given = run(ops.quantize, z, w, e, mode, gumbel)
+    for a, b in zip(generated, given):
+        assert torch.equal(a, b)
+    for a, b in zip(generated_grads, grads_of(given, grads, [z, w, e])):
+        assert torch.equal(a, b)
+    # The Gaussian noise too.
+    given = run(ops.quantize, z, w, e, mode, gumbel, eps)
+    for a, b in zip(generated, given):
+        assert torch.equal(a, b)
+    for a, b in zip(generated_grads, grads_of(given, grads, [z, w, e])):
+        assert torch.equal(a, b)
+
+
+def test_reference_gaussian_noise_is_bit_identical_to_the_kernels():
+    n, k, d = 700, 203, 7
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float32, weight="full")
+    _, eps = explicit_noise(n, k, d, torch.float32, "cpu", False)
+    assert torch.equal(run(ops.quantize, z, w, e, "train_hard")[0],
+                       run(ops.quantize, z, w, e, "train_hard", None, eps)[0])
+
+
+# ---------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["train_soft", "eval"])
+@pytest.mark.parametrize("weight", ["full", "scalar"])
+def test_gradcheck(device, mode, weight):
+    # Hard training is straight-through (its gradient is not the derivative of
+    # its piecewise-constant value), so only the soft and eval paths are checked.
+    n, k, d = 6, 5, 3
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float64, device=device, weight=weight, requires_grad=True)
+    gumbel, eps = explicit_noise(n, k, d, torch.float64, device, True)
+
+    def fn(z, w, e, gumbel=None, eps=None):
+        z_out, _, q_bar, latent_reg = run(ops.quantize, z, w, e, mode, gumbel, eps)
+        return z_out, q_bar, latent_reg
+
+    assert torch.autograd.gradcheck(fn, (z, w, e, gumbel, eps))
+    assert torch.autograd.gradcheck(fn, (z, w, e))  # noise from Philox
+
+
+def _opcheck_samples(device):
+    for mode, weight, noise in itertools.product(MODES, ["full", None], [False, True]):
+        n, k, d = 9, 6, 4
+        z, w, e = make_codebook_inputs(n, k, d, device=device, weight=weight, requires_grad=True)
+        gumbel, eps = explicit_noise(n, k, d, torch.float32, device, True) if noise else (None, None)
+        hard, training = MODES[mode]
+        yield mode, (z, w, e, TEMPERATURE, SIGMA_Z2, hard, training, SEED, OFFSET, gumbel, eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_quantize(device):
+    for _, args in _opcheck_samples(device):
+        torch.library.opcheck(torch.ops.gmvq.quantize.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_quantize_backward(device):
+    for _, args in _opcheck_samples(device):
+        z, w, e, temperature, sigma_z2, hard, training, seed, offset, gumbel, eps = args
+        z, w, e = (t if t is None else t.detach() for t in (z, w, e))
+        gumbel, eps = (t if t is None else t.detach() for t in (gumbel, eps))
+        indices = ops.quantize(z, w, e, temperature, sigma_z2, hard, training, seed, offset, gumbel, eps)[1]
+        grads = upstream_grads(z.shape[0], e.shape[0], z.shape[1], z.dtype, device)
+        torch.library.opcheck(
+            torch.ops.gmvq.quantize_backward.default,
+            (*grads, z, w, e, indices, temperature, sigma_z2, hard, training, seed, offset, gumbel, eps))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    # The forward is compiled as one graph; AOTAutograd traces quantize_backward
+    # into the compiled backward.
+    n, k, d = 33, 12, 6
+    z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full", requires_grad=True)
+
+    def model_loss(z, w, e):
+        z_out, indices, q_bar, latent_reg = ops.quantize(z, torch.nn.functional.softplus(w), e, TEMPERATURE,
+                                                         SIGMA_Z2, True, True, SEED, OFFSET)
+        entropy = -(q_bar * q_bar.clamp_min(1e-30).log()).sum()
+        return (z_out * z_out).mean() + 0.1 * latent_reg.mean() - entropy, indices
+
+    results = []
+    for fn in (model_loss, torch.compile(model_loss, fullgraph=True)):
+        loss, indices = fn(z, w, e)
+        loss.backward()
+        results.append((loss.detach(), indices, [t.grad.clone() for t in (z, w, e)]))
+        for t in (z, w, e):
+            t.grad = None
+    (eager_loss, eager_indices, eager_grads), (loss, indices, grads) = results
+    torch.testing.assert_close(loss, eager_loss)
+    assert torch.equal(indices, eager_indices)
+    for g, g_eager in zip(grads, eager_grads):
+        torch.testing.assert_close(g, g_eager)
+
+
+# ---------------------------------------------------------------------------
+# Determinism, edge cases, memory
+# ---------------------------------------------------------------------------
+def _forward_backward(z, w, e, mode):
+    inputs = [t.detach().clone().requires_grad_() for t in (z, w, e)]
+    outputs = run(ops.quantize, *inputs, mode)
+    grads = upstream_grads(z.shape[0], e.shape[0], z.shape[1], z.dtype, z.device)
+    return list(outputs) + grads_of(outputs, grads, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_deterministic_run_to_run_and_across_thread_counts(device, mode):
+    # Large enough for several blocks and stripes (and for the parallel path).
+    n, k, d = 3000, 300, 16
+    z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full", seed=5)
+    first = _forward_backward(z, w, e, mode)
+    second = _forward_backward(z, w, e, mode)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _forward_backward(z, w, e, mode)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("noise", [False, True])
+def test_empty_batch(device, mode, noise):
+    k, d = 5, 3
+    z, w, e = make_codebook_inputs(0, k, d, device=device, weight="full", requires_grad=True)
+    gumbel, eps = explicit_noise(0, k, d, torch.float32, device, True) if noise else (None, None)
+    z_out, indices, q_bar, latent_reg = run(ops.quantize, z, w, e, mode, gumbel, eps)
+    assert z_out.shape == (0, d) and indices.shape == (0,) and latent_reg.shape == (0,)
+    assert torch.equal(q_bar, torch.zeros(k, device=device))
+    inputs = [z, w, e, gumbel, eps]
+    grads = grads_of((z_out, indices, q_bar, latent_reg), upstream_grads(0, k, d, torch.float32, device), inputs)
+    for g, t in zip(grads, inputs):
+        if t is not None:
+            assert g.shape == t.shape
+    assert torch.equal(grads[2], torch.zeros_like(e))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("shape", [(23, 1, 4), (23, 7, 1), (1, 1, 1)], ids=str)
+def test_degenerate_sizes(device, mode, shape):
+    n, k, d = shape
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float64, device=device, weight="full", requires_grad=True)
+    grads = upstream_grads(n, k, d, torch.float64, device)
+    got, want = run(ops.quantize, z, w, e, mode), run(reference.quantize, z, w, e, mode)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+    for a, b in zip(grads_of(got, grads, [z, w, e]), grads_of(want, grads, [z, w, e])):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_non_contiguous_and_expanded_inputs(device, mode):
+    n, k, d = 31, 11, 6
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float64, device=device, weight="scalar", seed=2)
+    z_t = z.t().contiguous().t().requires_grad_()               # column-major
+    w_expanded = w.expand(n, d).detach().requires_grad_()        # stride 0 in D
+    e_sliced = torch.cat([e, e], 1)[:, ::2].detach().requires_grad_()  # stride 2
+    gumbel, eps = explicit_noise(n, k, d, torch.float64, device, False)
+    gumbel_t, eps_t = gumbel.t().contiguous().t(), eps.t().contiguous().t()
+    assert not (z_t.is_contiguous() or w_expanded.is_contiguous() or e_sliced.is_contiguous())
+    grads = upstream_grads(n, k, d, torch.float64, device)
+    inputs = [z_t, w_expanded, e_sliced]
+    got = run(ops.quantize, *inputs, mode, gumbel_t, eps_t)
+    want = run(reference.quantize, *inputs, mode, gumbel_t, eps_t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+    for a, b in zip(grads_of(got, grads, inputs), grads_of(want, grads, inputs)):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, **tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_large_magnitude_inputs_stay_finite(device, mode):
+    n, k, d = 64, 32, 16
+    z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full")
+    z, e = (z * 1e3).requires_grad_(), (e * 1e3).requires_grad_()
+    w = (w * 1e2).requires_grad_()
+    outputs = run(ops.quantize, z, w, e, mode)
+    grads = grads_of(outputs, upstream_grads(n, k, d, torch.float32, device), [z, w, e])
+    for t in [outputs[0], outputs[2], outputs[3], *grads]:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(outputs[2].sum(), torch.tensor(1.0, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_name_the_argument(device):
+    z, w, e = make_codebook_inputs(5, 4, 3, device=device)
+    with pytest.raises(RuntimeError, match="gumbel_noise must have shape"):
+        ops.quantize(z, w, e, 1.0, 0.5, True, True, 0, 0, torch.zeros(5, 5, device=device))
+    with pytest.raises(RuntimeError, match="sigma_z2 must be finite and > 0"):
+        ops.quantize(z, w, e, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="codebook must have D = 3"):
+        ops.quantize(z, w, e[:, :2])
+    indices = torch.full((5,), 4, dtype=torch.int64, device=device)
+    g = upstream_grads(5, 4, 3, torch.float32, device)
+    with pytest.raises(RuntimeError, match="indices must lie in"):
+        torch.ops.gmvq.quantize_backward(*g, z, w, e, indices, 1.0, 0.5, True, True, 0, 0, None, None)
+
+
+def _largest_allocation(fn):
+    """Bytes of the largest tensor allocation (or free) torch's CPU allocator
+    reported while fn ran: any N x K intermediate, kept or freed, shows up."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(abs(event.cpu_memory_usage) for event in prof.events())
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_no_n_by_k_allocation_in_forward_or_backward(mode):
+    n, k, d = 4096, 4096, 8
+    z, w, e = make_codebook_inputs(n, k, d, weight="full", requires_grad=True)
+    grads = upstream_grads(n, k, d, torch.float32, "cpu")
+    n_by_k = n * k * 4
+
+    def fused():
+        scalar_loss(run(ops.quantize, z, w, e, mode), grads).backward()
+
+    assert _largest_allocation(fused) < n_by_k // 16
+    assert torch.isfinite(e.grad).all() and e.grad.abs().sum() > 0
+    if mode == "eval":  # the probe does see N x K tensors: the reference materialises them
+        small = n // 4
+        z_small, w_small = z[:small].detach(), w[:small].detach()
+        assert _largest_allocation(lambda: run(reference.quantize, z_small, w_small, e, mode)) >= small * k * 4
