@@ -51,11 +51,8 @@ at::Tensor distance_cuda(const at::Tensor& z, const std::optional<at::Tensor>& w
   dispatch_acc(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const auto view = distance_view<T>(terms);
-    if (terms.full_weight) {
-      distance_kernel<T, 2><<<grid, kThreads, 0, stream>>>(view, out.data_ptr<T>());
-    } else {
-      distance_kernel<T, 1><<<grid, kThreads, 0, stream>>>(view, out.data_ptr<T>());
-    }
+    const auto kernel = terms.full_weight ? distance_kernel<T, 2> : distance_kernel<T, 1>;
+    GMVQ_LAUNCH(kernel, grid, kThreads, 0, stream, view, out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -32,8 +32,8 @@ at::Tensor philox_noise(const at::Tensor& like, int64_t seed, int64_t offset, bo
   if (numel == 0) return out;
   constexpr int threads = 256;
   const int64_t blocks = ceil_div(ceil_div(numel, 4), threads);
-  philox_noise_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), numel, seed, offset, gaussian);
+  GMVQ_LAUNCH(philox_noise_kernel, blocks, threads, 0, c10::cuda::getCurrentCUDAStream(),
+              out.data_ptr<float>(), numel, seed, offset, gaussian);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

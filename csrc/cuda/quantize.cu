@@ -82,7 +82,7 @@ RowStats row_stats(QuantizeView<T> v, const at::TensorOptions& opts, bool want_i
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto launch = [&](auto kernel) {
     allow_smem(kernel, smem, std::to_string(d).c_str());
-    kernel<<<ceil_div(n, kTile), kThreads, smem, stream>>>(v, out);
+    GMVQ_LAUNCH(kernel, ceil_div(n, kTile), kThreads, smem, stream, v, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (v.dist.full_weight) {
@@ -107,7 +107,7 @@ at::Tensor q_bar_sweep(const QuantizeView<T>& v, const at::TensorOptions& opts) 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto launch = [&](auto kernel) {
     allow_smem(kernel, smem, std::to_string(v.dist.d).c_str());
-    kernel<<<grid, kThreads, smem, stream>>>(v, args);
+    GMVQ_LAUNCH(kernel, grid, kThreads, smem, stream, v, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (v.dist.full_weight) {
@@ -245,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     const int64_t row_smem = row_grad_smem<T>(d);
     const auto launch_rows = [&](auto kernel) {
       allow_smem(kernel, row_smem, std::to_string(d).c_str());
-      kernel<<<ceil_div(n, kTile), kThreads, row_smem, stream>>>(v, row_out);
+      GMVQ_LAUNCH(kernel, ceil_div(n, kTile), kThreads, row_smem, stream, v, row_out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     // Pass 3: G_E partials over fixed row segments, summed in a fixed order.
@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     const dim3 col_grid(ceil_div(k, kTile), segments);
     const auto launch_cols = [&](auto kernel) {
       allow_smem(kernel, col_smem, std::to_string(d).c_str());
-      kernel<<<col_grid, kThreads, col_smem, stream>>>(v, col_args);
+      GMVQ_LAUNCH(kernel, col_grid, kThreads, col_smem, stream, v, col_args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const bool full = terms.full_weight;

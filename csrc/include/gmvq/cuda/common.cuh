@@ -8,13 +8,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(GMVQ_CUDA_EMULATION)
+// Host-only build that runs the kernels on CPU threads (tools/emulate_cuda.sh).
+#include "gmvq/cuda/emulation.h"
+#define GMVQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::gmvq::emulation::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-
-#include <cmath>
-#include <cstdint>
+// kernel<<<grid, block, smem, stream>>>(args...); a macro so that the
+// emulation build can run the same launch on CPU threads.
+#define GMVQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace gmvq::cuda {
 

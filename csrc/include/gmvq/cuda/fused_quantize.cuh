@@ -40,12 +40,19 @@ struct QuantizeView {
   Operand<T> grad_zq;               // (N, D) G_zq
 };
 
+#if defined(GMVQ_CUDA_EMULATION)
+template <typename T>
+T* dynamic_smem() {
+  return reinterpret_cast<T*>(emulation::dynamic_shared_memory());
+}
+#else
 extern __shared__ __align__(16) unsigned char gmvq_dynamic_smem[];
 
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
   return reinterpret_cast<T*>(gmvq_dynamic_smem);
 }
+#endif
 
 // Logits l = -distance of this thread's 4 x 4 micro-tile (-inf outside the
 // matrix) and, with GY, gy = G_zq[n] . e_k.

@@ -43,6 +43,7 @@ template <typename T>
 at::Tensor gemm_abt(const Operand<T>& a, const Operand<T>& b, int64_t red_len,
                     const at::TensorOptions& options) {
   const int64_t m = a.rows, n = b.rows;
+  if (m == 0 || n == 0) return at::zeros({m, n}, options);
   const int64_t tiles = ceil_div(m, kTile) * ceil_div(n, kTile);
   // About 2 waves of blocks on a large GPU; a function of the shape only, so
   // the summation order (and so every bit) is the same on every device.
@@ -50,10 +51,9 @@ at::Tensor gemm_abt(const Operand<T>& a, const Operand<T>& b, int64_t red_len,
       1, std::min<int64_t>(ceil_div(512, tiles), ceil_div(red_len, 512)));
   const int64_t per_split = ceil_div(std::max<int64_t>(red_len, 1), splits);
   auto partial = at::empty({splits, m, n}, options);
-  if (m == 0 || n == 0) return partial.sum(0);
   const dim3 grid(ceil_div(m, kTile), ceil_div(n, kTile), splits);
-  gemm_abt_kernel<T><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a, b, red_len, per_split, partial.data_ptr<T>(), m, n);
+  GMVQ_LAUNCH(gemm_abt_kernel<T>, grid, kThreads, 0, c10::cuda::getCurrentCUDAStream(), a, b, red_len,
+              per_split, partial.data_ptr<T>(), m, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return splits == 1 ? partial.squeeze(0) : partial.sum(0);
 }

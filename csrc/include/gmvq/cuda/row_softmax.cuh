@@ -79,8 +79,8 @@ __global__ void __launch_bounds__(kRowWarps * 32) row_softmax_kernel(RowSoftmaxA
 template <typename T>
 void launch_row_softmax(const RowSoftmaxArgs<T>& args) {
   if (args.n == 0) return;
-  row_softmax_kernel<T><<<ceil_div(args.n, kRowWarps), kRowWarps * 32, 0,
-                          c10::cuda::getCurrentCUDAStream()>>>(args);
+  GMVQ_LAUNCH(row_softmax_kernel<T>, ceil_div(args.n, kRowWarps), kRowWarps * 32, 0,
+              c10::cuda::getCurrentCUDAStream(), args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
