@@ -36,8 +36,9 @@ constexpr int chunk_of() {
   return 64 / static_cast<int>(sizeof(T));
 }
 
+// 16-byte aligned: the micro-tiles are read as float4.
 template <typename T, int NP>
-struct TileStage {
+struct alignas(16) TileStage {
   T a[NP][chunk_of<T>()][kTilePad];
   T b[NP][chunk_of<T>()][kTilePad];
 };
