@@ -1,0 +1,151 @@
+// Shared pieces of the CUDA kernels: the accumulation type on the host side,
+// launch bookkeeping, warp reductions and the online softmax merge.
+//
+// Kernels work on acc_t (float, or double for float64 inputs) operands only:
+// the host converts z, weight and codebook to the accumulation type first
+// (O(N*D + K*D) work), so every kernel template is instantiated for two types
+// instead of four and half/bfloat16 inputs cost no extra code.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(GMVQ_CUDA_EMULATION)
+// Host-only build that runs the kernels on CPU threads (tools/emulate_cuda.sh).
+#include "gmvq/cuda/emulation.h"
+#define GMVQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::gmvq::emulation::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+// kernel<<<grid, block, smem, stream>>>(args...); a macro so that the
+// emulation build can run the same launch on CPU threads.
+#define GMVQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+namespace gmvq::cuda {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A contiguous copy in the accumulation dtype (a no-op when it already is one).
+inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+// Largest dynamic shared memory one block may opt into on the current device.
+inline int64_t max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+// Dispatch float / double (the two accumulation types) to a generic lambda.
+template <typename F>
+void dispatch_acc(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -INFINITY;
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+// exp(a - m) with exp(-inf - -inf) defined as 0 (an empty partial sum).
+template <typename T>
+__device__ __forceinline__ T exp_shift(T a, T m) {
+  return a == neg_inf<T>() ? T(0) : exp_acc(a - m);
+}
+
+// Online softmax statistics of one row: max m, sum s of exp(x - m) and a
+// weighted sum t of exp(x - m) * c (for sum_k pi_k c_k without a second pass).
+template <typename T>
+struct SoftmaxStats {
+  T m = neg_inf<T>();
+  T s = 0;
+  T t = 0;
+
+  __device__ __forceinline__ void add(T x, T c) {
+    if (x == neg_inf<T>()) return;
+    if (x > m) {
+      const T scale = exp_shift(m, x);
+      s = s * scale;
+      t = t * scale;
+      m = x;
+    }
+    const T p = exp_acc(x - m);
+    s += p;
+    t += p * c;
+  }
+  __device__ __forceinline__ void merge(T om, T os, T ot) {
+    const T nm = m > om ? m : om;
+    if (nm == neg_inf<T>()) return;
+    const T a = exp_shift(m, nm), b = exp_shift(om, nm);
+    s = s * a + os * b;
+    t = t * a + ot * b;
+    m = nm;
+  }
+  // Merge with the other lanes of a group of `width` consecutive lanes (a
+  // butterfly: every lane ends with the same, order-fixed result).
+  __device__ __forceinline__ void merge_lanes(int width) {
+    for (int mask = 1; mask < width; mask <<= 1) {
+      const T om = __shfl_xor_sync(0xffffffffu, m, mask);
+      const T os = __shfl_xor_sync(0xffffffffu, s, mask);
+      const T ot = __shfl_xor_sync(0xffffffffu, t, mask);
+      merge(om, os, ot);
+    }
+  }
+  __device__ __forceinline__ T lse() const { return m + log_acc(s); }
+};
+
+// Argmax with ties to the lowest index (torch.argmax's rule); NaN never wins.
+template <typename T>
+struct ArgMax {
+  T value = neg_inf<T>();
+  int64_t index = INT64_MAX;
+
+  __device__ __forceinline__ void add(T v, int64_t i) {
+    if (v > value || (v == value && i < index)) {
+      value = v;
+      index = i;
+    }
+  }
+  __device__ __forceinline__ void merge_lanes(int width) {
+    for (int mask = 1; mask < width; mask <<= 1) {
+      const T ov = __shfl_xor_sync(0xffffffffu, value, mask);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, index, mask);
+      add(ov, oi);
+    }
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ T sum_lanes(T x, int width) {
+  for (int mask = 1; mask < width; mask <<= 1) x += __shfl_xor_sync(0xffffffffu, x, mask);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T max_lanes(T x, int width) {
+  for (int mask = 1; mask < width; mask <<= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, x, mask);
+    x = o > x ? o : x;
+  }
+  return x;
+}
+
+}  // namespace gmvq::cuda

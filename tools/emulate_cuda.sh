@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Check the CUDA kernels' logic without a GPU: compile csrc/cuda/*.cu as C++
+# with GMVQ_CUDA_EMULATION (csrc/include/gmvq/cuda/emulation.h: CUDA threads
+# become CPU threads), registered for the CPU dispatch key and built as
+# gmvq_ext._C in a package copy under build/emulation, then run the CPU test
+# suites against it: every test that runs ops on CPU tensors now runs the CUDA
+# kernels' code. Slow (each CUDA thread is an OS thread): keep the tests small.
+# Usage: tools/emulate_cuda.sh [pytest args...]   (default: python_tests -x -q)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+python=${PYTHON:-python}
+out=$repo/build/emulation
+mkdir -p "$out/obj" "$out/pkg/gmvq_ext"
+read -r torch_dir torch_version ext_suffix pybind_inc py_inc < <("$python" -c '
+import os, sysconfig, torch, pybind11
+print(os.path.dirname(torch.__file__), torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"),
+      pybind11.get_include(), sysconfig.get_paths()["include"])')
+flags=(-std=c++20 -O1 -g0 -fPIC -ffp-contract=off -D_GLIBCXX_USE_CXX11_ABI=1 -DGMVQ_CUDA_EMULATION
+  -DGMVQ_TORCH_VERSION="\"$torch_version\"" -DGMVQ_WITH_CUDA=0 -DGMVQ_CUDA_ARCHS="\"emulated\""
+  -I "$repo/csrc/include" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include"
+  -I "$pybind_inc" -I "$py_inc" -Wno-attributes)
+objects=()
+for src in "$repo"/csrc/*.cpp "$repo"/csrc/cuda/*.cu; do
+  obj="$out/obj/$(basename "$src").o"
+  objects+=("$obj")
+  # Rebuild when the source or any project header is newer than the object.
+  if [[ ! -f $obj || $src -nt $obj || -n $(find "$repo/csrc/include" -newer "$obj" \( -name '*.h' -o -name '*.cuh' \) | head -1) ]]; then
+    echo "compile $(basename "$src")"
+    g++ "${flags[@]}" -x c++ -c "$src" -o "$obj"
+  fi
+done
+g++ -shared -o "$out/pkg/gmvq_ext/_C$ext_suffix" "${objects[@]}" -L "$torch_dir/lib" -lc10 -ltorch -ltorch_cpu \
+  -Wl,-rpath,"$torch_dir/lib" -lpthread
+for f in "$repo"/gmvq_ext/*.py; do ln -sf "$f" "$out/pkg/gmvq_ext/"; done
+printf 'TORCH_VERSION = "%s"\nTORCH_CUDA_VERSION = ""\nWITH_CUDA = False\nCUDA_ARCHITECTURES = "emulated"\n' \
+  "$torch_version" >"$out/pkg/gmvq_ext/_build_info.py"
+# Run from outside the tree so that gmvq_ext is the emulated package.
+cd "$out"
+(($# == 0)) && set -- "$repo/python_tests" -x -q
+PYTHONPATH="$out/pkg" "$python" -m pytest -p no:cacheprovider --rootdir "$repo" "$@"
