@@ -52,9 +52,9 @@ at::Tensor gumbel_argmax_backward(const at::Tensor& grad_sample, const at::Tenso
                                   double temperature, int64_t seed, int64_t offset,
                                   const std::optional<at::Tensor>& noise) {
   check_logits(logits);
+  check_grad(grad_sample, "grad_sample", logits.sizes(), logits);
   check_positive_finite(temperature, "temperature");
   check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
-  check_grad(grad_sample, "grad_sample", logits.sizes(), logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto y = std::get<0>(sample(logits, temperature, /*one_hot=*/false, seed, offset, noise));
   const auto g = grad_sample.to(y.scalar_type());

@@ -174,6 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
               indices.sizes());
   TORCH_CHECK(indices.device() == z.device(), "indices must be on ", z.device(), ", got ", indices.device());
   const c10::cuda::CUDAGuard guard(z.device());
+  if (n > 0) {  // the kernels trust the indices: one host sync to check them
+    const auto [low, high] = at::aminmax(indices);
+    const int64_t min_index = low.item<int64_t>(), max_index = high.item<int64_t>();
+    TORCH_CHECK(min_index >= 0 && max_index < k, "indices must lie in [0, ", k, "), got values in [",
+                min_index, ", ", max_index, "]");
+  }
   const auto acc = accumulation_type(z.scalar_type());
   const auto opts = z.options().dtype(acc);
   const auto cast_like = [](const at::Tensor& g, const at::Tensor& like) {

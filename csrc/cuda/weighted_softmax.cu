@@ -40,11 +40,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward(
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     double temperature) {
   check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
   const int64_t n = z.size(0), k = codebook.size(0);
   check_grad(grad_probs, "grad_probs", {n, k}, z);
   check_grad(grad_lse, "grad_lse", {n}, z);
   check_grad(probs, "probs", {n, k}, z);
+  check_positive_finite(temperature, "temperature");
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = accumulation_type(z.scalar_type());
   const auto p = probs.to(acc);
