@@ -184,7 +184,7 @@ def write_report(args, rows: list[dict], wall_seconds: float | None) -> None:
     ]
     for r in rows:
         if not r["finished"]:
-            lines.append(f"| {r['label']} | not finished within the CPU budget | | | | |")
+            lines.append(f"| {r['label']} | not finished | | | | |")
             continue
         lines.append(f"| {r['label']} | {r['test_mse_1e3']:.2f} | {r['test_mse_01_1e3']:.2f} | "
                      f"{r['test_perplexity']:.1f} | {r['codes_used']} | {r['train_seconds']:.0f} |")
@@ -196,7 +196,7 @@ def write_report(args, rows: list[dict], wall_seconds: float | None) -> None:
     lines += ["", "## The paper's claim on this budget", ""] + (claim_check(rows) or ["- rows missing"])
     if wall_seconds is not None:
         lines += ["", f"Wall time of the whole table: {wall_seconds / 60:.1f} min ({args.jobs} runs at a time)."]
-    lines += ["", f"Command: `python experiments/table1.py {' '.join(sys.argv[1:])}`", ""]
+    lines += ["", f"Command: `python experiments/table1.py {shlex.join(sys.argv[1:])}`", ""]
     (RESULTS / f"{args.out_name}.md").write_text("\n".join(lines))
     (RESULTS / f"{args.out_name}.json").write_text(json.dumps(
         {"budget": budget, "args": vars(args), "rows": rows, "wall_seconds": wall_seconds}, indent=2) + "\n")
