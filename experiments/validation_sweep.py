@@ -28,11 +28,13 @@ RESULTS = ROOT / "experiments" / "results"
 CONFIGS = {
     "A": ["--quantizer", "gmvq", "--lr", "1e-3", "--gamma", "0.1", "--sigma-z2", "0.5"],
     "B": ["--quantizer", "gmvq", "--lr", "1e-3", "--gamma", "0.1", "--sigma-z2", "2.0"],
-    "C": ["--quantizer", "gmvq", "--lr", "1e-3", "--gamma", "0.01", "--sigma-z2", "0.5"],
-    "D": ["--quantizer", "gmvq", "--lr", "3e-3", "--gamma", "0.1", "--sigma-z2", "0.5"],
+    "C": ["--quantizer", "gmvq", "--lr", "1e-3", "--gamma", "0.1", "--sigma-z2", "8.0"],
     "V1": ["--quantizer", "vqvae", "--lr", "1e-3"],
-    "V3": ["--quantizer", "vqvae", "--lr", "3e-3"],
 }
+# sigma_z2 scales the training noise s = ||z_hat - e_c|| / sqrt(2 sigma_z2 D) and
+# the latent term down together: larger values train the decoder on inputs
+# closer to the noiseless ones it sees at evaluation. (A CPU shared with other
+# jobs allowed only these four 3-epoch runs; gamma and lr stayed unexplored.)
 
 
 def parse_args(argv=None):

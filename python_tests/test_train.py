@@ -192,3 +192,20 @@ def _rebuild(out: Path):
     model = build_model(Namespace(**state["args"]), state["quantizer_options"])
     model.load_state_dict(state["model"])
     return model
+
+
+def test_celeba_folder_of_crops_runs_at_128_pixels(tmp_path):
+    crops = DATA.parent / "celeba-sample" / "test_crops"
+    if not crops.is_dir():
+        pytest.skip("CelebA sample not found")
+    out = tmp_path / "celeba"
+    results = train.main(["--dataset", "celeba", "--data-dir", str(crops), "--quantizer", "vqvae",
+                          "--codebook-size", "32", "--dim", "8", "--batch-size", "4", "--max-train-images", "8",
+                          "--max-test-images", "4", "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu",
+                          "--out", str(out)])
+    assert results["test_images"] == 4 and results["train_images"] == 8 and results["steps"] == 2
+    assert results["args"]["lr"] == 1e-4  # the paper's CelebA default
+    from PIL import Image
+
+    with Image.open(out / "images" / "recon_epoch001.png") as picture:
+        assert picture.size[0] > 4 * 128  # 4 images of 128 pixels in a row
