@@ -3,6 +3,9 @@ input builders. CUDA appears only where a CUDA device and CUDA kernels exist."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +64,29 @@ def upcast(t):
         return None
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     return t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def _sample_data_dir() -> Path:
+    """shared/data beside the checkout (CI: ../shared; a git worktree: ../../shared),
+    or $GMVQ_SAMPLE_DATA. Tests that need it fail when it is missing, never skip."""
+    root = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ["GMVQ_SAMPLE_DATA"])] if "GMVQ_SAMPLE_DATA" in os.environ else []
+    candidates += [root.parent / "shared" / "data", root.parent.parent / "shared" / "data"]
+    for candidate in candidates:
+        if (candidate / "cifar10-sample").is_dir():
+            return candidate.resolve()
+    raise FileNotFoundError(f"sample data (shared/data) not found in any of {[str(c) for c in candidates]}")
+
+
+SAMPLE_DATA = _sample_data_dir()
+
+
+# The folder holding the gmvq_ext this test run imports (site-packages after
+# pip install, the checkout for an in-place build). Subprocesses start there
+# and put it first on PYTHONPATH, so they import the same build.
+PACKAGE_PARENT = Path(gmvq_ext.__file__).resolve().parent.parent
+
+
+def subprocess_env(**extra: str) -> dict:
+    path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SAMPLE_DATA
 from gmvq_ext.data import (CELEBA_ALIGNED_CROP, Cifar10, DataError, ImageFolder, build_dataset,
                            read_partition_file, validation_indices)
 
-DATA = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+DATA = SAMPLE_DATA
 CIFAR = DATA / "cifar10-sample"
 CELEBA = DATA / "celeba-sample"
-pytestmark = pytest.mark.skipif(not CIFAR.is_dir(), reason="sample data not found")
 
 
 def cifar_rows(name: str) -> int:

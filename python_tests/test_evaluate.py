@@ -11,7 +11,6 @@ from gmvq_ext import evaluate, train
 
 from test_train import DATA, SMALL, one_thread, run_cli  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="CIFAR-10 sample not found")
 
 
 def test_evaluate_reproduces_results_json(tmp_path):

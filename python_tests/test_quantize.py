@@ -18,8 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import (DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, make_codebook_inputs, requires_cuda, tolerance,
-                     upcast)
+from helpers import (DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, PACKAGE_PARENT, make_codebook_inputs,
+                     requires_cuda, subprocess_env, tolerance, upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -423,9 +423,8 @@ def test_peak_resident_memory_stays_far_below_n_by_k():
     # Catches N x K buffers the profiler cannot see (std::vector, malloc): the
     # whole process's peak resident memory over forward + backward.
     n, k, d = 4096, 4096, 8
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                      os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(n), str(k), str(d)], env=env,
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(n), str(k), str(d)], env=subprocess_env(),
+                          cwd=PACKAGE_PARENT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     peak = json.loads(done.stdout.strip().splitlines()[-1])

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from gmvq_ext import train
+from helpers import PACKAGE_PARENT, SAMPLE_DATA, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/cifar10-sample")
-for candidate in (ROOT / ".." / "shared" / "data" / "cifar10-sample", ROOT / ".." / ".." / "shared" / "data" /
-                  "cifar10-sample"):
-    if candidate.is_dir():
-        DATA = candidate.resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="CIFAR-10 sample not found")
+DATA = SAMPLE_DATA / "cifar10-sample"
 
 SMALL = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "--codebook-size", "64",
          "--dim", "16", "--batch-size", "32", "--max-train-images", "96", "--max-test-images", "64",
@@ -47,13 +42,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def python_path() -> str:
-    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-
-
 def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
-    environment = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *module, *argv], cwd=ROOT, env=environment, capture_output=True,
+    environment = subprocess_env(OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, *module, *argv], cwd=PACKAGE_PARENT, env=environment, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -172,7 +163,7 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     done = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.train", *SMALL,
          "--epochs", "1", "--out", str(out)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        cwd=PACKAGE_PARENT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
         text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
