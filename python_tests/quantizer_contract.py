@@ -176,3 +176,9 @@ def check_registry(name: str, cls: type):
     assert QUANTIZERS[name] is cls
     q = build_quantizer(name, codebook_size=12, dim=5)
     assert isinstance(q, cls) and q.codebook_size == 12 and q.code_dim == 5
+
+
+# The checks that take nothing but the factory: every quantizer's test file
+# runs them through one parametrized test.
+CORE_CHECKS = (check_gradient_flow, check_eval_determinism, check_codes_from_indices,
+               check_state_dict_round_trip)

@@ -16,14 +16,6 @@ from gmvq_ext.quantizers import GaussianMixtureVQ, noise
 from gmvq_ext.quantizers.base import entropy
 
 
-def fused_quantize_available() -> bool:
-    """Whether the fused CPU kernel of gmvq::quantize is built (it arrives with a later merge)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gmvq::quantize", "CPU")
-
-
-requires_fused = pytest.mark.skipif(not fused_quantize_available(), reason="gmvq::quantize has no CPU kernel yet")
-
-
 def make(**options):
     torch.manual_seed(0)
     options.setdefault("backend", "reference")
@@ -32,6 +24,11 @@ def make(**options):
 
 def test_registry():
     contract.check_registry("gmvq", GaussianMixtureVQ)
+
+
+@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
+def test_contract(check):
+    check(make)
 
 
 @pytest.mark.parametrize("weight, channels", [("full", 8), ("scalar", 5), (None, 4)])
@@ -44,24 +41,8 @@ def test_shapes_and_layouts(weight):
     contract.check_shapes_and_layouts(lambda **o: make(weight=weight, **o))
 
 
-def test_gradient_flow():
-    contract.check_gradient_flow(make)
-
-
-def test_eval_determinism():
-    contract.check_eval_determinism(make)
-
-
 def test_loss_and_info():
     contract.check_loss_and_info(make, extra_keys=("temperature", "entropy"))
-
-
-def test_codes_from_indices():
-    contract.check_codes_from_indices(make)
-
-
-def test_state_dict_round_trip():
-    contract.check_state_dict_round_trip(make)
 
 
 def test_training_noise_advances():
@@ -207,7 +188,6 @@ def test_module_noise_is_the_reference_noise():
                        reference.gaussian_noise(12345678901, 2**33 + 5, 7, 3))
 
 
-@requires_fused
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_backend_matches_reference(train):
     fused, ref = make(backend="fused"), make(backend="reference")
@@ -254,7 +234,6 @@ def test_compile_fullgraph_matches_eager(train):
     assert torch.equal(compiled_module.step, eager.step)
 
 
-@requires_fused
 @pytest.mark.parametrize("train", [True, False])
 def test_compile_fullgraph_auto_backend(train):
     """Eval compiles the fused op; training falls back to the reference (the op's

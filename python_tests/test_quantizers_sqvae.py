@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 import quantizer_contract as contract
@@ -18,28 +19,17 @@ def test_registry():
     contract.check_registry("sqvae", SQVAEQuantizer)
 
 
+@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
+def test_contract(check):
+    check(make)
+
+
 def test_shapes_and_layouts():
     contract.check_shapes_and_layouts(make)
 
 
-def test_gradient_flow():
-    contract.check_gradient_flow(make)
-
-
-def test_eval_determinism():
-    contract.check_eval_determinism(make)
-
-
 def test_loss_and_info():
     contract.check_loss_and_info(make, extra_keys=("temperature", "variance"))
-
-
-def test_codes_from_indices():
-    contract.check_codes_from_indices(make)
-
-
-def test_state_dict_round_trip():
-    contract.check_state_dict_round_trip(make)
 
 
 def test_training_noise_advances():

@@ -1,5 +1,6 @@
 """VQ-VAE on l2-normalised vectors (ViT-VQGAN style)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,28 +20,17 @@ def test_registry():
     contract.check_registry("vqvae-l2", NormalizedVQ)
 
 
+@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
+def test_contract(check):
+    check(make)
+
+
 def test_shapes_and_layouts():
     contract.check_shapes_and_layouts(make)
 
 
-def test_gradient_flow():
-    contract.check_gradient_flow(make)
-
-
-def test_eval_determinism():
-    contract.check_eval_determinism(make)
-
-
 def test_loss_and_info():
     contract.check_loss_and_info(make)
-
-
-def test_codes_from_indices():
-    contract.check_codes_from_indices(make)
-
-
-def test_state_dict_round_trip():
-    contract.check_state_dict_round_trip(make)
 
 
 def test_quantized_vectors_are_unit_codes_chosen_by_cosine():
