@@ -260,16 +260,19 @@ torch.library.register_autograd(
 
 def _setup_quantize(ctx, inputs, output):
     z, weight, codebook, temperature, sigma_z2, hard, training, seed, offset, gumbel_noise, eps_noise = inputs
-    _, indices, q_bar, latent_reg = output
+    _, indices, _, _ = output
     ctx.scalars = (temperature, sigma_z2, hard, training, seed, offset)
-    ctx.save_for_backward(z, weight, codebook, indices, gumbel_noise, eps_noise, q_bar, latent_reg)
+    ctx.save_for_backward(z, weight, codebook, indices, gumbel_noise, eps_noise)
 
 
 def _backward_quantize(ctx, grad_z_out, grad_indices, grad_q_bar, grad_latent_reg):
-    z, weight, codebook, indices, gumbel_noise, eps_noise, q_bar, latent_reg = ctx.saved_tensors
+    z, weight, codebook, indices, gumbel_noise, eps_noise = ctx.saved_tensors
+    acc = _acc(z.dtype)
     grad_z_out = _grad_or_zeros(grad_z_out, z)
-    grad_q_bar = _grad_or_zeros(grad_q_bar, q_bar)
-    grad_latent_reg = _grad_or_zeros(grad_latent_reg, latent_reg)
+    if grad_q_bar is None:
+        grad_q_bar = z.new_zeros((codebook.shape[0],), dtype=acc)
+    if grad_latent_reg is None:
+        grad_latent_reg = z.new_zeros((z.shape[0],), dtype=acc)
     grads = _ops.quantize_backward(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices,
                                    *ctx.scalars, gumbel_noise, eps_noise)
     grad_z, grad_weight, grad_codebook, grad_gumbel, grad_eps = grads
