@@ -43,20 +43,23 @@ def main(argv=None) -> dict | None:
     options = build_parser().parse_args(argv)
     try:
         return run(options)
-    except (DataError, FileNotFoundError, ValueError, KeyError) as error:
+    except (DataError, FileNotFoundError, ValueError, KeyError, distributed.LostPeerError) as error:
         raise SystemExit(f"gmvq_ext.evaluate: error: {error}") from error
 
 
 def run(options) -> dict | None:
     state = ckpt.load(options.checkpoint)
+    ctx = distributed.setup(options.device)
+    return distributed.run_distributed(lambda ctx: evaluate_checkpoint(options, state, ctx), ctx)
+
+
+def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict | None:
     args = Namespace(**state["args"])
     args.backend = options.backend
     if options.data_dir is not None:
         args.data_dir = options.data_dir
     max_test_images = None if options.all_test_images else (options.max_test_images or args.max_test_images)
     batch_size = options.batch_size or args.eval_batch_size
-
-    ctx = distributed.setup(options.device)
     test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, max_test_images)
     model = build_model(args, quantizer_options(args, ctx.device)).to(ctx.device)
     model.load_state_dict(state["model"])
@@ -81,7 +84,6 @@ def run(options) -> dict | None:
         out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
-    distributed.teardown(ctx)
     return results
 
 

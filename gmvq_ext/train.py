@@ -47,15 +47,15 @@ def main(argv=None) -> dict | None:
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return run(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"gmvq_ext.train: error: {error}") from error
+        ctx = distributed.setup(args.device, args.dist_timeout)
+        return distributed.run_distributed(lambda ctx: run(args, ctx), ctx)
+    except (DataError, FileExistsError, FileNotFoundError, ValueError, distributed.LostPeerError) as error:
+        raise SystemExit(f"gmvq_ext.train: error: {error}") from None
     finally:  # main() may be called in-process (tests, notebooks): leave global state as found
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
-def run(args) -> dict | None:
-    ctx = distributed.setup(args.device)
+def run(args, ctx: distributed.Context) -> dict | None:
     # Bitwise reproducibility (exact --resume) needs deterministic kernels, e.g.
     # for the scatter-add of codebook gradients; on the CPU they cost little.
     if ctx.device.type == "cpu" or args.deterministic:
@@ -64,18 +64,13 @@ def run(args) -> dict | None:
     out = Path(args.out)
     checkpoint_path = out / ckpt.CHECKPOINT_NAME
 
-    # ---- resume or start fresh
-    state = None
-    if args.resume:
-        if not checkpoint_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {str(checkpoint_path)!r}")
-        state = ckpt.load(checkpoint_path)
+    # ---- resume or start fresh: rank 0 reads the run folder, every rank gets its
+    # decision (the other ranks need not see the same file system)
+    state = distributed.broadcast_object(starting_state(args, checkpoint_path) if ctx.is_main else None, ctx)
+    if isinstance(state, Exception):
+        raise state
+    if state is not None:
         check_same_run(args, state["args"], state["world_size"], ctx.world_size)
-        if state["epoch"] >= args.epochs:
-            raise ValueError(f"--resume: the checkpoint is at epoch {state['epoch']}, already >= --epochs "
-                             f"{args.epochs}; ask for more epochs")
-    elif checkpoint_path.exists():
-        raise FileExistsError(f"{str(out)!r} already holds a run; pass --resume or choose another --out")
     if ctx.is_main:
         (out / "images").mkdir(parents=True, exist_ok=True)
 
@@ -113,6 +108,7 @@ def run(args) -> dict | None:
         ckpt.seed_everything(args.seed + ctx.rank)  # each rank its own noise stream
     bare = model
     if ctx.distributed:
+        distributed.keep_gradient_strides(model)
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
     writer = metrics_file = None
@@ -164,7 +160,6 @@ def run(args) -> dict | None:
         train_metrics["codes_used"] = int((code_counts > 0).sum())
         distributed.broadcast_buffers(bare, ctx)  # evaluate rank 0's BatchNorm statistics everywhere
         eval_metrics = evaluate(bare, eval_set, args.eval_batch_size, ctx, args.num_workers)
-        reconstructions = reconstruct(bare, fixed_images, ctx.device)  # every rank: the quantizer communicates
         rng_states = distributed.gather_objects(ckpt.rng_state(), ctx)
         if ctx.is_main:
             record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
@@ -172,6 +167,7 @@ def run(args) -> dict | None:
                       "images_per_second": steps_per_epoch * args.batch_size / epoch_seconds,
                       **{f"train/{k}": v for k, v in train_metrics.items()},
                       **{f"{eval_split}/{k}": v for k, v in eval_metrics.items() if k != "code_counts"}}
+            reconstructions = reconstruct(bare, fixed_images, ctx.device)
             save_reconstruction_grid(fixed_images, reconstructions, out / "images" / f"recon_epoch{epoch + 1:03d}.png")
             save_code_histogram(eval_metrics["code_counts"], out / "images" / f"codes_epoch{epoch + 1:03d}.png",
                                 f"{eval_split} code usage, epoch {epoch + 1}")
@@ -195,7 +191,6 @@ def run(args) -> dict | None:
         if ctx.is_main:
             metrics_file.close()
             writer.close()
-        distributed.teardown(ctx)
         return None
 
     # ---- final test evaluation
@@ -234,25 +229,52 @@ def run(args) -> dict | None:
         log(f"test mse {results['test_mse']:.5f} ([-1,1] pixels; {results['test_mse_01']:.5f} in [0,1]), "
             f"perplexity {results['test_perplexity']:.1f}, codes used {results['codes_used']}"
             f"/{args.codebook_size} -> {out / 'results.json'}")
-    distributed.teardown(ctx)
     return results
 
 
 # ----------------------------------------------------------------------------- helpers
 
+def starting_state(args, checkpoint_path: Path):
+    """The checkpoint to continue (None: start fresh), or the error to raise on every rank.
+
+    --resume needs a checkpoint; --auto-resume takes one when it is there (a
+    restarted torchrun worker continues its run); without either, an
+    existing run is never overwritten."""
+    exists = checkpoint_path.exists()
+    if args.resume and not exists:
+        return FileNotFoundError(f"--resume: no checkpoint at {str(checkpoint_path)!r}")
+    if not (args.resume or args.auto_resume):
+        if exists:
+            return FileExistsError(f"{str(checkpoint_path.parent)!r} already holds a run; pass --resume or "
+                                   "--auto-resume, or choose another --out")
+        return None
+    if not exists:
+        return None
+    try:
+        state = ckpt.load(checkpoint_path)
+    except (OSError, RuntimeError, ValueError) as error:  # ckpt.load names the file
+        return error
+    # --auto-resume of a finished run redoes only the final evaluation (a
+    # restart may have come after the last checkpoint but before results.json).
+    if state["epoch"] > args.epochs or (state["epoch"] == args.epochs and not args.auto_resume):
+        return ValueError(f"the checkpoint in {str(checkpoint_path)!r} is at epoch {state['epoch']}, "
+                          f"already >= --epochs {args.epochs}; ask for more epochs")
+    return state
+
+
 def check_same_run(args, saved: dict, saved_world_size: int, world_size: int) -> None:
-    """--resume must describe the run it continues (only --epochs and the
+    """A resumed run must describe the run it continues (only --epochs and the
     machinery such as --device or --num-workers may change)."""
     different = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {saved.get(name)!r})"
                  for name in RUN_DEFINING if getattr(args, name) != saved.get(name)]
     if different:
-        raise ValueError("--resume with settings that differ from the checkpoint's: " + ", ".join(different))
+        raise ValueError("resuming with settings that differ from the checkpoint's: " + ", ".join(different))
     if args.epochs != saved["epochs"]:
         print(f"warning: --epochs {args.epochs} differs from the checkpoint's {saved['epochs']}: the learning-rate "
               "and temperature schedules stretch to the new length, so this is not the original run continued",
               file=sys.stderr)
     if saved_world_size != world_size:
-        raise ValueError(f"--resume on {world_size} process(es), but the checkpoint was written by "
+        raise ValueError(f"resuming on {world_size} process(es), but the checkpoint was written by "
                          f"{saved_world_size}: the data shards and RNG streams would differ")
 
 

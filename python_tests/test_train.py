@@ -1,11 +1,10 @@
 """python -m gmvq_ext.train end to end on the CIFAR-10 sample: artifacts, exact
-resume, bad input, and a 2-process torchrun (gloo) run."""
+resume, bad input (torchrun runs: test_train_distributed.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,35 +153,6 @@ def test_quantizer_options_from_the_command_line():
     assert quantizer_options(args, torch.device("cpu")) == {
         "beta": 2.0, "gamma": 0.1, "sigma_z2": 0.25, "weight": "scalar", "hard": False, "seed": 3,
         "backend": "reference"}
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    out = tmp_path / "ddp"
-    done = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.train", *SMALL,
-         "--epochs", "1", "--out", str(out)],
-        cwd=PACKAGE_PARENT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
-        text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2
-    checksums = results["rank_parameter_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
-    assert train.parameter_checksum(_rebuild(out)) == checksums[0]  # the checkpoint holds those weights
-    assert results["steps"] == 3 and results["test_images"] == 64
-
-
-def _rebuild(out: Path):
-    from argparse import Namespace
-
-    from gmvq_ext.training.config import build_model
-
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    model = build_model(Namespace(**state["args"]), state["quantizer_options"])
-    model.load_state_dict(state["model"])
-    return model
 
 
 def test_celeba_folder_of_crops_runs_at_128_pixels(tmp_path):

@@ -25,18 +25,19 @@ def world_size_and_rank() -> tuple[int, int]:
 def global_weighted_mean(local_mean: Tensor, local_count: int) -> Tensor:
     """The mean over every rank's vectors from each rank's local mean, WITH gradient.
 
-    global = sum_r n_r mean_r / sum_r n_r. The sum goes through
-    torch.distributed.nn.functional.all_reduce, whose backward all-reduces the
-    incoming gradients, so each rank's local mean receives
-    (n_r / N) * sum_r' (dL_r'/d global): the gradient of the loss summed over
-    ranks, which is what DDP's gradient averaging then divides by world size."""
+    global = sum_r n_r mean_r / sum_r n_r. The sum is a functional all-reduce,
+    whose backward all-reduces the incoming gradients, so each rank's local
+    mean receives (n_r / N) * sum_r' (dL_r'/d global): the gradient of the
+    loss summed over ranks, which is what DDP's gradient averaging then
+    divides by world size. Functional collectives also trace under torch.compile."""
     if not is_distributed():
         return local_mean
-    import torch.distributed.nn.functional as dist_fn
+    from torch.distributed import _functional_collectives as funcol
 
     # One collective: the count travels with the weighted sum (it carries no gradient).
     count = torch.full((1,), float(local_count), dtype=local_mean.dtype, device=local_mean.device)
-    packed = dist_fn.all_reduce(torch.cat([local_mean.reshape(-1) * count, count]))
+    packed = funcol.all_reduce(torch.cat([local_mean.reshape(-1) * count, count]), "sum",
+                               torch.distributed.group.WORLD)
     return (packed[:-1] / packed[-1:].clamp_min(1)).reshape(local_mean.shape)
 
 

@@ -42,9 +42,10 @@ class GaussianMixtureVQ(Quantizer):
     and excluded from tracing (without fullgraph it is a graph break that runs
     eagerly once); after it the compiled forward has no branch on data.
 
-    Statistics under torch.distributed: "perplexity" and "entropy" come from
-    the global q_bar; "perplexity_hard" and "codes_used" count this rank's
-    indices.
+    Statistics under torch.distributed: in training "perplexity" and "entropy"
+    come from the global q_bar; "perplexity_hard" and "codes_used" count this
+    rank's indices. Evaluation never communicates: every statistic is that of
+    the batch this rank was given (so ranks may evaluate different batches).
 
     Dtypes: everything is computed in the codebook's dtype (float32 unless the
     module was converted), with autocast disabled inside: z_hat and w_raw are
@@ -145,7 +146,8 @@ class GaussianMixtureVQ(Quantizer):
             z_out, indices, q_bar, latent_reg = reference.quantize(
                 z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training,
                 0, 0, gumbel, eps)
-        q_bar = distributed.global_weighted_mean(q_bar, n)
+        if self.training:  # the loss needs the global batch's q_bar; evaluation stays local
+            q_bar = distributed.global_weighted_mean(q_bar, n)
         posterior_entropy = entropy(q_bar)
         kl_uniform = math.log(self.codebook_size) - posterior_entropy
         latent = latent_reg.sum() / max(n, 1)

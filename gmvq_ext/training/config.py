@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(celeba: also any folder of images)")
     p.add_argument("--quantizer", default="gmvq", choices=QUANTIZER_NAMES)
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, pictures, results.json")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue the run in --out when it holds a checkpoint, else start it (for "
+                             "schedulers and torchrun --max-restarts: a restarted job picks up where it stopped)")
     p.add_argument("--epochs", type=int, help="default: the paper's 100")
     p.add_argument("--stop-after-epoch", type=int,
                    help="end the process after this epoch (checkpoint written, no results.json), e.g. to split "
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on CUDA too (always on for CPU runs)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective may wait for the other processes before this "
+                        "one exits with an error (a lost or hung peer); default 300")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="cifar10: hold out this fraction of train for validation (celeba uses its official "
                         "valid split); per-epoch evaluation uses validation when present, else test")
@@ -88,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_train_images", "max_test_images", "stop_after_epoch"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.dist_timeout > 0:
+        parser.error(f"--dist-timeout must be positive, got {args.dist_timeout}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.num_workers < 0:
         parser.error("--lr must be positive and --weight-decay, --warmup-epochs, --num-workers non-negative")
     if not 0.0 <= args.val_fraction < 1.0:

@@ -7,11 +7,13 @@
   quantizer's info["perplexity"]); perplexity_hard likewise with hard counts.
 - codes_used: codes chosen at least once over the whole split;
   perplexity_hard_global: exp(entropy) of those whole-split code counts.
-Under torchrun every rank evaluates the whole split, identically. Splitting
-it would be faster, but the quantizers communicate inside their forward (GM-VQ
-all-reduces q_bar over ranks), so every rank must make the same calls, and
-whole batches keep the per-batch perplexity exactly the single-process value.
-Rank 0's BatchNorm statistics must be broadcast first (``broadcast_buffers``).
+Under torchrun the evaluation batches are dealt to the ranks (batch i to rank
+i mod world size) and each rank evaluates whole batches, so every per-batch
+value is exactly the single-process one; rank 0 then adds the per-batch
+values in batch order, so the metrics are bit for bit those of one process
+(every rank gets them).
+The quantizers do not communicate in evaluation mode. Rank 0's BatchNorm
+statistics must be broadcast first (``broadcast_buffers``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import collate_images
-from .distributed import Context
+from .distributed import Context, all_reduce_sum, gather_objects
 from .sampling import evaluation_batches
 
 
@@ -30,30 +32,39 @@ def codebook_size(quantizer: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num_workers: int = 0) -> dict:
-    """Metrics of ``model`` (the bare module, not a DDP wrapper) on ``dataset``.
+    """Metrics of ``model`` (the bare module, not a DDP wrapper) on ``dataset``,
+    the same on every rank.
 
     Returns floats plus "code_counts", a (K,) int64 tensor of hard assignments."""
     was_training = model.training
     model.eval()
     k = codebook_size(model.quantizer)
     batches = evaluation_batches(len(dataset), batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images,
-                        generator=torch.Generator())
-    sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)  # sse, elements, ppl, ppl_hard, batches
+    if not batches:
+        raise ValueError("cannot evaluate on an empty dataset")
+    mine = list(range(ctx.rank, len(batches), ctx.world_size))
+    loader = DataLoader(dataset, batch_sampler=[batches[i] for i in mine], num_workers=num_workers,
+                        collate_fn=collate_images, generator=torch.Generator())
+    records = []  # (batch index, sse, elements, perplexity, hard perplexity) of this rank's batches
     counts = torch.zeros(k, dtype=torch.int64, device=ctx.device)
-    for images in loader:
+    for batch, images in zip(mine, loader):
         images = images.to(ctx.device, non_blocking=True)
         reconstruction, indices, _, info = model(images)
-        sums[0] += (reconstruction.double() - images.double()).square().sum()
-        sums[1] += images.numel()
-        sums[2] += float(info["perplexity"])
-        sums[3] += float(info["perplexity_hard"])
-        sums[4] += 1
+        sse = (reconstruction.double() - images.double()).square().sum()
+        records.append((batch, float(sse), images.numel(), float(info["perplexity"]),
+                        float(info["perplexity_hard"])))
         counts += torch.bincount(indices.reshape(-1), minlength=k)
     model.train(was_training)
-    sse, elements, perplexity, perplexity_hard, n_batches = sums.tolist()
-    if n_batches == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
+    # Every batch's values, added in batch order as one process adds them.
+    every_record = sorted(record for rank_records in gather_objects(records, ctx) for record in rank_records)
+    sse = elements = perplexity = perplexity_hard = 0.0
+    for _, batch_sse, batch_elements, batch_perplexity, batch_hard in every_record:
+        sse += batch_sse
+        elements += batch_elements
+        perplexity += batch_perplexity
+        perplexity_hard += batch_hard
+    all_reduce_sum(counts, ctx)
+    n_batches = len(batches)
     probabilities = counts.double() / counts.sum()
     nonzero = probabilities[probabilities > 0]
     mse = sse / elements
