@@ -49,7 +49,7 @@ def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
 
 
 def load_weights(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_one_epoch_cli_writes_every_artifact(tmp_path):
@@ -77,7 +77,7 @@ def test_one_epoch_cli_writes_every_artifact(tmp_path):
         with Image.open(out / "images" / name) as picture:
             assert picture.size[0] > 100 and picture.size[1] > 60
 
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "args"} <= set(state)
     assert state["epoch"] == 1 and state["step"] == 3 and state["args"]["codebook_size"] == 64
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
@@ -90,7 +90,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path):
     assert train.main([*SMALL, "--epochs", "2", "--out", str(straight)]) is not None
     assert train.main([*SMALL, "--epochs", "2", "--stop-after-epoch", "1", "--out", str(split)]) is None
     assert not (split / "results.json").exists()
-    assert torch.load(split / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["epoch"] == 1
     train.main([*SMALL, "--epochs", "2", "--resume", "--out", str(split)])
 
     a = json.loads((straight / "results.json").read_text())
@@ -179,7 +179,7 @@ def _rebuild(out: Path):
 
     from gmvq_ext.training.config import build_model
 
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     model = build_model(Namespace(**state["args"]), state["quantizer_options"])
     model.load_state_dict(state["model"])
     return model
