@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .data import DataError, build_dataset, collate_images
+from .download import ensure_dataset
 from .training import checkpoint as ckpt
 from .training import distributed
 from .training.config import RUN_DEFINING, WARMUP_START_FACTOR, build_model, parse_args, quantizer_options
@@ -80,6 +81,9 @@ def run(args) -> dict | None:
         (out / "images").mkdir(parents=True, exist_ok=True)
 
     # ---- data: train, per-epoch evaluation (validation when held out, else test), test
+    if args.download and ctx.local_rank == 0:  # one download per machine; the other ranks wait
+        ensure_dataset(args.dataset, args.data_dir)
+    distributed.barrier(ctx)
     train_set = build_dataset(args.dataset, args.data_dir, "train", args.val_fraction, args.max_train_images)
     test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, args.max_test_images)
     eval_split = "val" if args.val_fraction > 0 else "test"
