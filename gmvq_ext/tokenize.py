@@ -94,6 +94,7 @@ def write_codes_atomic(out: Path, shape: tuple, dtype, batches, split: str) -> N
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     try:
+        os.chmod(temporary, 0o644)  # an ordinary data file, not mkstemp's private 0600
         codes = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
         written = 0
         with tqdm(total=shape[0], desc=f"tokenizing {split}", unit="img", file=sys.stderr,

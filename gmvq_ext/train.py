@@ -10,7 +10,8 @@ receives, from rank 0 only:
                        (written atomically after every epoch)
     metrics.jsonl      one JSON object per epoch (training averages, validation/test metrics)
     tensorboard/       the same scalars for TensorBoard, plus per-step loss and learning rate
-    images/            recon_epochNNN.png (originals over reconstructions), codes_epochNNN.png
+    images/            recon_epochNNN.png (labelled rows: originals over reconstructions), codes_epochNNN.png,
+                       curves.png (train and evaluation MSE and perplexity per epoch, redrawn every epoch)
     results.json       final test metrics, throughput, quantizer and arguments
 
 Reproducibility: the data order is a pure function of (seed, epoch) and every
@@ -38,7 +39,7 @@ from .training.config import RUN_DEFINING, WARMUP_START_FACTOR, build_model, par
 from .training.evaluation import evaluate
 from .training.sampling import training_batches
 from .training.schedule import warmup_cosine
-from .training.visuals import save_code_histogram, save_reconstruction_grid
+from .training.visuals import save_code_histogram, save_reconstruction_grid, save_training_curves
 
 RECONSTRUCTION_IMAGES = 32
 
@@ -186,6 +187,7 @@ def run(args) -> dict | None:
                              checkpoint_path)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            save_training_curves(out / "metrics.jsonl", out / "images" / "curves.png")  # every epoch so far
             for key, value in record.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch + 1)
