@@ -6,6 +6,9 @@ Prints the test metrics as JSON (the same definitions and keys as
 results.json: test_mse in [-1, 1] pixels, test_mse_01, test_perplexity,
 codes_used, ...) and writes them to --out (default: evaluation.json beside
 the checkpoint). Runs under torchrun too; rank 0 prints and writes.
+The checkpoint is read as plain data (torch.load with weights_only=True): a
+damaged, foreign or tampered file ends the command with one line naming it,
+and nothing inside it is run.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import torch
 
 from .data import DataError, build_dataset
 from .training import checkpoint as ckpt

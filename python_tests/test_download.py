@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gmvq_ext import train
-from gmvq_ext.data import DataError, build_dataset
+from gmvq_ext.data import build_dataset
 from gmvq_ext.download import CIFAR10_MD5_ENV, CIFAR10_URL_ENV, DownloadError, celeba_instructions, ensure_cifar10
 from helpers import SAMPLE_DATA
 

@@ -38,7 +38,7 @@ CHECKPOINT_FORMAT = "gmvq_ext.checkpoint"
 CHECKPOINT_VERSION = 1
 PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None))
 # The run arguments that evaluate, tokenize and --resume read back (name: accepted types).
-REQUIRED_ARGS = {"dataset": str, "quantizer": str, "codebook_size": int, "dim": int, "seed": int,
+REQUIRED_ARGS = {"dataset": str, "quantizer": str, "codebook_size": int, "dim": int, "seed": int, "epochs": int,
                  "data_dir": str, "val_fraction": (int, float), "eval_batch_size": int,
                  "max_test_images": (int, type(None)), "beta": (int, float, type(None)),
                  "gamma": (int, float, type(None)), "sigma_z2": (int, float, type(None)), "quantizer_option": list}
