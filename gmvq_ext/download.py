@@ -102,8 +102,12 @@ def ensure_cifar10(data_dir: str | os.PathLike, url: str | None = None, md5: str
         except DataError:
             raise DownloadError(f"the archive from {url} holds no {CIFAR_FOLDER}/ folder of batch files; "
                                 "nothing was kept") from None
-        if not target.exists():  # else another process (a torchrun rank on another node) finished first
+        try:
             os.rename(extracted / CIFAR_FOLDER, target)
+        except OSError:
+            if not target.is_dir():
+                raise DownloadError(f"cannot move the extracted batches to {str(target)!r}") from None
+            # else another process (e.g. a torchrun rank on another node, same folder) finished first
     except BaseException:
         shutil.rmtree(workspace, ignore_errors=True)
         for folder in created:  # innermost first; only the folders this call made, and only if empty
