@@ -6,21 +6,21 @@ Prints the test metrics as JSON (the same definitions and keys as
 results.json: test_mse in [-1, 1] pixels, test_mse_01, test_perplexity,
 codes_used, ...) and writes them to --out (default: evaluation.json beside
 the checkpoint). Runs under torchrun too; rank 0 prints and writes.
+The checkpoint is read as plain data (torch.load with weights_only=True): a
+damaged, foreign or tampered file ends the command with one line naming it,
+and nothing inside it is run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from argparse import Namespace
 from pathlib import Path
-
-import torch
 
 from .data import DataError, build_dataset
 from .training import checkpoint as ckpt
 from .training import distributed
-from .training.config import build_model, quantizer_options
+from .training.config import quantizer_options
 from .training.evaluation import evaluate
 
 
@@ -48,21 +48,18 @@ def main(argv=None) -> dict | None:
 
 
 def run(options) -> dict | None:
-    state = ckpt.load(options.checkpoint)
+    state = ckpt.load(options.checkpoint)  # plain data only: a tampered file is refused, never run
     ctx = distributed.setup(options.device)
     return distributed.run_distributed(lambda ctx: evaluate_checkpoint(options, state, ctx), ctx)
 
 
 def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict | None:
-    args = Namespace(**state["args"])
-    args.backend = options.backend
+    model, args = ckpt.restore_model(state, options.checkpoint, ctx.device, options.backend)
     if options.data_dir is not None:
         args.data_dir = options.data_dir
     max_test_images = None if options.all_test_images else (options.max_test_images or args.max_test_images)
     batch_size = options.batch_size or args.eval_batch_size
     test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, max_test_images)
-    model = build_model(args, quantizer_options(args, ctx.device)).to(ctx.device)
-    model.load_state_dict(state["model"])
     metrics = evaluate(model, test_set, batch_size, ctx, options.num_workers)
 
     results = None

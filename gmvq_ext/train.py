@@ -10,7 +10,8 @@ receives, from rank 0 only:
                        (written atomically after every epoch)
     metrics.jsonl      one JSON object per epoch (training averages, validation/test metrics)
     tensorboard/       the same scalars for TensorBoard, plus per-step loss and learning rate
-    images/            recon_epochNNN.png (originals over reconstructions), codes_epochNNN.png
+    images/            recon_epochNNN.png (labelled rows: originals over reconstructions), codes_epochNNN.png,
+                       curves.png (train and evaluation MSE and perplexity per epoch, redrawn every epoch)
     results.json       final test metrics, throughput, quantizer and arguments
 
 Reproducibility: the data order is a pure function of (seed, epoch) and every
@@ -31,13 +32,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .data import DataError, build_dataset, collate_images
+from .download import ensure_dataset
 from .training import checkpoint as ckpt
 from .training import distributed
 from .training.config import RUN_DEFINING, WARMUP_START_FACTOR, build_model, parse_args, quantizer_options
 from .training.evaluation import evaluate
 from .training.sampling import training_batches
 from .training.schedule import warmup_cosine
-from .training.visuals import save_code_histogram, save_reconstruction_grid
+from .training.visuals import save_code_histogram, save_reconstruction_grid, save_training_curves
 
 RECONSTRUCTION_IMAGES = 32
 
@@ -75,6 +77,9 @@ def run(args, ctx: distributed.Context) -> dict | None:
         (out / "images").mkdir(parents=True, exist_ok=True)
 
     # ---- data: train, per-epoch evaluation (validation when held out, else test), test
+    if args.download and ctx.local_rank == 0:  # one download per machine; the other ranks wait
+        ensure_dataset(args.dataset, args.data_dir)
+    distributed.barrier(ctx)
     train_set = build_dataset(args.dataset, args.data_dir, "train", args.val_fraction, args.max_train_images)
     test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, args.max_test_images)
     eval_split = "val" if args.val_fraction > 0 else "test"
@@ -178,6 +183,7 @@ def run(args, ctx: distributed.Context) -> dict | None:
                              checkpoint_path)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            save_training_curves(out / "metrics.jsonl", out / "images" / "curves.png")  # every epoch so far
             for key, value in record.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch + 1)

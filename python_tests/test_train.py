@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gmvq_ext import train
+from gmvq_ext.training.visuals import read_curves
 from helpers import PACKAGE_PARENT, SAMPLE_DATA, subprocess_env
 
 DATA = SAMPLE_DATA / "cifar10-sample"
@@ -48,7 +49,7 @@ def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
 
 
 def load_weights(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_one_epoch_cli_writes_every_artifact(tmp_path):
@@ -72,11 +73,12 @@ def test_one_epoch_cli_writes_every_artifact(tmp_path):
 
     from PIL import Image
 
-    for name in ("recon_epoch001.png", "codes_epoch001.png"):
+    for name in ("recon_epoch001.png", "codes_epoch001.png", "curves.png"):
         with Image.open(out / "images" / name) as picture:
             assert picture.size[0] > 100 and picture.size[1] > 60
+    assert read_curves(out / "metrics.jsonl")["test/mse"] == ([1], [records[0]["test/mse"]])
 
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "step", "rng", "args"} <= set(state)
     assert state["epoch"] == 1 and state["step"] == 3 and state["args"]["codebook_size"] == 64
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
@@ -89,7 +91,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path):
     assert train.main([*SMALL, "--epochs", "2", "--out", str(straight)]) is not None
     assert train.main([*SMALL, "--epochs", "2", "--stop-after-epoch", "1", "--out", str(split)]) is None
     assert not (split / "results.json").exists()
-    assert torch.load(split / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["epoch"] == 1
     train.main([*SMALL, "--epochs", "2", "--resume", "--out", str(split)])
 
     a = json.loads((straight / "results.json").read_text())
@@ -104,6 +106,10 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tmp_path):
     assert [r["epoch"] for r in lines] == [1, 2]
     reference = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["test/mse"] == reference[1]["test/mse"]
+    # the curves of the resumed run cover both epochs, with the uninterrupted run's values
+    assert read_curves(split / "metrics.jsonl") == read_curves(straight / "metrics.jsonl")
+    assert read_curves(split / "metrics.jsonl")["train/mse"][0] == [1, 2]
+    assert (split / "images" / "curves.png").stat().st_mtime >= (split / "checkpoint.pt").stat().st_mtime
 
     # a resume that would change the run is refused, naming the difference
     with pytest.raises(SystemExit, match="--lr"):

@@ -35,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gmvq_ext.train",
                                 description="Train a vector-quantized autoencoder (GM-VQ or a baseline).")
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-dir", required=True,
+    p.add_argument("--data-dir", default="./data",
                    help="folder holding cifar-10-batches-py/ or img_align_celeba/, or that folder itself "
-                        "(celeba: also any folder of images)")
+                        "(celeba: also any folder of images); default ./data")
+    p.add_argument("--download", action="store_true",
+                   help="cifar10: fetch the official archive into --data-dir when its batches are missing "
+                        "(checksum-verified); celeba: explains how to get it (no plain-URL download exists)")
     p.add_argument("--quantizer", default="gmvq", choices=QUANTIZER_NAMES)
     p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, pictures, results.json")
     resume = p.add_mutually_exclusive_group()
