@@ -9,6 +9,7 @@ import inspect
 import torch
 
 from ..data import DATASETS
+from ..quantizers import QUANTIZERS
 
 # The paper's settings (Yan et al. 2024, section 5): AdamW, batch 256,
 # 10 warmup epochs from factor 0.2 then cosine, 100 epochs, K = 1024, D = 64.
@@ -20,7 +21,7 @@ PAPER_DEFAULTS = {
                    weight_decay=0.01),
 }
 WARMUP_START_FACTOR = 0.2
-QUANTIZER_NAMES = ("gmvq", "vqvae", "vqvae-l2", "vqvae-replace", "gumbel", "sqvae")
+QUANTIZER_NAMES = tuple(QUANTIZERS)  # the registry of gmvq_ext.quantizers: every quantizer by name
 # Quantizer options settable from the command line; None means "the quantizer's default".
 # --beta is GM-VQ's entropy weight and, for the VQ-VAE family, the commitment
 # weight (the "beta" of the VQ-VAE paper): the first accepted name is used.
@@ -104,8 +105,6 @@ def quantizer_options(args, device: torch.device) -> dict:
     """Keyword options for ``build_quantizer`` from ``args``: the options given
     on the command line (each must be one the quantizer accepts) and, for a
     quantizer with a ``backend`` option, the backend for ``device``."""
-    from ..quantizers import QUANTIZERS
-
     accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
     options = {}
     for name, keywords in QUANTIZER_OPTIONS.items():
