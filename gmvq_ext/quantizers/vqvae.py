@@ -31,7 +31,16 @@ class VectorQuantizer(Quantizer):
     """VQ-VAE quantizer: input and output D channels.
 
     The codebook starts uniform in [-1/K, 1/K] (the customary VQ-VAE
-    initialisation), trained by the codebook loss (no EMA)."""
+    initialisation), trained by the codebook loss (no EMA).
+
+    A training forward, in order, with the hooks subclasses override:
+      ``_before_quantize(z)``      (dead-code replacement)
+      ``_assign(z) -> indices``    nearest code under ``codebook_vectors()``
+      ``_codebook_loss(z, z_q, indices)``  ||sg(z) - e||^2
+      ``_straight_through(z, z_q)``        the decoder input
+      ``_after_quantize(counts)``  (dead-code replacement)
+    ``codebook_map(raw)`` turns raw codebook rows into the vectors compared
+    with z and given to the decoder (l2 normalisation)."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, commitment: float = 0.25,
                  seed: int = 0, channel_first: Optional[bool] = None):
@@ -51,22 +60,24 @@ class VectorQuantizer(Quantizer):
     def _project(self, vectors: Tensor) -> Tensor:
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
+    def codebook_map(self, raw: Tensor) -> Tensor:
+        """The code vectors of raw codebook rows (K, D)."""
+        return self._project(raw)
+
     def codebook_vectors(self) -> Tensor:
-        return self._project(self.codebook)
+        return self.codebook_map(self.codebook)
 
     def quantize_vectors(self, rows: Tensor):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.to(self.codebook.dtype)
             if self.training:
                 self._before_quantize(z)
-            z, codes = self._project(z), self._project(self.codebook)
-            with torch.no_grad():
-                indices = codebook_distance(z.detach(), None, codes.detach()).argmin(1)
-            z_q = codes[indices]
-            codebook_loss = F.mse_loss(z_q, z.detach())
+            z = self._project(z)
+            indices = self._assign(z)
+            z_q = self.codebook_vectors()[indices]
+            codebook_loss = self._codebook_loss(z, z_q, indices)
             commitment_loss = self.commitment * F.mse_loss(z, z_q.detach())
-            # Straight-through: the decoder sees z_q, the encoder gets the decoder's gradient.
-            quantized = z + (z_q - z).detach()
+            quantized = self._straight_through(z, z_q)
             counts = code_counts(indices, self.codebook_size)
             if self.training:
                 self._after_quantize(counts)
@@ -75,6 +86,19 @@ class VectorQuantizer(Quantizer):
             info["loss/codebook"] = codebook_loss.detach()
             info["loss/commitment"] = commitment_loss.detach()
             return quantized, indices, codebook_loss + commitment_loss, info
+
+    @torch.no_grad()
+    def _assign(self, z: Tensor) -> Tensor:
+        """Index of the nearest code vector of every row of z."""
+        return codebook_distance(z.detach(), None, self.codebook_vectors().detach()).argmin(1)
+
+    def _codebook_loss(self, z: Tensor, z_q: Tensor, indices: Tensor) -> Tensor:
+        """||sg(z) - e||^2, mean over elements: moves the chosen codes towards the encoder outputs."""
+        return F.mse_loss(z_q, z.detach())
+
+    def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
+        """The decoder sees z_q, the encoder gets the decoder's gradient."""
+        return z + (z_q - z).detach()
 
     # Hooks for DeadCodeReplacementVQ.
     def _before_quantize(self, z: Tensor) -> None:
