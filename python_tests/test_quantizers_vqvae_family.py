@@ -6,15 +6,17 @@ import pytest
 import torch
 
 import quantizer_contract as contract
-from gmvq_ext.quantizers import QUANTIZERS, DeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer, build_quantizer
+from gmvq_ext.quantizers import (QUANTIZERS, DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ, NormalizedVQ,
+                                 VectorQuantizer, build_quantizer)
 
 FAMILY = {
     "vqvae": VectorQuantizer,
     "vqvae-l2": NormalizedVQ,
     "vqvae-replace": DeadCodeReplacementVQ,
+    "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,
 }
 # Replacement after 2 unused steps, so that the contract's few training forwards replace codes.
-OPTIONS = {"vqvae-replace": dict(replace_after=2)}
+OPTIONS = {"vqvae-replace": dict(replace_after=2), "vqvae-l2-replace": dict(replace_after=2)}
 CHECKS = contract.CORE_CHECKS + (contract.check_shapes_and_layouts, contract.check_loss_and_info)
 
 

@@ -1,4 +1,4 @@
-"""VQ-VAE and two of its codebook-collapse remedies (the paper's Table 1 baselines).
+"""VQ-VAE, its l2 and dead-code-replacement remedies and both at once (Table 1 baselines).
 
 * ``VectorQuantizer`` (van den Oord et al. 2017): nearest code, straight-through
   gradient, loss = ||sg(z) - e||^2 + commitment * ||z - sg(e)||^2 (means over
@@ -9,6 +9,9 @@
 * ``DeadCodeReplacementVQ`` (Zeghidour et al. 2021; Dhariwal et al. 2020): a code
   unused for ``replace_after`` consecutive training steps is replaced by a
   random encoder output of the current batch.
+* ``NormalizedDeadCodeReplacementVQ``: both remedies at once (the paper's
+  "VQVAE + l2 + replace" row): l2-normalised comparison and codes, dead codes
+  replaced by encoder outputs (which the normalisation then puts on the sphere).
 
 Their posterior is deterministic (one-hot), so the "soft" perplexity of
 ``info`` is the perplexity of the index histogram, equal to "perplexity_hard".
@@ -155,3 +158,10 @@ class DeadCodeReplacementVQ(VectorQuantizer):
             torch.distributed.all_reduce(counts)
         self.steps_unused.copy_(torch.where(counts > 0, torch.zeros_like(self.steps_unused),
                                             self.steps_unused + 1))
+
+
+class NormalizedDeadCodeReplacementVQ(DeadCodeReplacementVQ):
+    """Dead-code replacement on l2-normalised vectors: a replaced code takes a
+    raw encoder output, which the normalisation turns into its direction."""
+
+    normalize = True
