@@ -6,14 +6,15 @@ import pytest
 import torch
 
 import quantizer_contract as contract
-from gmvq_ext.quantizers import (QUANTIZERS, DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ, NormalizedVQ,
-                                 VectorQuantizer, build_quantizer)
+from gmvq_ext.quantizers import (QUANTIZERS, AffineVQ, DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ,
+                                 NormalizedVQ, VectorQuantizer, build_quantizer)
 
 FAMILY = {
     "vqvae": VectorQuantizer,
     "vqvae-l2": NormalizedVQ,
     "vqvae-replace": DeadCodeReplacementVQ,
     "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,
+    "vqvae-affine": AffineVQ,
 }
 # Replacement after 2 unused steps, so that the contract's few training forwards replace codes.
 OPTIONS = {"vqvae-replace": dict(replace_after=2), "vqvae-l2-replace": dict(replace_after=2)}
@@ -22,13 +23,16 @@ CHECKS = contract.CORE_CHECKS + (contract.check_shapes_and_layouts, contract.che
 
 def factory(name: str):
     """make(**options) for ``name``: K = 16, D = 4, codes at the data's scale (so that a
-    batch uses several of them)."""
+    batch uses several of them) and, for the affine variants, a map that is not the identity."""
     def make(**options):
         torch.manual_seed(0)
         q = build_quantizer(name, codebook_size=16, dim=4, **{**OPTIONS.get(name, {}), **options})
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
             q.codebook.copy_(torch.randn(16, 4, generator=gen))
+            if isinstance(q, AffineVQ):
+                q.affine_weight.copy_(0.1 * torch.randn(4, generator=gen))
+                q.affine_bias.copy_(0.1 * torch.randn(4, generator=gen))
         return q
     return make
 

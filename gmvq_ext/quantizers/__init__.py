@@ -16,6 +16,7 @@ rule is in ``base.py``.
 
 from __future__ import annotations
 
+from .affine import AffineVQ
 from .base import Quantizer
 from .gmvq import GaussianMixtureVQ
 from .gumbel_vq import GumbelVQ
@@ -28,6 +29,7 @@ QUANTIZERS: dict[str, type] = {
     "vqvae-l2": NormalizedVQ,                             # VQVAE + l2
     "vqvae-replace": DeadCodeReplacementVQ,               # VQVAE + replace
     "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,  # VQVAE + l2 + replace
+    "vqvae-affine": AffineVQ,                             # VQVAE + Affine
     "sqvae": SQVAEQuantizer,                              # SQVAE
     "gumbel": GumbelVQ,                                   # Gumbel-VQVAE
     "gmvq": GaussianMixtureVQ,                            # GM-VQ
@@ -44,4 +46,4 @@ def build_quantizer(name: str, codebook_size: int = 1024, dim: int = 64, **optio
 
 
 __all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "VectorQuantizer", "NormalizedVQ",
-           "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ", "GumbelVQ", "SQVAEQuantizer"]
+           "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ", "AffineVQ", "GumbelVQ", "SQVAEQuantizer"]

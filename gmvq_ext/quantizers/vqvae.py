@@ -13,6 +13,9 @@
   "VQVAE + l2 + replace" row): l2-normalised comparison and codes, dead codes
   replaced by encoder outputs (which the normalisation then puts on the sphere).
 
+The affine codebook of Huh et al. 2023 lives in ``affine.py``; it extends
+``VectorQuantizer`` through the hooks its docstring lists.
+
 Their posterior is deterministic (one-hot), so the "soft" perplexity of
 ``info`` is the perplexity of the index histogram, equal to "perplexity_hard".
 """
@@ -43,7 +46,7 @@ class VectorQuantizer(Quantizer):
       ``_straight_through(z, z_q)``        the decoder input
       ``_after_quantize(counts)``  (dead-code replacement)
     ``codebook_map(raw)`` turns raw codebook rows into the vectors compared
-    with z and given to the decoder (l2 normalisation)."""
+    with z and given to the decoder (l2 normalisation, affine map)."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, commitment: float = 0.25,
                  seed: int = 0, channel_first: Optional[bool] = None):
