@@ -13,8 +13,8 @@ from gmvq_ext.quantizers.schedules import exponential_temperature
 
 
 def test_registry_names():
-    assert set(QUANTIZERS) == {"vqvae", "vqvae-l2", "vqvae-replace", "vqvae-l2-replace", "vqvae-affine", "sqvae",
-                               "gumbel", "gmvq"}
+    assert set(QUANTIZERS) == {"vqvae", "vqvae-l2", "vqvae-replace", "vqvae-l2-replace", "vqvae-affine", "vqvae-opt",
+                               "vqvae-affine-opt", "sqvae", "gumbel", "gmvq"}
     with pytest.raises(ValueError, match="unknown quantizer"):
         build_quantizer("vq-gan")
 

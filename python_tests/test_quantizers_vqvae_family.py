@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import quantizer_contract as contract
-from gmvq_ext.quantizers import (QUANTIZERS, AffineVQ, DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ,
-                                 NormalizedVQ, VectorQuantizer, build_quantizer)
+from gmvq_ext.quantizers import (QUANTIZERS, AffineAlternatingVQ, AffineVQ, AlternatingVQ, DeadCodeReplacementVQ,
+                                 NormalizedDeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer, build_quantizer)
 
 FAMILY = {
     "vqvae": VectorQuantizer,
@@ -15,6 +15,8 @@ FAMILY = {
     "vqvae-replace": DeadCodeReplacementVQ,
     "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,
     "vqvae-affine": AffineVQ,
+    "vqvae-opt": AlternatingVQ,
+    "vqvae-affine-opt": AffineAlternatingVQ,
 }
 # Replacement after 2 unused steps, so that the contract's few training forwards replace codes.
 OPTIONS = {"vqvae-replace": dict(replace_after=2), "vqvae-l2-replace": dict(replace_after=2)}

@@ -17,6 +17,7 @@ rule is in ``base.py``.
 from __future__ import annotations
 
 from .affine import AffineVQ
+from .alternating import AffineAlternatingVQ, AlternatingVQ
 from .base import Quantizer
 from .gmvq import GaussianMixtureVQ
 from .gumbel_vq import GumbelVQ
@@ -30,6 +31,8 @@ QUANTIZERS: dict[str, type] = {
     "vqvae-replace": DeadCodeReplacementVQ,               # VQVAE + replace
     "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,  # VQVAE + l2 + replace
     "vqvae-affine": AffineVQ,                             # VQVAE + Affine
+    "vqvae-opt": AlternatingVQ,                           # VQVAE + OPT
+    "vqvae-affine-opt": AffineAlternatingVQ,              # VQVAE + Affine + OPT
     "sqvae": SQVAEQuantizer,                              # SQVAE
     "gumbel": GumbelVQ,                                   # Gumbel-VQVAE
     "gmvq": GaussianMixtureVQ,                            # GM-VQ
@@ -46,4 +49,5 @@ def build_quantizer(name: str, codebook_size: int = 1024, dim: int = 64, **optio
 
 
 __all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "VectorQuantizer", "NormalizedVQ",
-           "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ", "AffineVQ", "GumbelVQ", "SQVAEQuantizer"]
+           "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ", "AffineVQ", "AlternatingVQ",
+           "AffineAlternatingVQ", "GumbelVQ", "SQVAEQuantizer"]

@@ -13,8 +13,9 @@
   "VQVAE + l2 + replace" row): l2-normalised comparison and codes, dead codes
   replaced by encoder outputs (which the normalisation then puts on the sphere).
 
-The affine codebook of Huh et al. 2023 lives in ``affine.py``; it extends
-``VectorQuantizer`` through the hooks its docstring lists.
+The affine codebook and the alternating optimisation of Huh et al. 2023 live
+in ``affine.py`` and ``alternating.py``; they extend ``VectorQuantizer``
+through the hooks its docstring lists.
 
 Their posterior is deterministic (one-hot), so the "soft" perplexity of
 ``info`` is the perplexity of the index histogram, equal to "perplexity_hard".
@@ -42,8 +43,9 @@ class VectorQuantizer(Quantizer):
     A training forward, in order, with the hooks subclasses override:
       ``_before_quantize(z)``      (dead-code replacement)
       ``_assign(z) -> indices``    nearest code under ``codebook_vectors()``
+                                   (alternating optimisation: a codebook step first)
       ``_codebook_loss(z, z_q, indices)``  ||sg(z) - e||^2
-      ``_straight_through(z, z_q)``        the decoder input
+      ``_straight_through(z, z_q)``        the decoder input (synchronised update)
       ``_after_quantize(counts)``  (dead-code replacement)
     ``codebook_map(raw)`` turns raw codebook rows into the vectors compared
     with z and given to the decoder (l2 normalisation, affine map)."""
