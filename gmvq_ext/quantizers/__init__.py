@@ -20,6 +20,7 @@ from .affine import AffineVQ
 from .alternating import AffineAlternatingVQ, AlternatingVQ
 from .base import Quantizer
 from .gmvq import GaussianMixtureVQ
+from .gmvq_entropy import EntropyRegularizedGMVQ
 from .gumbel_vq import GumbelVQ
 from .sqvae import SQVAEQuantizer
 from .vqvae import DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer
@@ -36,6 +37,7 @@ QUANTIZERS: dict[str, type] = {
     "sqvae": SQVAEQuantizer,                              # SQVAE
     "gumbel": GumbelVQ,                                   # Gumbel-VQVAE
     "gmvq": GaussianMixtureVQ,                            # GM-VQ
+    "gmvq-entropy": EntropyRegularizedGMVQ,               # GM-VQ + Entropy
 }
 
 
@@ -48,6 +50,6 @@ def build_quantizer(name: str, codebook_size: int = 1024, dim: int = 64, **optio
     return cls(dim=dim, codebook_size=codebook_size, **options)
 
 
-__all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "VectorQuantizer", "NormalizedVQ",
-           "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ", "AffineVQ", "AlternatingVQ",
-           "AffineAlternatingVQ", "GumbelVQ", "SQVAEQuantizer"]
+__all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "EntropyRegularizedGMVQ",
+           "VectorQuantizer", "NormalizedVQ", "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ",
+           "AffineVQ", "AlternatingVQ", "AffineAlternatingVQ", "GumbelVQ", "SQVAEQuantizer"]

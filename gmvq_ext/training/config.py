@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, help="linear warmup from 0.2x; default 10")
     p.add_argument("--codebook-size", type=int, help="K; default 1024")
     p.add_argument("--dim", type=int, help="code dimension D; default 64")
-    p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform)")
+    p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5); "
+                                              "VQ-VAE family: commitment weight (default 0.25)")
     p.add_argument("--gamma", type=float, help="GM-VQ: weight of the latent term")
     p.add_argument("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
     p.add_argument("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
