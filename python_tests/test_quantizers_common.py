@@ -102,7 +102,8 @@ def test_bad_layouts_are_rejected():
                                          if not issubclass(cls, GaussianMixtureVQ)))  # GM-VQ: its own file
 def test_compile_fullgraph_in_training(name):
     """Dynamo captures every baseline's training forward whole (aot_eager: tracing, not codegen),
-    including the buffer updates (step counter, dead-code replacement)."""
+    including the buffer and parameter updates (step counter, dead-code replacement, the codebook step
+    of alternating optimisation)."""
     torch._dynamo.reset()
     modules = []
     for _ in range(2):
