@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gmvq_ext import QUANTIZERS, build_quantizer, reference
+from gmvq_ext import QUANTIZERS, GaussianMixtureVQ, build_quantizer, reference
 from gmvq_ext.quantizers import distributed, noise
 from gmvq_ext.quantizers.base import usage_statistics
 from gmvq_ext.quantizers.kmeans import kmeans
@@ -13,7 +13,8 @@ from gmvq_ext.quantizers.schedules import exponential_temperature
 
 
 def test_registry_names():
-    assert set(QUANTIZERS) == {"gmvq", "vqvae", "vqvae-l2", "vqvae-replace", "gumbel", "sqvae"}
+    assert set(QUANTIZERS) == {"vqvae", "vqvae-l2", "vqvae-replace", "vqvae-l2-replace", "vqvae-affine", "vqvae-opt",
+                               "vqvae-affine-opt", "sqvae", "gumbel", "gmvq", "gmvq-entropy"}
     with pytest.raises(ValueError, match="unknown quantizer"):
         build_quantizer("vq-gan")
 
@@ -22,7 +23,7 @@ def test_registry_names():
 def test_every_quantizer_has_the_interface_attributes(name):
     q = build_quantizer(name, codebook_size=32, dim=8)
     assert (q.codebook_size, q.code_dim) == (32, 8)
-    assert q.input_channels == {"gmvq": 16, "gumbel": 32}.get(name, 8)
+    assert q.input_channels == {"gmvq": 16, "gmvq-entropy": 16, "gumbel": 32}.get(name, 8)
     assert {"seed", "step", "temperature"} <= set(dict(q.named_buffers()))
 
 
@@ -97,10 +98,12 @@ def test_bad_layouts_are_rejected():
         q(torch.randn(3))
 
 
-@pytest.mark.parametrize("name", sorted(set(QUANTIZERS) - {"gmvq"}))  # GM-VQ: its own file
+@pytest.mark.parametrize("name", sorted(name for name, cls in QUANTIZERS.items()
+                                         if not issubclass(cls, GaussianMixtureVQ)))  # GM-VQ: its own file
 def test_compile_fullgraph_in_training(name):
     """Dynamo captures every baseline's training forward whole (aot_eager: tracing, not codegen),
-    including the buffer updates (step counter, dead-code replacement)."""
+    including the buffer and parameter updates (step counter, dead-code replacement, the codebook step
+    of alternating optimisation)."""
     torch._dynamo.reset()
     modules = []
     for _ in range(2):

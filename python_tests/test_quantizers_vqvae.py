@@ -1,6 +1,6 @@
-"""VQ-VAE (van den Oord et al.): nearest code, straight-through, codebook + commitment loss."""
+"""VQ-VAE (van den Oord et al.): nearest code, straight-through, codebook + commitment loss.
+The interface contract is tested in test_quantizers_vqvae_family.py."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,23 +19,6 @@ def make_spread(**options):
     with torch.no_grad():
         q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
     return q
-
-
-def test_registry():
-    contract.check_registry("vqvae", VectorQuantizer)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make_spread)
-
-
-def test_shapes_and_layouts():
-    contract.check_shapes_and_layouts(make_spread)
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make_spread)
 
 
 def test_nearest_code_and_losses():

@@ -1,10 +1,9 @@
-"""VQ-VAE on l2-normalised vectors (ViT-VQGAN style)."""
+"""VQ-VAE on l2-normalised vectors (ViT-VQGAN style).
+The interface contract is tested in test_quantizers_vqvae_family.py."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-import quantizer_contract as contract
 from gmvq_ext.quantizers import NormalizedVQ
 
 
@@ -14,23 +13,6 @@ def make(**options):
     with torch.no_grad():
         q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
     return q
-
-
-def test_registry():
-    contract.check_registry("vqvae-l2", NormalizedVQ)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make)
-
-
-def test_shapes_and_layouts():
-    contract.check_shapes_and_layouts(make)
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make)
 
 
 def test_quantized_vectors_are_unit_codes_chosen_by_cosine():

@@ -16,19 +16,28 @@ rule is in ``base.py``.
 
 from __future__ import annotations
 
+from .affine import AffineVQ
+from .alternating import AffineAlternatingVQ, AlternatingVQ
 from .base import Quantizer
 from .gmvq import GaussianMixtureVQ
+from .gmvq_entropy import EntropyRegularizedGMVQ
 from .gumbel_vq import GumbelVQ
 from .sqvae import SQVAEQuantizer
-from .vqvae import DeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer
+from .vqvae import DeadCodeReplacementVQ, NormalizedDeadCodeReplacementVQ, NormalizedVQ, VectorQuantizer
 
+# The paper's Table 1, row by row (the command-line names of gmvq_ext.train).
 QUANTIZERS: dict[str, type] = {
-    "gmvq": GaussianMixtureVQ,
-    "vqvae": VectorQuantizer,
-    "vqvae-l2": NormalizedVQ,
-    "vqvae-replace": DeadCodeReplacementVQ,
-    "gumbel": GumbelVQ,
-    "sqvae": SQVAEQuantizer,
+    "vqvae": VectorQuantizer,                             # VQVAE
+    "vqvae-l2": NormalizedVQ,                             # VQVAE + l2
+    "vqvae-replace": DeadCodeReplacementVQ,               # VQVAE + replace
+    "vqvae-l2-replace": NormalizedDeadCodeReplacementVQ,  # VQVAE + l2 + replace
+    "vqvae-affine": AffineVQ,                             # VQVAE + Affine
+    "vqvae-opt": AlternatingVQ,                           # VQVAE + OPT
+    "vqvae-affine-opt": AffineAlternatingVQ,              # VQVAE + Affine + OPT
+    "sqvae": SQVAEQuantizer,                              # SQVAE
+    "gumbel": GumbelVQ,                                   # Gumbel-VQVAE
+    "gmvq": GaussianMixtureVQ,                            # GM-VQ
+    "gmvq-entropy": EntropyRegularizedGMVQ,               # GM-VQ + Entropy
 }
 
 
@@ -41,5 +50,6 @@ def build_quantizer(name: str, codebook_size: int = 1024, dim: int = 64, **optio
     return cls(dim=dim, codebook_size=codebook_size, **options)
 
 
-__all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "VectorQuantizer",
-           "NormalizedVQ", "DeadCodeReplacementVQ", "GumbelVQ", "SQVAEQuantizer"]
+__all__ = ["Quantizer", "QUANTIZERS", "build_quantizer", "GaussianMixtureVQ", "EntropyRegularizedGMVQ",
+           "VectorQuantizer", "NormalizedVQ", "DeadCodeReplacementVQ", "NormalizedDeadCodeReplacementVQ",
+           "AffineVQ", "AlternatingVQ", "AffineAlternatingVQ", "GumbelVQ", "SQVAEQuantizer"]

@@ -1,4 +1,4 @@
-"""VQ-VAE and two of its codebook-collapse remedies (the paper's Table 1 baselines).
+"""VQ-VAE, its l2 and dead-code-replacement remedies and both at once (Table 1 baselines).
 
 * ``VectorQuantizer`` (van den Oord et al. 2017): nearest code, straight-through
   gradient, loss = ||sg(z) - e||^2 + commitment * ||z - sg(e)||^2 (means over
@@ -9,6 +9,13 @@
 * ``DeadCodeReplacementVQ`` (Zeghidour et al. 2021; Dhariwal et al. 2020): a code
   unused for ``replace_after`` consecutive training steps is replaced by a
   random encoder output of the current batch.
+* ``NormalizedDeadCodeReplacementVQ``: both remedies at once (the paper's
+  "VQVAE + l2 + replace" row): l2-normalised comparison and codes, dead codes
+  replaced by encoder outputs (which the normalisation then puts on the sphere).
+
+The affine codebook and the alternating optimisation of Huh et al. 2023 live
+in ``affine.py`` and ``alternating.py``; they extend ``VectorQuantizer``
+through the hooks its docstring lists.
 
 Their posterior is deterministic (one-hot), so the "soft" perplexity of
 ``info`` is the perplexity of the index histogram, equal to "perplexity_hard".
@@ -31,7 +38,17 @@ class VectorQuantizer(Quantizer):
     """VQ-VAE quantizer: input and output D channels.
 
     The codebook starts uniform in [-1/K, 1/K] (the customary VQ-VAE
-    initialisation), trained by the codebook loss (no EMA)."""
+    initialisation), trained by the codebook loss (no EMA).
+
+    A training forward, in order, with the hooks subclasses override:
+      ``_before_quantize(z)``      (dead-code replacement)
+      ``_assign(z) -> indices``    nearest code under ``codebook_vectors()``
+                                   (alternating optimisation: a codebook step first)
+      ``_codebook_loss(z, z_q, indices)``  ||sg(z) - e||^2
+      ``_straight_through(z, z_q)``        the decoder input (synchronised update)
+      ``_after_quantize(counts)``  (dead-code replacement)
+    ``codebook_map(raw)`` turns raw codebook rows into the vectors compared
+    with z and given to the decoder (l2 normalisation, affine map)."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, commitment: float = 0.25,
                  seed: int = 0, channel_first: Optional[bool] = None):
@@ -51,22 +68,24 @@ class VectorQuantizer(Quantizer):
     def _project(self, vectors: Tensor) -> Tensor:
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
+    def codebook_map(self, raw: Tensor) -> Tensor:
+        """The code vectors of raw codebook rows (K, D)."""
+        return self._project(raw)
+
     def codebook_vectors(self) -> Tensor:
-        return self._project(self.codebook)
+        return self.codebook_map(self.codebook)
 
     def quantize_vectors(self, rows: Tensor):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.to(self.codebook.dtype)
             if self.training:
                 self._before_quantize(z)
-            z, codes = self._project(z), self._project(self.codebook)
-            with torch.no_grad():
-                indices = codebook_distance(z.detach(), None, codes.detach()).argmin(1)
-            z_q = codes[indices]
-            codebook_loss = F.mse_loss(z_q, z.detach())
+            z = self._project(z)
+            indices = self._assign(z)
+            z_q = self.codebook_vectors()[indices]
+            codebook_loss = self._codebook_loss(z, z_q, indices)
             commitment_loss = self.commitment * F.mse_loss(z, z_q.detach())
-            # Straight-through: the decoder sees z_q, the encoder gets the decoder's gradient.
-            quantized = z + (z_q - z).detach()
+            quantized = self._straight_through(z, z_q)
             counts = code_counts(indices, self.codebook_size)
             if self.training:
                 self._after_quantize(counts)
@@ -75,6 +94,19 @@ class VectorQuantizer(Quantizer):
             info["loss/codebook"] = codebook_loss.detach()
             info["loss/commitment"] = commitment_loss.detach()
             return quantized, indices, codebook_loss + commitment_loss, info
+
+    @torch.no_grad()
+    def _assign(self, z: Tensor) -> Tensor:
+        """Index of the nearest code vector of every row of z."""
+        return codebook_distance(z.detach(), None, self.codebook_vectors().detach()).argmin(1)
+
+    def _codebook_loss(self, z: Tensor, z_q: Tensor, indices: Tensor) -> Tensor:
+        """||sg(z) - e||^2, mean over elements: moves the chosen codes towards the encoder outputs."""
+        return F.mse_loss(z_q, z.detach())
+
+    def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
+        """The decoder sees z_q, the encoder gets the decoder's gradient."""
+        return z + (z_q - z).detach()
 
     # Hooks for DeadCodeReplacementVQ.
     def _before_quantize(self, z: Tensor) -> None:
@@ -131,3 +163,10 @@ class DeadCodeReplacementVQ(VectorQuantizer):
             torch.distributed.all_reduce(counts)
         self.steps_unused.copy_(torch.where(counts > 0, torch.zeros_like(self.steps_unused),
                                             self.steps_unused + 1))
+
+
+class NormalizedDeadCodeReplacementVQ(DeadCodeReplacementVQ):
+    """Dead-code replacement on l2-normalised vectors: a replaced code takes a
+    raw encoder output, which the normalisation turns into its direction."""
+
+    normalize = True

@@ -9,6 +9,7 @@ import inspect
 import torch
 
 from ..data import DATASETS
+from ..quantizers import QUANTIZERS
 
 # The paper's settings (Yan et al. 2024, section 5): AdamW, batch 256,
 # 10 warmup epochs from factor 0.2 then cosine, 100 epochs, K = 1024, D = 64.
@@ -20,7 +21,7 @@ PAPER_DEFAULTS = {
                    weight_decay=0.01),
 }
 WARMUP_START_FACTOR = 0.2
-QUANTIZER_NAMES = ("gmvq", "vqvae", "vqvae-l2", "vqvae-replace", "gumbel", "sqvae")
+QUANTIZER_NAMES = tuple(QUANTIZERS)  # the registry of gmvq_ext.quantizers: every quantizer by name
 # Quantizer options settable from the command line; None means "the quantizer's default".
 # --beta is GM-VQ's entropy weight and, for the VQ-VAE family, the commitment
 # weight (the "beta" of the VQ-VAE paper): the first accepted name is used.
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, help="linear warmup from 0.2x; default 10")
     p.add_argument("--codebook-size", type=int, help="K; default 1024")
     p.add_argument("--dim", type=int, help="code dimension D; default 64")
-    p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform)")
+    p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5); "
+                                              "VQ-VAE family: commitment weight (default 0.25)")
     p.add_argument("--gamma", type=float, help="GM-VQ: weight of the latent term")
     p.add_argument("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
     p.add_argument("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
@@ -116,8 +118,6 @@ def quantizer_options(args, device: torch.device) -> dict:
     """Keyword options for ``build_quantizer`` from ``args``: the options given
     on the command line (each must be one the quantizer accepts) and, for a
     quantizer with a ``backend`` option, the backend for ``device``."""
-    from ..quantizers import QUANTIZERS
-
     accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
     options = {}
     for name, keywords in QUANTIZER_OPTIONS.items():

@@ -1,0 +1,46 @@
+"""GM-VQ + Entropy: GaussianMixtureVQ with beta = 5 by default, trainable by name."""
+
+import math
+
+import pytest
+import torch
+
+import quantizer_contract as contract
+from gmvq_ext import build_quantizer
+from gmvq_ext.quantizers import EntropyRegularizedGMVQ, GaussianMixtureVQ
+
+
+def make(**options):
+    torch.manual_seed(0)
+    options.setdefault("backend", "reference")
+    return EntropyRegularizedGMVQ(dim=4, codebook_size=16, **options)
+
+
+def test_registry():
+    contract.check_registry("gmvq-entropy", EntropyRegularizedGMVQ)
+
+
+@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
+def test_contract(check):
+    check(make)
+
+
+def test_loss_and_info():
+    contract.check_loss_and_info(make, extra_keys=("temperature", "entropy"))
+
+
+def test_it_is_gmvq_with_beta_5():
+    assert make().beta == 5.0 and build_quantizer("gmvq", codebook_size=16, dim=4).beta == 1.0
+    x = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    gmvq = GaussianMixtureVQ(dim=4, codebook_size=16, beta=5.0, backend="reference").train()
+    entropy = make().train()
+    a, b = entropy(x), gmvq(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[2], b[2])
+    # The entropy term carries 5 times the weight it has in plain GM-VQ.
+    torch.testing.assert_close(a[3]["loss/kl_uniform"], 5.0 * (math.log(16) - a[3]["entropy"]))
+
+
+def test_beta_stays_an_option():
+    assert build_quantizer("gmvq-entropy", codebook_size=16, dim=4, beta=2.0).beta == 2.0
