@@ -153,7 +153,7 @@ class AlternatingVQ(VectorQuantizer):
 
     def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
         # Value z_q; the encoder gets g, the code additionally nu * g (module docstring, step 4).
-        return z + (z_q - z).detach() + self.sync_nu * (z_q - z_q.detach())
+        return super()._straight_through(z, z_q) + self.sync_nu * (z_q - z_q.detach())
 
 
 class AffineAlternatingVQ(AlternatingVQ, AffineVQ):

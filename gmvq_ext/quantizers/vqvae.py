@@ -105,8 +105,12 @@ class VectorQuantizer(Quantizer):
         return F.mse_loss(z_q, z.detach())
 
     def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
-        """The decoder sees z_q, the encoder gets the decoder's gradient."""
-        return z + (z_q - z).detach()
+        """The decoder sees z_q, the encoder gets the decoder's gradient.
+
+        Written z_q + (z - sg(z)) rather than z + sg(z_q - z): the added term
+        is exactly 0, so the value is z_q bit for bit (decoding the indices
+        gives exactly the model's reconstruction)."""
+        return z_q.detach() + (z - z.detach())
 
     # Hooks for DeadCodeReplacementVQ.
     def _before_quantize(self, z: Tensor) -> None:
