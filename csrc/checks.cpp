@@ -103,6 +103,13 @@ void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tenso
               ", got ", z_soft.scalar_type(), " ", z_soft.sizes(), " on ", z_soft.device());
 }
 
+rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution) {
+  if (distribution == "uniform") return rng::NoiseDistribution::kUniform;
+  if (distribution == "gumbel") return rng::NoiseDistribution::kGumbel;
+  if (distribution == "gaussian") return rng::NoiseDistribution::kGaussian;
+  TORCH_CHECK(false, "distribution must be \"uniform\", \"gumbel\" or \"gaussian\", got \"", distribution, "\"");
+}
+
 double host_temperature(const at::Tensor& temperature) {
   TORCH_CHECK(temperature.device().is_cpu(), "internal: host_temperature of a ", temperature.device(), " tensor");
   return temperature.item<double>();

@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "gmvq/philox.h"
+
 namespace gmvq {
 
 // Logits, softmax statistics and entropies: float64 for float64 inputs, else float32.
@@ -41,6 +43,9 @@ void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tenso
                                    const at::Tensor& grad_latent_reg, const at::Tensor& indices,
                                    const at::Tensor& row_lse, const at::Tensor& z_soft, const at::Tensor& z,
                                    const at::Tensor& codebook, bool hard, bool training);
+
+// philox_noise's distribution argument: "uniform", "gumbel" or "gaussian".
+rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution);
 
 // The values of CPU-resident scalars (for CPU kernels, or CUDA kernels given CPU scalars).
 double host_temperature(const at::Tensor& temperature);

@@ -10,6 +10,8 @@
 //   counter = (lo32(block), hi32(block), lo32(offset), hi32(offset))
 //   block   = element / 4 + stream * 2^62,  word = element % 4
 // Streams: 0 = Gumbel noise, element n*K + k; 1 = Gaussian noise, element n*D + d.
+// (philox_noise's "uniform" draws the words of stream 0; quantizers key it
+// differently for their own discrete choices.)
 //
 // Bits to numbers, in float32 with only correctly rounded +, -, *, sqrt (no
 // FMA contraction: the device path uses the _rn intrinsics, the host path is
@@ -33,6 +35,9 @@ namespace gmvq::rng {
 
 constexpr uint64_t kGumbelStream = 0;
 constexpr uint64_t kGaussianStream = 1;
+
+// What philox_noise draws: the uniform itself, or a transform of it.
+enum class NoiseDistribution { kUniform, kGumbel, kGaussian };
 
 struct Philox4 {
   uint32_t word[4];
@@ -223,10 +228,32 @@ GMVQ_HOST_DEVICE void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, 
              [](uint32_t r) { return gumbel_from_bits(r); });
 }
 
+GMVQ_HOST_DEVICE void fill_uniform(int64_t seed, int64_t offset, uint64_t first, int64_t count,
+                                   float* out) {
+  fill_range(seed, offset, kGumbelStream, first, count, out,
+             [](uint32_t r) { return uniform_from_bits(r); });
+}
+
 GMVQ_HOST_DEVICE void fill_gaussian(int64_t seed, int64_t offset, uint64_t first, int64_t count,
                                     float* out) {
   fill_range(seed, offset, kGaussianStream, first, count, out,
              [](uint32_t r) { return gaussian_from_bits(r); });
+}
+
+// Any distribution of philox_noise.
+GMVQ_HOST_DEVICE void fill_noise(NoiseDistribution kind, int64_t seed, int64_t offset, uint64_t first,
+                                 int64_t count, float* out) {
+  switch (kind) {
+    case NoiseDistribution::kUniform:
+      fill_uniform(seed, offset, first, count, out);
+      break;
+    case NoiseDistribution::kGumbel:
+      fill_gumbel(seed, offset, first, count, out);
+      break;
+    case NoiseDistribution::kGaussian:
+      fill_gaussian(seed, offset, first, count, out);
+      break;
+  }
 }
 
 }  // namespace gmvq::rng
