@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,12 +71,15 @@ NOISE_DISTRIBUTIONS = ("uniform", "gumbel", "gaussian")
 
 
 def check_temperature(temperature: Tensor, ref: Tensor) -> None:
-    """Structure only: a fake tensor's value is unknown (the CPU kernel also checks a CPU value)."""
+    """As the C++ check: structure always, the value when it is a real CPU tensor
+    (a fake or device tensor's value is unknown without a sync)."""
     torch._check(temperature.dim() == 0, lambda: f"temperature must be a 0-dim tensor, got shape {list(temperature.shape)}")
     torch._check(temperature.dtype in (torch.float32, torch.float64),
                  lambda: f"temperature must be float32 or float64, got {temperature.dtype}")
     torch._check(temperature.device.type == "cpu" or temperature.device == ref.device,
                  lambda: f"temperature must be on the CPU or on {ref.device}, got {temperature.device}")
+    if temperature.device.type == "cpu" and not is_fake(temperature):
+        check_positive_finite(float(temperature), "temperature")
 
 
 def check_noise_state(noise_state: Tensor, ref: Tensor) -> None:

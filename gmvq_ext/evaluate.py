@@ -32,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the training run's evaluation batch size")
     p.add_argument("--max-test-images", type=int, help="default: the training run's --max-test-images")
     p.add_argument("--all-test-images", action="store_true", help="ignore the run's --max-test-images")
-    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="GM-VQ bottleneck implementation (does not change the trained model)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out", help="where to write the metrics JSON; default evaluation.json beside the checkpoint")
     return p
@@ -50,7 +48,6 @@ def main(argv=None) -> dict | None:
 def run(options) -> dict | None:
     state = ckpt.load(options.checkpoint)
     args = Namespace(**state["args"])
-    args.backend = options.backend
     if options.data_dir is not None:
         args.data_dir = options.data_dir
     max_test_images = None if options.all_test_images else (options.max_test_images or args.max_test_images)
@@ -58,7 +55,7 @@ def run(options) -> dict | None:
 
     ctx = distributed.setup(options.device)
     test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, max_test_images)
-    model = build_model(args, quantizer_options(args, ctx.device)).to(ctx.device)
+    model = build_model(args, quantizer_options(args)).to(ctx.device)
     model.load_state_dict(state["model"])
     metrics = evaluate(model, test_set, batch_size, ctx, options.num_workers)
 
@@ -76,7 +73,7 @@ def run(options) -> dict | None:
             "codes_used": metrics["codes_used"],
             "codebook_size": args.codebook_size,
             "test_images": metrics["images"],
-            "quantizer": {"name": args.quantizer, "options": quantizer_options(args, ctx.device)},
+            "quantizer": {"name": args.quantizer, "options": quantizer_options(args)},
         }
         out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
         out.write_text(json.dumps(results, indent=2) + "\n")
