@@ -17,7 +17,9 @@ and simt) in float32 and the SIMT path in float64:
 * generated noise against the same noise passed explicitly: every output and
   gradient bit for bit, so the in-kernel Philox (philox.h words4, the lanes'
   code mapping, the unaligned path) equals philox.h's host fill functions;
+* the emulated cvt.rna.tf32.f32 against exact rounding (ties away from zero);
 * philox_noise and gumbel_argmax against philox.h on the host, bit for bit;
+* the unfused ops (new schema) and their backward ops against float64 autograd;
 * bitwise run-to-run determinism; temperature and noise state read through
   device pointers (GMVQ_EMULATE_DEVICE_SCALARS=1, a subprocess); the
   device-side index check (a subprocess that must abort); N = 0.
@@ -72,6 +74,64 @@ torch::Tensor host_noise(int64_t rows, int64_t cols, int64_t seed, int64_t offse
   return out;
 }
 """
+
+
+EMULATION_PROBE = r"""
+#include <torch/extension.h>
+#define GMVQ_CUDA_EMULATION
+#include "gmvq/cuda/emulation.h"
+// The emulation's cvt.rna.tf32.f32, element by element (float32 in, bits out).
+torch::Tensor tf32_round(torch::Tensor x) {
+  auto in = x.contiguous();
+  auto out = torch::empty(in.sizes(), torch::kInt32);
+  for (int64_t i = 0; i < in.numel(); ++i) {
+    out.data_ptr<int32_t>()[i] = static_cast<int32_t>(gmvq::emulation::cvt_rna_tf32(in.data_ptr<float>()[i]));
+  }
+  return out;
+}
+"""
+
+
+def load_tf32_round():
+    from torch.utils.cpp_extension import load_inline
+    module = load_inline(name="gmvq_emulation_probe", cpp_sources=[EMULATION_PROBE], functions=["tf32_round"],
+                         extra_include_paths=[str(REPO / "csrc" / "include")], extra_cflags=["-O2", "-std=c++20"],
+                         build_directory=str(_build_dir("emulation_probe")), verbose=False)
+    return module.tf32_round
+
+
+def check_tf32_rounding(fails):
+    """cvt.rna.tf32.f32 as emulated: nearest with ties away from zero, 10 mantissa bits, against
+    exact rational arithmetic on random bit patterns and on the ties themselves."""
+    import torch
+    from fractions import Fraction
+    tf32_round = load_tf32_round()
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (4000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    ties = (torch.randint(0, 2**31 - 1, (1000,), generator=gen, dtype=torch.int64) & ~0x1fff | 0x1000)
+    special = torch.tensor([0x3f801000, 0x3f803000, 0xbf801000 - 2**32, 0x3f800fff, 0x7f7fffff, 0x00001000,
+                            0x00000fff], dtype=torch.int64)
+    bits = torch.cat([bits, ties.to(torch.int32), special.to(torch.int32)])
+    x = bits.view(torch.float32)
+    finite = torch.isfinite(x)
+    got = tf32_round(x[finite])
+    want = []
+    for value in x[finite].tolist():
+        exact = Fraction(value)
+        if exact == 0:
+            want.append(Fraction(0))
+            continue
+        exponent = math.floor(math.log2(abs(value)))
+        if Fraction(2) ** exponent > abs(exact):  # log2 rounded up
+            exponent -= 1
+        exponent = max(exponent, -126)  # subnormals share the exponent of 2^-126
+        ulp = Fraction(2) ** (exponent - 10)
+        steps = abs(exact) / ulp
+        rounded = math.floor(steps + Fraction(1, 2)) * ulp  # ties away from zero
+        want.append(rounded if exact > 0 else -rounded)
+    want_bits = torch.tensor([float(w) if abs(w) < 2**128 else math.copysign(math.inf, w) for w in want],
+                             dtype=torch.float32).view(torch.int32)
+    fails.equal("emulated cvt.rna.tf32.f32 against exact rounding", got, want_bits)
 
 
 def load_host_philox():
@@ -169,15 +229,18 @@ def make_inputs(n, k, d, dtype, weight, seed):
     return [t if t is None else t.to(dtype) for t in (z, w, e)]
 
 
-def run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, given):
-    """One forward + backward against the reference; returns the kernel's outputs and gradients."""
+def run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, given, other_seed=True):
+    """One forward + backward against the reference; returns the kernel's outputs and gradients.
+
+    given: the noise is passed explicitly, from the seed after the op's own (other_seed, so that
+    using Philox instead would show) or from the op's seed (to compare bits with Philox)."""
     import torch
     n, k, d = shape
     hard, training = {"hard": (True, True), "soft": (False, True), "eval": (True, False)}[mode]
     seed, offset, temperature, sigma_z2 = 2**33 + 7, 2**32 + 5, 0.7, 0.4
     os.environ["GMVQ_CUDA_TILES"] = path
     z, w, e = make_inputs(n, k, d, dtype, weight, seed=n * 7 + k)
-    noise_seed = seed + 1 if given else seed
+    noise_seed = seed + 1 if given and other_seed else seed
     gumbel32 = host_noise(n, k, noise_seed, offset, "gumbel")
     eps32 = host_noise(n, d, noise_seed, offset, "gaussian")
     gumbel = gumbel32.to(dtype) if given else None
@@ -237,7 +300,8 @@ def check_quantize(ops, host_noise, fails, shapes, quick):
                         print(f"  {shape} {str(dtype)[6:]:8} {path:6} w={str(weight):6} {mode:4}: "
                               f"{time.time() - start:.1f}s", flush=True)
                         continue
-                    given = run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, True)
+                    run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, True)
+                    given = run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, True, other_seed=False)
                     tag = f"{shape} {str(dtype)[6:]} {path} w={weight} {mode}: generated vs given noise"
                     for i, (a, b) in enumerate(zip(generated[0], given[0])):
                         fails.equal(f"{tag}, output {i}", a, b)
@@ -276,6 +340,64 @@ def check_noise(ops, host_noise, fails):
             soft = torch.softmax((logits.double() + noise.double()) / 0.6, 1)
             if not hard:
                 fails.close(f"gumbel_argmax {shape}: sample", generated[0], soft, rtol=1e-5, atol=1e-6)
+
+
+def check_unfused(ops, host_noise, fails):
+    """codebook_distance, weighted_softmax, gumbel_argmax, aggregated_posterior_entropy and their
+    backward ops against float64 autograd (float32 inputs)."""
+    import torch
+    n, k, d = 45, 70, 6
+    gen = torch.Generator().manual_seed(9)
+    temp = torch.tensor(0.6)
+    state = torch.tensor([4, 8])
+    for weight in ["full", "scalar", None]:
+        z, w, e = make_inputs(n, k, d, torch.float32, weight, seed=11)
+        ref_in = [t if t is None else t.double().requires_grad_() for t in (z, w, e)]
+        zr, wr, er = ref_in
+        ww = torch.ones_like(zr[:, :1]) if wr is None else wr
+        distance = (ww[:, None, :] * (zr[:, None, :] - er[None, :, :]) ** 2).sum(2)
+        present = [t for t in ref_in if t is not None]
+
+        def compare(name, got, want, grads=None, upstream=None):
+            fails.close(f"{name} w={weight}", got, want, rtol=1e-4, atol=1e-4)
+            if grads is None:
+                return
+            ref_grads = torch.autograd.grad((want * upstream).sum(), present, retain_graph=True)
+            for i, (a, b) in enumerate(zip([g for g in grads if g.numel()], ref_grads)):
+                scale = max(1.0, b.abs().max().item())
+                fails.close(f"{name} w={weight}: gradient {i}", a, b, rtol=1e-4 * scale, atol=1e-4 * scale)
+
+        g_d = torch.randn(n, k, generator=gen)
+        got = ops.codebook_distance(z, w, e)
+        compare("codebook_distance", got, distance, ops.codebook_distance_backward(g_d, z, w, e), g_d.double())
+        probs, lse = ops.weighted_softmax(z, w, e, temp)
+        logits = -distance / temp.item()
+        compare("weighted_softmax probs", probs, torch.softmax(logits, 1))
+        compare("weighted_softmax lse", lse, torch.logsumexp(logits, 1))
+        g_p, g_l = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        want = (torch.softmax(logits, 1) * g_p.double()).sum() + (torch.logsumexp(logits, 1) * g_l.double()).sum()
+        ref_grads = torch.autograd.grad(want, present)
+        got_grads = ops.weighted_softmax_backward(g_p, g_l, probs, z, w, e, temp)
+        for i, (a, b) in enumerate(zip([g for g in got_grads if g.numel()], ref_grads)):
+            scale = max(1.0, b.abs().max().item())
+            fails.close(f"weighted_softmax_backward w={weight}: gradient {i}", a, b, rtol=1e-4 * scale,
+                        atol=1e-4 * scale)
+    logits = torch.randn(n, k, generator=gen) * 2
+    ref_logits = logits.double().requires_grad_()
+    noise = host_noise(n, k, 4, 8, "gumbel")
+    y = torch.softmax((ref_logits + noise.double()) / temp.item(), 1)
+    g_y = torch.randn(n, k, generator=gen)
+    fails.close("gumbel_argmax_backward", ops.gumbel_argmax_backward(g_y, logits, temp, state, None),
+                torch.autograd.grad((y * g_y.double()).sum(), ref_logits)[0], rtol=1e-4, atol=1e-5)
+    entropy, q_bar = ops.aggregated_posterior_entropy(logits)
+    ref_q = torch.softmax(ref_logits, 1).mean(0)
+    ref_h = -(ref_q * ref_q.log()).sum()
+    fails.close("aggregated_posterior_entropy", entropy, ref_h, rtol=1e-5, atol=1e-6)
+    fails.close("aggregated_posterior_entropy q_bar", q_bar, ref_q, rtol=1e-5, atol=1e-7)
+    g_q = torch.randn(k, generator=gen)
+    got = ops.aggregated_posterior_entropy_backward(torch.tensor(0.5), g_q, logits, q_bar)
+    want = torch.autograd.grad(0.5 * ref_h + (ref_q * g_q.double()).sum(), ref_logits)[0]
+    fails.close("aggregated_posterior_entropy_backward", got, want, rtol=1e-4, atol=1e-6)
 
 
 def check_determinism(ops, fails, shape):
@@ -388,8 +510,11 @@ def main():
     host_noise = load_host_philox()
     fails = Failures()
     start = time.time()
-    print("noise", flush=True)
+    print("tf32 rounding, noise", flush=True)
+    check_tf32_rounding(fails)
     check_noise(ops, host_noise, fails)
+    print("unfused ops", flush=True)
+    check_unfused(ops, host_noise, fails)
     print("quantize against the reference", flush=True)
     check_quantize(ops, host_noise, fails, [(70, 67, 5), (70, 67, 64)], args.quick)
     print("determinism, N = 0, device-resident scalars, index assertion", flush=True)

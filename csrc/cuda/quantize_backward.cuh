@@ -143,6 +143,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
     tile_logits<Math, 1>(rows_s + 16 * lm * rs, rs, gzq_s + 16 * lm * gs, gs, codes_cur + 16 * ln * cs, cs, a.rp,
                          a.dp, a.training, l, gy);
     const int64_t k0 = tile * kCodeTile + 16 * ln + 4 * t;
+    T grad_pi[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) grad_pi[q] = k0 + q < a.k ? a.grad_pi[k0 + q] : T(0);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const bool row_ok = n_of[h] < a.n;
@@ -155,8 +158,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         const bool valid = row_ok && k0 + q < a.k;
         const T x = logit(valid, row_term[h], frag(l, 0, h, q));
         const T pi = exp_shift(x, lse_pi[h]);
-        const T grad_pi = valid ? a.grad_pi[k0 + q] : T(0);
-        T c = pi * grad_pi, y = T(0);
+        T c = pi * grad_pi[q], y = T(0);
         b_part[h] += c;
         if (a.training) {
           y = exp_shift(valid ? (x + noise[q]) * inv_t : neg_inf<T>(), lse_y[h]);
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         }
         coef_at(0, r, code) = c;
         coef_at(1, r, code) = pi;
-        coef_at(2, r, code) = y;
+        if (hard_training) coef_at(2, r, code) = y;
         if constexpr (!FULL) {
           const T norm = codes_cur[code * cs + a.dp];  // |e_k|^2 (0 past K)
           q_part[0][h] += c * norm;

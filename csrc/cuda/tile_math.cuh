@@ -30,7 +30,8 @@ constexpr int kMmaK = 8;  // reduction depth of one tile product
 __device__ __forceinline__ int lane_group() { return (threadIdx.x % 32) / 4; }
 __device__ __forceinline__ int lane_tig() { return threadIdx.x % 4; }
 
-// cvt.rna.tf32.f32 (sm_80+; the host never selects TensorMath below that).
+// cvt.rna.tf32.f32 (sm_80+). The host selects TensorMath only on such a GPU;
+// device code built for an older architecture traps instead of computing zeros.
 __device__ __forceinline__ uint32_t tf32_round(float x) {
 #if defined(GMVQ_CUDA_EMULATION)
   return emulation::cvt_rna_tf32(x);
@@ -39,6 +40,9 @@ __device__ __forceinline__ uint32_t tf32_round(float x) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(x));
   return bits;
 #else
+#if defined(__CUDA_ARCH__)
+  __trap();
+#endif
   return 0;
 #endif
 }
@@ -63,6 +67,8 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
