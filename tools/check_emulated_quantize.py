@@ -13,7 +13,7 @@ and simt) in float32 and the SIMT path in float64:
   quantize_backward (grad z, weight, codebook, gumbel noise, eps noise) with
   autograd through plain PyTorch float64 math written below, for hard, soft
   and eval modes, weight (N, D), (N, 1) and None, given and generated noise,
-  on shapes that are no multiple of any tile;
+  on shapes that are no multiple of any tile, and D up to the register-tile bound;
 * generated noise against the same noise passed explicitly: every output and
   gradient bit for bit, so the in-kernel Philox (philox.h words4, the lanes'
   code mapping, the unaligned path) equals philox.h's host fill functions;
@@ -311,6 +311,26 @@ def check_quantize(ops, host_noise, fails, shapes, quick):
                           f"{time.time() - start:.1f}s", flush=True)
 
 
+def check_register_bounds(ops, host_noise, fails):
+    """D = 128 fills every register slice of the float32 tiles, D = 70 splits them unevenly; one more
+    than the bound (float32 128, float64 64) is an error that says so."""
+    import torch
+    for shape in [(40, 70, 128), (40, 70, 70)]:
+        for path in ["tensor", "simt"]:
+            for weight in ["full", "scalar"]:
+                for mode in ["hard", "soft", "eval"]:
+                    run_case(ops, host_noise, fails, shape, torch.float32, path, weight, mode, True)
+    for d, dtype in [(129, torch.float32), (65, torch.float64)]:
+        z, w, e = make_inputs(4, 5, d, dtype, "full", 0)
+        fails.checks += 1
+        try:
+            ops.quantize(z, w, e, torch.tensor(1.0), 0.5, True, True, torch.tensor([1, 2]), None, None)
+            fails.items.append(f"quantize accepted D = {d} ({dtype})")
+        except RuntimeError as error:
+            if f"D = {d}" not in str(error):
+                fails.items.append(f"the D = {d} error does not name D: {error}")
+
+
 def check_noise(ops, host_noise, fails):
     import torch
     for shape in [(1, 1), (3, 5), (37, 19), (129, 131)]:
@@ -517,6 +537,8 @@ def main():
     check_unfused(ops, host_noise, fails)
     print("quantize against the reference", flush=True)
     check_quantize(ops, host_noise, fails, [(70, 67, 5), (70, 67, 64)], args.quick)
+    print("register-tile bounds (D = 128, 70, too large)", flush=True)
+    check_register_bounds(ops, host_noise, fails)
     print("determinism, N = 0, device-resident scalars, index assertion", flush=True)
     check_determinism(ops, fails, (70, 67, 24))
     check_empty(ops, fails)

@@ -40,7 +40,11 @@ for src in "$repo"/csrc/*.cpp "$repo"/csrc/cuda/*.cu; do
 done
 g++ -shared -o "$out/pkg/gmvq_ext/_C$ext_suffix" "${objects[@]}" -L "$torch_dir/lib" -lc10 -ltorch -ltorch_cpu \
   -Wl,-rpath,"$torch_dir/lib" -lpthread
-for f in "$repo"/gmvq_ext/*.py; do ln -sf "$f" "$out/pkg/gmvq_ext/"; done
+# The Python package (modules and subpackages) beside the emulated _C.
+for f in "$repo"/gmvq_ext/*; do
+  case $(basename "$f") in _C*.so | _build_info.py | __pycache__) continue ;; esac
+  ln -sfn "$f" "$out/pkg/gmvq_ext/"
+done
 printf 'TORCH_VERSION = "%s"\nTORCH_CUDA_VERSION = ""\nWITH_CUDA = False\nCUDA_ARCHITECTURES = "emulated"\n' \
   "$torch_version" >"$out/pkg/gmvq_ext/_build_info.py"
 if [[ ${1:-} == --build-only ]]; then
