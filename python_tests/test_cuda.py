@@ -52,16 +52,23 @@ def scalars(temperature=0.7, seed=2**33 + 11, offset=3, device="cpu"):
             torch.tensor([seed, offset], dtype=torch.int64, device=device))
 
 
-def forward_backward(z, w, e, hard, training, temperature, state, gumbel=None, eps=None, sigma_z2=0.4, seed=1):
-    """quantize and quantize_backward (random upstream gradients) on the inputs' device."""
-    out = gmvq.quantize(z, w, e, temperature, sigma_z2, hard, training, state, gumbel, eps)
+def upstream_grads(z, e, seed=1):
+    """Random gradients of (z_out, q_bar, latent_reg) on z's device, made before any
+    region that must not sync (a host-to-device copy from pageable memory does)."""
     n, d, k = z.shape[0], z.shape[1], e.shape[0]
     gen = torch.Generator().manual_seed(seed)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    upstream = [torch.randn(n, d, generator=gen, dtype=torch.float64).to(z.dtype),
-                torch.randn(k, generator=gen, dtype=torch.float64).to(acc),
-                torch.randn(n, generator=gen, dtype=torch.float64).to(acc)]
-    upstream = [u.to(z.device) for u in upstream]
+    grads = [torch.randn(n, d, generator=gen, dtype=torch.float64).to(z.dtype),
+             torch.randn(k, generator=gen, dtype=torch.float64).to(acc),
+             torch.randn(n, generator=gen, dtype=torch.float64).to(acc)]
+    return [g.to(z.device) for g in grads]
+
+
+def forward_backward(z, w, e, hard, training, temperature, state, gumbel=None, eps=None, sigma_z2=0.4,
+                     upstream=None):
+    """quantize, then quantize_backward of the upstream gradients, on the inputs' device."""
+    out = gmvq.quantize(z, w, e, temperature, sigma_z2, hard, training, state, gumbel, eps)
+    upstream = upstream_grads(z, e) if upstream is None else upstream
     grads = gmvq.quantize_backward(*upstream, z, w, e, out[1], out[4], out[5], temperature, sigma_z2, hard,
                                    training, state, gumbel, eps)
     return list(out), list(grads)
@@ -147,12 +154,13 @@ def test_quantize_is_bitwise_deterministic(path, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_device_scalars_without_a_host_sync(mode):
     z, w, e = cuda_inputs((300, 70, 16), torch.float32, "full")
-    host = forward_backward(z, w, e, *MODES[mode], *scalars())
+    upstream = upstream_grads(z, e)
+    host = forward_backward(z, w, e, *MODES[mode], *scalars(), upstream=upstream)
     device_scalars = scalars(device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        device = forward_backward(z, w, e, *MODES[mode], *device_scalars)
+        device = forward_backward(z, w, e, *MODES[mode], *device_scalars, upstream=upstream)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(host[0] + host[1], device[0] + device[1]):
@@ -162,20 +170,21 @@ def test_device_scalars_without_a_host_sync(mode):
 def test_quantize_forward_and_backward_capture_in_a_cuda_graph():
     z, w, e = cuda_inputs((300, 70, 16), torch.float32, "full")
     temperature, state = scalars(device="cuda")
+    upstream = upstream_grads(z, e)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        forward_backward(z, w, e, True, True, temperature, state)  # warm-up: allocator, kernel attributes
+    with torch.cuda.stream(stream):  # warm-up: allocator, kernel attributes
+        forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = forward_backward(z, w, e, True, True, temperature, state)
+        captured = forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
     # New values in the same device tensors: the replay reads them.
     temperature.fill_(0.3)
     state[1] += 1
     graph.replay()
     torch.cuda.synchronize()
-    eager = forward_backward(z, w, e, True, True, temperature, state)
+    eager = forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
     for a, b in zip(captured[0] + captured[1], eager[0] + eager[1]):
         assert torch.equal(a, b)
 
