@@ -207,6 +207,25 @@ GMVQ_HOST_DEVICE float gaussian(int64_t seed, int64_t offset, uint64_t element) 
   return gaussian_from_bits(random_word(seed, offset, kGaussianStream, element));
 }
 
+// The words of the four consecutive elements [first, first + 4) of a stream,
+// for kernels that keep noise in registers: one Philox call when first is a
+// multiple of 4 (the common case), else two, with the words picked by
+// selects. No array is indexed at run time, so nothing goes to local memory.
+GMVQ_HOST_DEVICE uint32_t pick_word(const Philox4& low, const Philox4& high, uint32_t i) {  // i < 8
+  const uint32_t a = i == 0 ? low.word[0] : i == 1 ? low.word[1] : i == 2 ? low.word[2] : low.word[3];
+  const uint32_t b = i == 4 ? high.word[0] : i == 5 ? high.word[1] : i == 6 ? high.word[2] : high.word[3];
+  return i < 4 ? a : b;
+}
+
+GMVQ_HOST_DEVICE Philox4 words4(int64_t seed, int64_t offset, uint64_t stream, uint64_t first) {
+  const Philox4 low = philox_block(seed, offset, stream, first >> 2);
+  const uint32_t shift = static_cast<uint32_t>(first & 3);
+  if (shift == 0) return low;
+  const Philox4 high = philox_block(seed, offset, stream, (first >> 2) + 1);
+  return Philox4{{pick_word(low, high, shift), pick_word(low, high, shift + 1),
+                  pick_word(low, high, shift + 2), pick_word(low, high, shift + 3)}};
+}
+
 // Noise for the consecutive elements [first, first + count) of a stream,
 // one Philox call per four elements.
 template <typename Transform>
