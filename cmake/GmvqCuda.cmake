@@ -42,7 +42,9 @@ set(GMVQ_NVCC_FLAGS --expt-relaxed-constexpr -O3 -lineinfo)
 
 function(gmvq_configure_cuda_target target)
   # find_package(Torch) resets CMAKE_CUDA_ARCHITECTURES: set them per target.
-  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${GMVQ_CUDA_ARCHITECTURES}" CUDA_STANDARD 20)
+  # The shared CUDA runtime is the one torch loads (one runtime per process).
+  set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "${GMVQ_CUDA_ARCHITECTURES}" CUDA_STANDARD 20
+                                             CUDA_RUNTIME_LIBRARY Shared)
   target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${GMVQ_NVCC_FLAGS}>)
 endfunction()
 

@@ -50,6 +50,77 @@ void check_positive_finite(double value, const char* name) {
   TORCH_CHECK(std::isfinite(value) && value > 0, name, " must be finite and > 0, got ", value);
 }
 
+void check_temperature(const at::Tensor& temperature, const at::Tensor& ref) {
+  TORCH_CHECK(temperature.dim() == 0, "temperature must be a 0-dim tensor, got shape ", temperature.sizes());
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat || temperature.scalar_type() == at::kDouble,
+              "temperature must be float32 or float64, got ", temperature.scalar_type());
+  TORCH_CHECK(temperature.device().is_cpu() || temperature.device() == ref.device(),
+              "temperature must be on the CPU or on ", ref.device(), ", got ", temperature.device());
+  if (temperature.device().is_cpu()) check_positive_finite(host_temperature(temperature), "temperature");
+}
+
+void check_noise_state(const at::Tensor& noise_state, const at::Tensor& ref) {
+  TORCH_CHECK(noise_state.scalar_type() == at::kLong && noise_state.numel() == 2,
+              "noise_state must be an int64 tensor of two elements [seed, offset], got ",
+              noise_state.scalar_type(), " of shape ", noise_state.sizes());
+  TORCH_CHECK(noise_state.device().is_cpu() || noise_state.device() == ref.device(),
+              "noise_state must be on the CPU or on ", ref.device(), ", got ", noise_state.device());
+}
+
+void check_quantize_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& codebook, const at::Tensor& temperature, double sigma_z2,
+                           const at::Tensor& noise_state, const std::optional<at::Tensor>& gumbel_noise,
+                           const std::optional<at::Tensor>& eps_noise) {
+  check_codebook_inputs(z, weight, codebook);
+  check_temperature(temperature, z);
+  check_positive_finite(sigma_z2, "sigma_z2");
+  check_noise_state(noise_state, z);
+  check_noise(gumbel_noise, "gumbel_noise", z.size(0), codebook.size(0), z);
+  check_noise(eps_noise, "eps_noise", z.size(0), z.size(1), z);
+}
+
+void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar,
+                                   const at::Tensor& grad_latent_reg, const at::Tensor& indices,
+                                   const at::Tensor& row_lse, const at::Tensor& z_soft, const at::Tensor& z,
+                                   const at::Tensor& codebook, bool hard, bool training) {
+  const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
+  check_grad(grad_z_out, "grad_z_out", z.sizes(), z);
+  check_grad(grad_q_bar, "grad_q_bar", {k}, z);
+  check_grad(grad_latent_reg, "grad_latent_reg", {n}, z);
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == n && indices.scalar_type() == at::kLong,
+              "indices must be an int64 tensor of shape (", n, "), got ", indices.scalar_type(), " ",
+              indices.sizes());
+  TORCH_CHECK(indices.device() == z.device(), "indices must be on ", z.device(), ", got ", indices.device());
+  const auto acc = accumulation_type(z.scalar_type());
+  TORCH_CHECK(row_lse.dim() == 2 && row_lse.size(0) == n && row_lse.size(1) == 2 &&
+                  row_lse.scalar_type() == acc && row_lse.device() == z.device(),
+              "row_lse must be the forward's (", n, ", 2) ", acc, " tensor on ", z.device(), ", got ",
+              row_lse.scalar_type(), " ", row_lse.sizes(), " on ", row_lse.device());
+  const int64_t soft_rows = training && !hard ? n : 0;
+  TORCH_CHECK(z_soft.dim() == 2 && z_soft.size(0) == soft_rows && z_soft.size(1) == d &&
+                  z_soft.scalar_type() == acc && z_soft.device() == z.device(),
+              "z_soft must be the forward's (", soft_rows, ", ", d, ") ", acc, " tensor on ", z.device(),
+              ", got ", z_soft.scalar_type(), " ", z_soft.sizes(), " on ", z_soft.device());
+}
+
+rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution) {
+  if (distribution == "uniform") return rng::NoiseDistribution::kUniform;
+  if (distribution == "gumbel") return rng::NoiseDistribution::kGumbel;
+  if (distribution == "gaussian") return rng::NoiseDistribution::kGaussian;
+  TORCH_CHECK(false, "distribution must be \"uniform\", \"gumbel\" or \"gaussian\", got \"", distribution, "\"");
+}
+
+double host_temperature(const at::Tensor& temperature) {
+  TORCH_CHECK(temperature.device().is_cpu(), "internal: host_temperature of a ", temperature.device(), " tensor");
+  return temperature.item<double>();
+}
+
+NoiseState host_noise_state(const at::Tensor& noise_state) {
+  TORCH_CHECK(noise_state.device().is_cpu(), "internal: host_noise_state of a ", noise_state.device(), " tensor");
+  const auto values = noise_state.reshape({2}).contiguous();
+  return {values.data_ptr<int64_t>()[0], values.data_ptr<int64_t>()[1]};
+}
+
 void check_noise(const std::optional<at::Tensor>& noise, const char* name, int64_t rows,
                  int64_t cols, const at::Tensor& ref) {
   if (!noise.has_value()) return;

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,6 +65,62 @@ def check_positive_finite(value: float, name: str) -> None:
     torch._check(
         math.isfinite(value) and value > 0, lambda: f"{name} must be finite and > 0, got {value}"
     )
+
+
+NOISE_DISTRIBUTIONS = ("uniform", "gumbel", "gaussian")
+
+
+def check_temperature(temperature: Tensor, ref: Tensor) -> None:
+    """As the C++ check: structure always, the value when it is a real CPU tensor
+    (a fake or device tensor's value is unknown without a sync)."""
+    torch._check(temperature.dim() == 0, lambda: f"temperature must be a 0-dim tensor, got shape {list(temperature.shape)}")
+    torch._check(temperature.dtype in (torch.float32, torch.float64),
+                 lambda: f"temperature must be float32 or float64, got {temperature.dtype}")
+    torch._check(temperature.device.type == "cpu" or temperature.device == ref.device,
+                 lambda: f"temperature must be on the CPU or on {ref.device}, got {temperature.device}")
+    if temperature.device.type == "cpu" and not is_fake(temperature):
+        check_positive_finite(float(temperature), "temperature")
+
+
+def check_noise_state(noise_state: Tensor, ref: Tensor) -> None:
+    torch._check(noise_state.dtype == torch.int64 and noise_state.numel() == 2,
+                 lambda: "noise_state must be an int64 tensor of two elements [seed, offset], got "
+                 f"{noise_state.dtype} of shape {list(noise_state.shape)}")
+    torch._check(noise_state.device.type == "cpu" or noise_state.device == ref.device,
+                 lambda: f"noise_state must be on the CPU or on {ref.device}, got {noise_state.device}")
+
+
+def check_distribution(distribution: str) -> None:
+    torch._check(distribution in NOISE_DISTRIBUTIONS,
+                 lambda: f'distribution must be "uniform", "gumbel" or "gaussian", got "{distribution}"')
+
+
+def check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise) -> None:
+    check_codebook_inputs(z, weight, codebook)
+    check_temperature(temperature, z)
+    check_positive_finite(sigma_z2, "sigma_z2")
+    check_noise_state(noise_state, z)
+    check_noise(gumbel_noise, "gumbel_noise", z.shape[0], codebook.shape[0], z)
+    check_noise(eps_noise, "eps_noise", z.shape[0], z.shape[1], z)
+
+
+def check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,
+                                  hard: bool, training: bool) -> None:
+    n, d, k = z.shape[0], z.shape[1], codebook.shape[0]
+    check_grad(grad_z_out, "grad_z_out", (n, d), z)
+    check_grad(grad_q_bar, "grad_q_bar", (k,), z)
+    check_grad(grad_latent_reg, "grad_latent_reg", (n,), z)
+    torch._check(indices.dim() == 1 and indices.shape[0] == n and indices.dtype == torch.int64,
+                 lambda: f"indices must be an int64 tensor of shape ({n}), got {indices.dtype} {list(indices.shape)}")
+    torch._check(indices.device == z.device, lambda: f"indices must be on {z.device}, got {indices.device}")
+    acc = accumulation_dtype(z.dtype)
+    torch._check(tuple(row_lse.shape) == (n, 2) and row_lse.dtype == acc and row_lse.device == z.device,
+                 lambda: f"row_lse must be the forward's ({n}, 2) {acc} tensor on {z.device}, got "
+                 f"{row_lse.dtype} {list(row_lse.shape)} on {row_lse.device}")
+    soft_rows = n if training and not hard else 0
+    torch._check(tuple(z_soft.shape) == (soft_rows, d) and z_soft.dtype == acc and z_soft.device == z.device,
+                 lambda: f"z_soft must be the forward's ({soft_rows}, {d}) {acc} tensor on {z.device}, got "
+                 f"{z_soft.dtype} {list(z_soft.shape)} on {z_soft.device}")
 
 
 def check_noise(noise: Optional[Tensor], name: str, rows: int, cols: int, ref: Tensor) -> None:

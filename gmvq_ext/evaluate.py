@@ -32,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the training run's evaluation batch size")
     p.add_argument("--max-test-images", type=int, help="default: the training run's --max-test-images")
     p.add_argument("--all-test-images", action="store_true", help="ignore the run's --max-test-images")
-    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="GM-VQ bottleneck implementation (does not change the trained model)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out", help="where to write the metrics JSON; default evaluation.json beside the checkpoint")
     return p
@@ -54,7 +52,7 @@ def run(options) -> dict | None:
 
 
 def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict | None:
-    model, args = ckpt.restore_model(state, options.checkpoint, ctx.device, options.backend)
+    model, args = ckpt.restore_model(state, options.checkpoint, ctx.device)
     if options.data_dir is not None:
         args.data_dir = options.data_dir
     max_test_images = None if options.all_test_images else (options.max_test_images or args.max_test_images)
@@ -76,7 +74,7 @@ def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict 
             "codes_used": metrics["codes_used"],
             "codebook_size": args.codebook_size,
             "test_images": metrics["images"],
-            "quantizer": {"name": args.quantizer, "options": quantizer_options(args, ctx.device)},
+            "quantizer": {"name": args.quantizer, "options": quantizer_options(args)},
         }
         out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
         out.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,14 +1,20 @@
 """Typed wrappers, fake kernels and autograd wiring for ``torch.ops.gmvq``.
 
 The schemas live in ``csrc/registration.cpp``; the kernels in ``csrc/cpu`` and
-``csrc/cuda``. Every forward op's gradient is another custom op
-(``<op>_backward``), so backward passes are kernels of their own that can be
-tested, benchmarked and traced by ``torch.compile`` like any other op.
+``csrc/cuda``; the math in ``docs/math.md``. Every forward op's gradient is
+another custom op (``<op>_backward``), so backward passes are kernels of their
+own that can be tested, benchmarked and traced by ``torch.compile``.
+
+The ops take the temperature as a 0-dim float tensor and the noise key as an
+int64 tensor ``[seed, offset]`` (each on the CPU or on the inputs' device), so
+a training step is traced once and captured in a CUDA graph without a host
+sync. The wrappers here also accept Python numbers for both.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,6 +23,7 @@ from . import _checks as checks
 from ._library import _C  # noqa: F401  (loads the kernels and the schemas)
 
 __all__ = [
+    "noise_state",
     "philox_noise",
     "codebook_distance",
     "weighted_softmax",
@@ -28,15 +35,40 @@ __all__ = [
 _ops = torch.ops.gmvq
 _acc = checks.accumulation_dtype
 
+Temperature = Union[float, Tensor]
+NoiseState = Union[Tensor, Sequence[int]]
+
 
 # --------------------------------------------------------------------------
 # Public wrappers (keyword-friendly; the ops themselves take positional args)
 # --------------------------------------------------------------------------
-def philox_noise(like: Tensor, seed: int, offset: int = 0, gaussian: bool = False) -> Tensor:
-    """The kernels' noise for a (R, C) tensor: Gumbel(0, 1), or N(0, 1) if gaussian.
+def noise_state(seed: int, offset: int = 0, device=None) -> Tensor:
+    """The ops' noise key: an int64 tensor [seed, offset] (both any int64)."""
+    return torch.tensor([int(seed), int(offset)], dtype=torch.int64, device=device)
 
-    Bit-identical to ``reference.gumbel_noise`` / ``reference.gaussian_noise``."""
-    return _ops.philox_noise(like, seed, offset, gaussian)
+
+def _noise_state(value: NoiseState) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    seed, offset = value
+    return noise_state(seed, offset)
+
+
+def _temperature(value: Temperature, name: str = "temperature") -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise RuntimeError(f"{name} must be finite and > 0, got {value}")
+    return torch.tensor(value, dtype=torch.float64)  # float64 keeps the Python number exactly
+
+
+def philox_noise(like: Tensor, noise_state: NoiseState, distribution: str = "gumbel") -> Tensor:
+    """The kernels' noise for a (R, C) tensor, float32: "uniform" in (0, 1),
+    "gumbel" Gumbel(0, 1) or "gaussian" N(0, 1); element r * C + c.
+
+    Bit-identical to ``reference.philox_noise``."""
+    return _ops.philox_noise(like, _noise_state(noise_state), distribution)
 
 
 def codebook_distance(z: Tensor, weight: Optional[Tensor], codebook: Tensor) -> Tensor:
@@ -44,15 +76,15 @@ def codebook_distance(z: Tensor, weight: Optional[Tensor], codebook: Tensor) -> 
     return _ops.codebook_distance(z, weight, codebook)
 
 
-def weighted_softmax(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: float):
+def weighted_softmax(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: Temperature = 1.0):
     """(softmax(-d / temperature) over K, its row log-sum-exp)."""
-    return _ops.weighted_softmax(z, weight, codebook, temperature)
+    return _ops.weighted_softmax(z, weight, codebook, _temperature(temperature))
 
 
-def gumbel_argmax(logits: Tensor, temperature: float, hard: bool = True, seed: int = 0,
-                  offset: int = 0, noise: Optional[Tensor] = None):
+def gumbel_argmax(logits: Tensor, temperature: Temperature = 1.0, hard: bool = True,
+                  noise_state: NoiseState = (0, 0), noise: Optional[Tensor] = None):
     """(Gumbel-softmax sample, argmax indices); hard gives a straight-through one-hot."""
-    return _ops.gumbel_argmax(logits, temperature, hard, seed, offset, noise)
+    return _ops.gumbel_argmax(logits, _temperature(temperature), hard, _noise_state(noise_state), noise)
 
 
 def aggregated_posterior_entropy(logits: Tensor):
@@ -60,15 +92,16 @@ def aggregated_posterior_entropy(logits: Tensor):
     return _ops.aggregated_posterior_entropy(logits)
 
 
-def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: float = 1.0,
-             sigma_z2: float = 0.5, hard: bool = True, training: bool = True, seed: int = 0,
-             offset: int = 0, gumbel_noise: Optional[Tensor] = None,
-             eps_noise: Optional[Tensor] = None):
+def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: Temperature = 1.0,
+             sigma_z2: float = 0.5, hard: bool = True, training: bool = True, noise_state: NoiseState = (0, 0),
+             gumbel_noise: Optional[Tensor] = None, eps_noise: Optional[Tensor] = None):
     """The fused GM-VQ bottleneck: (z_out, indices, q_bar, latent_reg).
 
-    See ``gmvq_ext.reference.quantize`` for the exact semantics."""
-    return _ops.quantize(z, weight, codebook, temperature, sigma_z2, hard, training, seed, offset,
-                         gumbel_noise, eps_noise)
+    See ``gmvq_ext.reference.quantize`` for the exact semantics; the op itself
+    also returns the row statistics its backward reuses."""
+    outputs = _ops.quantize(z, weight, codebook, _temperature(temperature), sigma_z2, hard, training,
+                            _noise_state(noise_state), gumbel_noise, eps_noise)
+    return outputs[:4]
 
 
 # --------------------------------------------------------------------------
@@ -81,8 +114,10 @@ def _like_or_absent(t: Optional[Tensor], ref: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("gmvq::philox_noise")
-def _(like, seed, offset, gaussian):
+def _(like, noise_state, distribution):
     torch._check(like.dim() == 2, lambda: f"like must be a 2-D tensor (R, C), got {like.dim()}-D")
+    checks.check_noise_state(noise_state, like)
+    checks.check_distribution(distribution)
     return like.new_empty(like.shape, dtype=torch.float32)
 
 
@@ -102,7 +137,7 @@ def _(grad_distance, z, weight, codebook):
 @torch.library.register_fake("gmvq::weighted_softmax")
 def _(z, weight, codebook, temperature):
     checks.check_codebook_inputs(z, weight, codebook)
-    checks.check_positive_finite(temperature, "temperature")
+    checks.check_temperature(temperature, z)
     acc = _acc(z.dtype)
     return (z.new_empty((z.shape[0], codebook.shape[0]), dtype=acc), z.new_empty((z.shape[0],), dtype=acc))
 
@@ -110,29 +145,32 @@ def _(z, weight, codebook, temperature):
 @torch.library.register_fake("gmvq::weighted_softmax_backward")
 def _(grad_probs, grad_lse, probs, z, weight, codebook, temperature):
     checks.check_codebook_inputs(z, weight, codebook)
+    checks.check_temperature(temperature, z)
     n, k = z.shape[0], codebook.shape[0]
     checks.check_grad(grad_probs, "grad_probs", (n, k), z)
     checks.check_grad(grad_lse, "grad_lse", (n,), z)
     checks.check_grad(probs, "probs", (n, k), z)
-    checks.check_positive_finite(temperature, "temperature")
     return (_like_or_absent(z, z), _like_or_absent(weight, z), _like_or_absent(codebook, z))
 
 
-@torch.library.register_fake("gmvq::gumbel_argmax")
-def _(logits, temperature, hard, seed, offset, noise):
+def _check_gumbel_inputs(logits, temperature, noise_state, noise):
     checks.check_logits(logits)
-    checks.check_positive_finite(temperature, "temperature")
+    checks.check_temperature(temperature, logits)
+    checks.check_noise_state(noise_state, logits)
     checks.check_noise(noise, "noise", logits.shape[0], logits.shape[1], logits)
+
+
+@torch.library.register_fake("gmvq::gumbel_argmax")
+def _(logits, temperature, hard, noise_state, noise):
+    _check_gumbel_inputs(logits, temperature, noise_state, noise)
     return (logits.new_empty(logits.shape, dtype=_acc(logits.dtype)),
             logits.new_empty((logits.shape[0],), dtype=torch.int64))
 
 
 @torch.library.register_fake("gmvq::gumbel_argmax_backward")
-def _(grad_sample, logits, temperature, seed, offset, noise):
-    checks.check_logits(logits)
+def _(grad_sample, logits, temperature, noise_state, noise):
+    _check_gumbel_inputs(logits, temperature, noise_state, noise)
     checks.check_grad(grad_sample, "grad_sample", tuple(logits.shape), logits)
-    checks.check_positive_finite(temperature, "temperature")
-    checks.check_noise(noise, "noise", logits.shape[0], logits.shape[1], logits)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -153,27 +191,23 @@ def _(grad_entropy, grad_q_bar, logits, q_bar):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, gumbel_noise, eps_noise):
-    checks.check_codebook_inputs(z, weight, codebook)
-    checks.check_positive_finite(temperature, "temperature")
-    checks.check_positive_finite(sigma_z2, "sigma_z2")
-    checks.check_noise(gumbel_noise, "gumbel_noise", z.shape[0], codebook.shape[0], z)
-    checks.check_noise(eps_noise, "eps_noise", z.shape[0], z.shape[1], z)
-
-
 @torch.library.register_fake("gmvq::quantize")
-def _(z, weight, codebook, temperature, sigma_z2, hard, training, seed, offset, gumbel_noise, eps_noise):
-    _check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, gumbel_noise, eps_noise)
+def _(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise):
+    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise)
     acc = _acc(z.dtype)
-    n = z.shape[0]
+    n, d = z.shape
+    soft_rows = n if training and not hard else 0
     return (z.new_empty(z.shape), z.new_empty((n,), dtype=torch.int64),
-            z.new_empty((codebook.shape[0],), dtype=acc), z.new_empty((n,), dtype=acc))
+            z.new_empty((codebook.shape[0],), dtype=acc), z.new_empty((n,), dtype=acc),
+            z.new_empty((n, 2), dtype=acc), z.new_empty((soft_rows, d), dtype=acc))
 
 
 @torch.library.register_fake("gmvq::quantize_backward")
-def _(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices, temperature, sigma_z2,
-      hard, training, seed, offset, gumbel_noise, eps_noise):
-    _check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, gumbel_noise, eps_noise)
+def _(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices, row_lse, z_soft, temperature,
+      sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise):
+    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise)
+    checks.check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z,
+                                         codebook, hard, training)
     return (_like_or_absent(z, z), _like_or_absent(weight, z), _like_or_absent(codebook, z),
             _like_or_absent(gumbel_noise, z), _like_or_absent(eps_noise, z))
 
@@ -188,6 +222,12 @@ def _grad_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _present(grad: Tensor, source: Optional[Tensor]) -> Optional[Tensor]:
     return None if source is None else grad
+
+
+def _refuse_temperature_gradient(temperature: Tensor) -> None:
+    if temperature.requires_grad:
+        raise RuntimeError("temperature must not require grad: the gmvq ops do not differentiate with respect to "
+                           "it (detach it, or compute the logits' scale outside the op)")
 
 
 def _setup_distance(ctx, inputs, output):
@@ -206,17 +246,17 @@ torch.library.register_autograd("gmvq::codebook_distance", _backward_distance, s
 
 def _setup_softmax(ctx, inputs, output):
     z, weight, codebook, temperature = inputs
+    _refuse_temperature_gradient(temperature)
     probs, _ = output
-    ctx.temperature = temperature
-    ctx.save_for_backward(probs, z, weight, codebook)
+    ctx.save_for_backward(probs, z, weight, codebook, temperature)
 
 
 def _backward_softmax(ctx, grad_probs, grad_lse):
-    probs, z, weight, codebook = ctx.saved_tensors
+    probs, z, weight, codebook, temperature = ctx.saved_tensors
     grad_probs = _grad_or_zeros(grad_probs, probs)
     grad_lse = _grad_or_zeros(grad_lse, probs[:, 0])
     grad_z, grad_weight, grad_codebook = _ops.weighted_softmax_backward(
-        grad_probs, grad_lse, probs, z, weight, codebook, ctx.temperature)
+        grad_probs, grad_lse, probs, z, weight, codebook, temperature)
     return grad_z, _present(grad_weight, weight), grad_codebook, None
 
 
@@ -224,18 +264,20 @@ torch.library.register_autograd("gmvq::weighted_softmax", _backward_softmax, set
 
 
 def _setup_gumbel(ctx, inputs, output):
-    logits, temperature, hard, seed, offset, noise = inputs
-    ctx.temperature, ctx.seed, ctx.offset = temperature, seed, offset
-    ctx.save_for_backward(logits, noise)
+    logits, temperature, hard, noise_state, noise = inputs
+    _refuse_temperature_gradient(temperature)
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(logits, temperature, noise_state, noise)
 
 
 def _backward_gumbel(ctx, grad_sample, grad_indices):
-    logits, noise = ctx.saved_tensors
+    logits, temperature, noise_state, noise = ctx.saved_tensors
     grad_sample = _grad_or_zeros(grad_sample, logits.to(_acc(logits.dtype)))
-    grad_logits = _ops.gumbel_argmax_backward(grad_sample, logits, ctx.temperature, ctx.seed, ctx.offset, noise)
+    grad_logits = _ops.gumbel_argmax_backward(grad_sample, logits, temperature, noise_state, noise)
     # The sample depends on logits + noise: both receive the same gradient.
     grad_noise = None if noise is None else grad_logits.to(noise.dtype)
-    return grad_logits, None, None, None, None, grad_noise
+    return grad_logits, None, None, None, grad_noise
 
 
 torch.library.register_autograd("gmvq::gumbel_argmax", _backward_gumbel, setup_context=_setup_gumbel)
@@ -259,24 +301,30 @@ torch.library.register_autograd(
 
 
 def _setup_quantize(ctx, inputs, output):
-    z, weight, codebook, temperature, sigma_z2, hard, training, seed, offset, gumbel_noise, eps_noise = inputs
-    _, indices, _, _ = output
-    ctx.scalars = (temperature, sigma_z2, hard, training, seed, offset)
-    ctx.save_for_backward(z, weight, codebook, indices, gumbel_noise, eps_noise)
+    z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise = inputs
+    _refuse_temperature_gradient(temperature)
+    _, indices, _, _, row_lse, z_soft = output
+    ctx.mark_non_differentiable(indices, row_lse, z_soft)  # backward state, not results to differentiate
+    ctx.flags = (sigma_z2, hard, training)
+    ctx.save_for_backward(z, weight, codebook, indices, row_lse, z_soft, temperature, noise_state, gumbel_noise,
+                          eps_noise)
 
 
-def _backward_quantize(ctx, grad_z_out, grad_indices, grad_q_bar, grad_latent_reg):
-    z, weight, codebook, indices, gumbel_noise, eps_noise = ctx.saved_tensors
+def _backward_quantize(ctx, grad_z_out, grad_indices, grad_q_bar, grad_latent_reg, grad_row_lse, grad_z_soft):
+    z, weight, codebook, indices, row_lse, z_soft, temperature, noise_state, gumbel_noise, eps_noise = \
+        ctx.saved_tensors
+    sigma_z2, hard, training = ctx.flags
     acc = _acc(z.dtype)
     grad_z_out = _grad_or_zeros(grad_z_out, z)
     if grad_q_bar is None:
         grad_q_bar = z.new_zeros((codebook.shape[0],), dtype=acc)
     if grad_latent_reg is None:
         grad_latent_reg = z.new_zeros((z.shape[0],), dtype=acc)
-    grads = _ops.quantize_backward(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices,
-                                   *ctx.scalars, gumbel_noise, eps_noise)
+    grads = _ops.quantize_backward(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices, row_lse,
+                                   z_soft, temperature, sigma_z2, hard, training, noise_state, gumbel_noise,
+                                   eps_noise)
     grad_z, grad_weight, grad_codebook, grad_gumbel, grad_eps = grads
-    return (grad_z, _present(grad_weight, weight), grad_codebook, None, None, None, None, None, None,
+    return (grad_z, _present(grad_weight, weight), grad_codebook, None, None, None, None, None,
             _present(grad_gumbel, gumbel_noise), _present(grad_eps, eps_noise))
 
 

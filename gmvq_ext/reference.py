@@ -1,8 +1,9 @@
 """GM-VQ in plain PyTorch: the specification every kernel is checked against.
 
 Every function here has the signature and semantics of the ``torch.ops.gmvq``
-op of the same name (see ``ARCHITECTURE.md`` and ``GMVQ_MATH.md``), and its
-gradients are whatever autograd makes of it. It favours clarity over memory:
+op of the same name (docs/math.md), and its gradients are whatever autograd
+makes of it. ``temperature`` may be a number or a 0-dim tensor and
+``noise_state`` a tensor [seed, offset] or a (seed, offset) pair. It favours clarity over memory:
 it materialises N x K tensors freely, which the fused kernels never do.
 
 Noise comes from Philox4x32-10, written here in int64 tensor arithmetic and
@@ -26,6 +27,8 @@ __all__ = [
     "uniform_from_bits",
     "gumbel_from_words",
     "gaussian_from_words",
+    "philox_noise",
+    "uniform_noise",
     "gumbel_noise",
     "gaussian_noise",
     "codebook_distance",
@@ -167,14 +170,40 @@ def gaussian_from_words(words: Tensor) -> Tensor:
     return erfinv_canonical((u + u) + -1.0) * _SQRT_TWO
 
 
-def gumbel_noise(seed, offset, n: int, k: int, device=None) -> Tensor:
+def split_noise_state(noise_state, device=None):
+    """(seed, offset) from a tensor [seed, offset] (as 0-d int64 tensors on device) or a pair of ints."""
+    if isinstance(noise_state, Tensor):
+        seed, offset = noise_state.reshape(2).to(device=device, dtype=torch.int64).unbind()
+        return seed, offset
+    seed, offset = noise_state
+    return int(seed), int(offset)
+
+
+def uniform_noise(noise_state, n: int, c: int, device=None) -> Tensor:
+    """U(0, 1) u[n, c] from the words of stream 0, element n*C + c; float32 (N, C)."""
+    seed, offset = split_noise_state(noise_state, device)
+    return uniform_from_bits(random_words(seed, offset, GUMBEL_STREAM, n * c, device)).reshape(n, c)
+
+
+def gumbel_noise(noise_state, n: int, k: int, device=None) -> Tensor:
     """Gumbel(0, 1) noise g[n, k] from stream 0, element n*K + k; float32 (N, K)."""
+    seed, offset = split_noise_state(noise_state, device)
     return gumbel_from_words(random_words(seed, offset, GUMBEL_STREAM, n * k, device)).reshape(n, k)
 
 
-def gaussian_noise(seed, offset, n: int, d: int, device=None) -> Tensor:
+def gaussian_noise(noise_state, n: int, d: int, device=None) -> Tensor:
     """N(0, 1) noise eps[n, d] from stream 1, element n*D + d; float32 (N, D)."""
+    seed, offset = split_noise_state(noise_state, device)
     return gaussian_from_words(random_words(seed, offset, GAUSSIAN_STREAM, n * d, device)).reshape(n, d)
+
+
+_draw_gumbel = gumbel_noise  # quantize's gumbel_noise argument shadows the name
+_NOISE = {"uniform": uniform_noise, "gumbel": gumbel_noise, "gaussian": gaussian_noise}
+
+
+def philox_noise(like: Tensor, noise_state, distribution: str = "gumbel") -> Tensor:
+    """The ops' noise for a (R, C) tensor: "uniform", "gumbel" or "gaussian", float32."""
+    return _NOISE[distribution](noise_state, like.shape[0], like.shape[1], like.device)
 
 
 # --------------------------------------------------------------------------
@@ -206,19 +235,18 @@ def codebook_distance(z: Tensor, weight: Optional[Tensor], codebook: Tensor) -> 
     return distance + (distance.clamp_min(0) - distance).detach()
 
 
-def weighted_softmax(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: float):
+def weighted_softmax(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature):
     """probs = softmax(-d / temperature) over K and its row log-sum-exp."""
     logits = -codebook_distance(z, weight, codebook) / temperature
     lse = torch.logsumexp(logits, dim=1)
     return torch.exp(logits - lse[:, None]), lse
 
 
-def gumbel_argmax(logits: Tensor, temperature: float, hard: bool, seed: int, offset: int,
-                  noise: Optional[Tensor] = None):
+def gumbel_argmax(logits: Tensor, temperature, hard: bool, noise_state, noise: Optional[Tensor] = None):
     """Gumbel-softmax sample (soft, or one-hot with the soft gradient) and argmax."""
     acc = accumulation_dtype(logits.dtype)
     n, k = logits.shape
-    g = noise if noise is not None else gumbel_noise(seed, offset, n, k, logits.device)
+    g = noise if noise is not None else gumbel_noise(noise_state, n, k, logits.device)
     perturbed = logits.to(acc) + g.to(acc)
     soft = torch.softmax(perturbed / temperature, dim=1)
     indices = perturbed.argmax(dim=1) if n > 0 else torch.empty(0, dtype=torch.long, device=logits.device)
@@ -240,30 +268,40 @@ def aggregated_posterior_entropy(logits: Tensor):
     return entropy, q_bar
 
 
-def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: float,
-             sigma_z2: float, hard: bool, training: bool, seed: int, offset: int,
-             gumbel_noise: Optional[Tensor] = None, eps_noise: Optional[Tensor] = None):
-    """The whole GM-VQ bottleneck: (z_out, indices, q_bar, latent_reg).
+def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature, sigma_z2: float, hard: bool,
+             training: bool, noise_state, gumbel_noise: Optional[Tensor] = None,
+             eps_noise: Optional[Tensor] = None):
+    """The whole GM-VQ bottleneck: (z_out, indices, q_bar, latent_reg, row_lse, z_soft).
 
     training: Gumbel-softmax code c (hard: straight-through one-hot), z_q = c @ E,
               z_out = z_q + s * eps with s = ||z - z_q|| / sqrt(2 sigma_z2 D).
     eval:     argmax code, z_out = z_q = E[idx], no noise.
     q_bar is the mean of softmax(logits) (no temperature, no noise);
-    latent_reg[n] = ||z[n] - z_q[n]||^2 / (2 sigma_z2)."""
+    latent_reg[n] = ||z[n] - z_q[n]||^2 / (2 sigma_z2).
+    The backward's state: row_lse[n] = (logsumexp_k l, logsumexp_k (l + g) / T)
+    (evaluation repeats the first), z_soft = y @ E in soft training, else (0, D)."""
     acc = accumulation_dtype(z.dtype)
     n, d = z.shape
     z_acc, e_acc = z.to(acc), codebook.to(acc)
     logits = -codebook_distance(z, weight, codebook)
     q_bar = torch.softmax(logits, dim=1).sum(0) / max(n, 1)
+    lse_logits = torch.logsumexp(logits, dim=1)
+    z_soft = z_acc.new_empty((0, d))
     if training:
-        code, indices = gumbel_argmax(logits, temperature, hard, seed, offset, gumbel_noise)
+        g = gumbel_noise if gumbel_noise is not None else _draw_gumbel(noise_state, n, codebook.shape[0], z.device)
+        code, indices = gumbel_argmax(logits, temperature, hard, noise_state, g)
         z_q = code @ e_acc
-        eps = eps_noise if eps_noise is not None else gaussian_noise(seed, offset, n, d, z.device)
+        if not hard:
+            z_soft = z_q
+        lse_sample = torch.logsumexp((logits + g.to(acc)) / temperature, dim=1)
+        eps = eps_noise if eps_noise is not None else gaussian_noise(noise_state, n, d, z.device)
         scale = torch.linalg.vector_norm(z_acc - z_q, dim=1, keepdim=True) / math.sqrt(2.0 * sigma_z2 * d)
         z_out = z_q + scale * eps.to(acc)
     else:
         indices = logits.argmax(dim=1) if n > 0 else torch.empty(0, dtype=torch.long, device=z.device)
         z_q = e_acc[indices]
         z_out = z_q
+        lse_sample = lse_logits
     latent_reg = (z_acc - z_q).pow(2).sum(1) / (2.0 * sigma_z2)
-    return z_out.to(z.dtype), indices, q_bar, latent_reg
+    row_lse = torch.stack([lse_logits, lse_sample], dim=1)
+    return z_out.to(z.dtype), indices, q_bar, latent_reg, row_lse, z_soft

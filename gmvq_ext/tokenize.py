@@ -39,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-images", type=int, help="only the first N images of the split")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="GM-VQ bottleneck implementation (the codes are the same)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     return p
 
@@ -66,7 +64,7 @@ def run(options) -> Path:
         raise FileExistsError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
     if out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} is a folder; give a file name such as codes.npy")
-    tokenizer = Tokenizer.from_checkpoint(options.checkpoint, device=options.device, backend=options.backend)
+    tokenizer = Tokenizer.from_checkpoint(options.checkpoint, device=options.device)
     run_args = tokenizer.run_args
     data_dir = options.data_dir or run_args["data_dir"]
     dataset = build_dataset(run_args["dataset"], data_dir, options.split, run_args["val_fraction"],

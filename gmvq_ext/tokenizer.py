@@ -43,15 +43,13 @@ class Tokenizer:
         self.run_args = dict(run_args or {})
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        backend: str = "auto") -> "Tokenizer":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Tokenizer":
         """The model of a ``gmvq_ext.train`` checkpoint (read as plain data; a
         bad file raises ``CheckpointError`` naming it) on ``device`` (default:
-        cuda when available, else cpu). ``backend`` picks GM-VQ's fused kernel
-        or the reference ("auto": the kernel where built); the codes are the same."""
+        cuda when available, else cpu)."""
         device = resolve_device(device)
         state = ckpt.load(path)
-        model, args = ckpt.restore_model(state, path, device, backend)
+        model, args = ckpt.restore_model(state, path, device)
         return cls(model, IMAGE_SIZE[args.dataset], vars(args))
 
     # ------------------------------------------------------------------ images -> codes

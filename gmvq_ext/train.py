@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from .data import DataError, build_dataset, collate_images
 from .download import ensure_dataset
+from .quantizers.backend import has_kernel
 from .training import checkpoint as ckpt
 from .training import distributed
 from .training.config import RUN_DEFINING, WARMUP_START_FACTOR, build_model, parse_args, quantizer_options
@@ -94,9 +95,11 @@ def run(args, ctx: distributed.Context) -> dict | None:
 
     # ---- model, optimizer, schedule (same initial weights on every rank)
     torch.manual_seed(args.seed)
-    options = quantizer_options(args, ctx.device)
+    options = quantizer_options(args)
     model = build_model(args, options).to(ctx.device)
-    log(f"quantizer {args.quantizer} {options}; {sum(p.numel() for p in model.parameters())} parameters")
+    kernels = "kernels" if has_kernel("quantize", ctx.device.type) else "the reference (no kernel for this device)"
+    log(f"quantizer {args.quantizer} {options}; {sum(p.numel() for p in model.parameters())} parameters; "
+        f"gmvq ops: {ctx.device.type} {kernels}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -25,31 +25,42 @@ class Inputs:
     def t(self, *shape, dtype=torch.float32, device=None):
         return torch.zeros(shape, dtype=dtype, device=device or self.device)
 
+    @staticmethod
+    def temperature(value=1.0):
+        """A CPU 0-dim temperature: valid beside inputs on any device."""
+        return torch.tensor(value, dtype=torch.float64)
+
+    @staticmethod
+    def state(seed=0, offset=0):
+        return torch.tensor([seed, offset], dtype=torch.int64)
+
 
 # Valid arguments of each op, in schema order; a row replaces some of them.
 VALID = {
-    "philox_noise": lambda m: dict(like=m.t(N, K), seed=0, offset=0, gaussian=False),
+    "philox_noise": lambda m: dict(like=m.t(N, K), noise_state=m.state(), distribution="gumbel"),
     "codebook_distance": lambda m: dict(z=m.t(N, D), weight=m.t(N, D), codebook=m.t(K, D)),
     "codebook_distance_backward": lambda m: dict(grad_distance=m.t(N, K), z=m.t(N, D), weight=m.t(N, D),
                                                  codebook=m.t(K, D)),
-    "weighted_softmax": lambda m: dict(z=m.t(N, D), weight=m.t(N, 1), codebook=m.t(K, D), temperature=1.0),
+    "weighted_softmax": lambda m: dict(z=m.t(N, D), weight=m.t(N, 1), codebook=m.t(K, D),
+                                       temperature=m.temperature()),
     "weighted_softmax_backward": lambda m: dict(grad_probs=m.t(N, K), grad_lse=m.t(N), probs=m.t(N, K),
-                                                z=m.t(N, D), weight=None, codebook=m.t(K, D), temperature=1.0),
-    "gumbel_argmax": lambda m: dict(logits=m.t(N, K), temperature=1.0, hard=True, seed=0, offset=0,
-                                    noise=m.t(N, K)),
-    "gumbel_argmax_backward": lambda m: dict(grad_sample=m.t(N, K), logits=m.t(N, K), temperature=1.0, seed=0,
-                                             offset=0, noise=m.t(N, K)),
+                                                z=m.t(N, D), weight=None, codebook=m.t(K, D),
+                                                temperature=m.temperature()),
+    "gumbel_argmax": lambda m: dict(logits=m.t(N, K), temperature=m.temperature(), hard=True,
+                                    noise_state=m.state(), noise=m.t(N, K)),
+    "gumbel_argmax_backward": lambda m: dict(grad_sample=m.t(N, K), logits=m.t(N, K), temperature=m.temperature(),
+                                             noise_state=m.state(), noise=m.t(N, K)),
     "aggregated_posterior_entropy": lambda m: dict(logits=m.t(N, K)),
     "aggregated_posterior_entropy_backward": lambda m: dict(grad_entropy=m.t(), grad_q_bar=m.t(K),
                                                             logits=m.t(N, K), q_bar=m.t(K)),
-    "quantize": lambda m: dict(z=m.t(N, D), weight=m.t(N, D), codebook=m.t(K, D), temperature=1.0, sigma_z2=0.5,
-                               hard=True, training=True, seed=0, offset=0, gumbel_noise=m.t(N, K),
-                               eps_noise=m.t(N, D)),
+    "quantize": lambda m: dict(z=m.t(N, D), weight=m.t(N, D), codebook=m.t(K, D), temperature=m.temperature(),
+                               sigma_z2=0.5, hard=True, training=True, noise_state=m.state(),
+                               gumbel_noise=m.t(N, K), eps_noise=m.t(N, D)),
     "quantize_backward": lambda m: dict(grad_z_out=m.t(N, D), grad_q_bar=m.t(K), grad_latent_reg=m.t(N),
                                         z=m.t(N, D), weight=None, codebook=m.t(K, D),
-                                        indices=m.t(N, dtype=torch.int64), temperature=1.0, sigma_z2=0.5,
-                                        hard=True, training=True, seed=0, offset=0, gumbel_noise=None,
-                                        eps_noise=None),
+                                        indices=m.t(N, dtype=torch.int64), row_lse=m.t(N, 2), z_soft=m.t(0, D),
+                                        temperature=m.temperature(), sigma_z2=0.5, hard=True, training=True,
+                                        noise_state=m.state(), gumbel_noise=None, eps_noise=None),
 }
 
 
@@ -58,9 +69,27 @@ def row(op, argument, why, **changes):
     return pytest.param(op, changes, argument, id=f"{op}-{argument}-{why}")
 
 
-def bad_temperature(op, name="temperature"):
-    return [row(op, name, label, **{name: lambda m, v=value: v})
-            for label, value in [("zero", 0.0), ("negative", -1.0), ("nan", math.nan), ("inf", math.inf)]]
+BAD_VALUES = [("zero", 0.0), ("negative", -1.0), ("nan", math.nan), ("inf", math.inf)]
+
+
+def bad_sigma(op):
+    return [row(op, "sigma_z2", label, sigma_z2=lambda m, v=value: v) for label, value in BAD_VALUES]
+
+
+def bad_temperature(op):
+    """A CPU temperature's value is checked on every device; its form always."""
+    return [
+        *[row(op, "temperature", label, temperature=lambda m, v=value: m.temperature(v)) for label, value in BAD_VALUES],
+        row(op, "temperature", "1d", temperature=lambda m: torch.ones(1)),
+        row(op, "temperature", "int", temperature=lambda m: torch.tensor(1)),
+    ]
+
+
+def bad_noise_state(op):
+    return [
+        row(op, "noise_state", "float", noise_state=lambda m: torch.zeros(2)),
+        row(op, "noise_state", "three-elements", noise_state=lambda m: torch.zeros(3, dtype=torch.int64)),
+    ]
 
 
 def codebook_rows(op):
@@ -106,6 +135,8 @@ def noise_rows(op, name, cols):
 TABLE = [
     row("philox_noise", "like", "1d", like=lambda m: m.t(K)),
     row("philox_noise", "like", "3d", like=lambda m: m.t(N, K, 1)),
+    *bad_noise_state("philox_noise"),
+    row("philox_noise", "distribution", "unknown", distribution=lambda m: "normal"),
     *codebook_rows("codebook_distance"),
     row("codebook_distance_backward", "codebook", "d-mismatch", codebook=lambda m: m.t(K, D + 1)),
     row("codebook_distance_backward", "grad_distance", "wrong-shape",
@@ -120,6 +151,7 @@ TABLE = [
     row("weighted_softmax_backward", "probs", "wrong-shape", probs=lambda m: m.t(N + 1, K)),
     *logits_rows("gumbel_argmax"),
     *bad_temperature("gumbel_argmax"),
+    *bad_noise_state("gumbel_argmax"),
     *noise_rows("gumbel_argmax", "noise", K),
     *logits_rows("gumbel_argmax_backward"),
     *bad_temperature("gumbel_argmax_backward"),
@@ -136,11 +168,17 @@ TABLE = [
         q_bar=lambda m: m.t(N, K)),
     *codebook_rows("quantize"),
     *bad_temperature("quantize"),
-    *bad_temperature("quantize", "sigma_z2"),
+    *bad_sigma("quantize"),
+    *bad_noise_state("quantize"),
     *noise_rows("quantize", "gumbel_noise", K),
     *noise_rows("quantize", "eps_noise", D),
     row("quantize_backward", "codebook", "d-mismatch", codebook=lambda m: m.t(K, D + 1)),
-    *bad_temperature("quantize_backward", "sigma_z2"),
+    *bad_sigma("quantize_backward"),
+    *bad_temperature("quantize_backward"),
+    row("quantize_backward", "row_lse", "wrong-shape", row_lse=lambda m: m.t(N, 1)),
+    row("quantize_backward", "row_lse", "float64", row_lse=lambda m: m.t(N, 2, dtype=torch.float64)),
+    row("quantize_backward", "z_soft", "hard-needs-none", z_soft=lambda m: m.t(N, D)),
+    row("quantize_backward", "indices", "int32", indices=lambda m: m.t(N, dtype=torch.int32)),
 ]
 
 

@@ -25,7 +25,7 @@ from test_train import SMALL
 def small_state(**changes) -> dict:
     """A checkpoint state shaped exactly as train.py writes it, without training."""
     args = parse_args([*SMALL, "--epochs", "1", "--out", "unused"])
-    options = quantizer_options(args, torch.device("cpu"))
+    options = quantizer_options(args)
     model = build_model(args, options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

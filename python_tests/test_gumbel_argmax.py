@@ -27,8 +27,8 @@ def check_against_reference(logits, temperature, hard, dtype, noise=None, seed=S
     """Sample, exact indices and the gradients (of logits and given noise) against the reference."""
     inputs = [t if t is None else t.detach().requires_grad_() for t in (logits, noise)]
     ref_inputs = [upcast(t) for t in inputs]
-    sample, indices = ops.gumbel_argmax(inputs[0], temperature, hard, seed, offset, inputs[1])
-    ref_sample, ref_indices = reference.gumbel_argmax(ref_inputs[0], temperature, hard, seed, offset, ref_inputs[1])
+    sample, indices = ops.gumbel_argmax(inputs[0], temperature, hard, (seed, offset), inputs[1])
+    ref_sample, ref_indices = reference.gumbel_argmax(ref_inputs[0], temperature, hard, (seed, offset), ref_inputs[1])
     assert sample.dtype == reference.accumulation_dtype(dtype) and sample.shape == logits.shape
     assert indices.dtype == torch.int64
     assert torch.equal(indices, ref_indices)
@@ -69,10 +69,10 @@ def test_given_noise_matches_reference(device, dtype, noise_dtype, hard):
 @pytest.mark.parametrize("device", DEVICES)
 def test_philox_noise_is_the_philox_noise_op(device):
     logits = make_logits(device=device, dtype=torch.float64)
-    noise = ops.philox_noise(logits, SEED, OFFSET, False)
+    noise = ops.philox_noise(logits, (SEED, OFFSET), "gumbel")
     for hard in (False, True):
-        a = ops.gumbel_argmax(logits, 0.5, hard, SEED, OFFSET)
-        b = ops.gumbel_argmax(logits, 0.5, hard, 0, 0, noise)
+        a = ops.gumbel_argmax(logits, 0.5, hard, (SEED, OFFSET))
+        b = ops.gumbel_argmax(logits, 0.5, hard, (0, 0), noise)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -85,8 +85,8 @@ def test_temperatures(device, temperature):
 @pytest.mark.parametrize("device", DEVICES)
 def test_hard_is_one_hot_with_the_soft_gradient(device):
     logits = make_logits(device=device, requires_grad=True)
-    hard, indices = ops.gumbel_argmax(logits, 0.5, True, SEED, OFFSET)
-    soft, soft_indices = ops.gumbel_argmax(logits, 0.5, False, SEED, OFFSET)
+    hard, indices = ops.gumbel_argmax(logits, 0.5, True, (SEED, OFFSET))
+    soft, soft_indices = ops.gumbel_argmax(logits, 0.5, False, (SEED, OFFSET))
     assert torch.equal(indices, soft_indices)
     assert torch.equal(hard, torch.nn.functional.one_hot(indices, logits.shape[1]).float())
     assert torch.equal(soft.argmax(1), indices)
@@ -98,8 +98,8 @@ def test_hard_is_one_hot_with_the_soft_gradient(device):
 def test_gradcheck_soft(device):
     logits = make_logits(n=5, k=4, dtype=torch.float64, device=device, requires_grad=True)
     noise = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda l: ops.gumbel_argmax(l, 0.6, False, SEED, OFFSET)[0], (logits,))
-    assert torch.autograd.gradcheck(lambda l, g: ops.gumbel_argmax(l, 0.6, False, 0, 0, g)[0], (logits, noise))
+    assert torch.autograd.gradcheck(lambda l: ops.gumbel_argmax(l, 0.6, False, (SEED, OFFSET))[0], (logits,))
+    assert torch.autograd.gradcheck(lambda l, g: ops.gumbel_argmax(l, 0.6, False, (0, 0), g)[0], (logits, noise))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,11 +108,13 @@ def test_gradcheck_soft(device):
 def test_opcheck(device, hard, with_noise):
     logits = make_logits(n=6, k=5, device=device)
     noise = torch.randn(6, 5, device=device) if with_noise else None
-    args = (logits.requires_grad_(), 0.7, hard, SEED, OFFSET, noise)
+    temperature = torch.tensor(0.7, device=device)
+    state = ops.noise_state(SEED, OFFSET, device=device)
+    args = (logits.requires_grad_(), temperature, hard, state, noise)
     torch.library.opcheck(torch.ops.gmvq.gumbel_argmax.default, args)
     if hard:  # the backward op does not depend on hard
         torch.library.opcheck(torch.ops.gmvq.gumbel_argmax_backward.default,
-                              (torch.randn(6, 5, device=device), logits.detach(), 0.7, SEED, OFFSET, noise))
+                              (torch.randn(6, 5, device=device), logits.detach(), temperature, state, noise))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,7 +126,7 @@ def test_indices_follow_the_softmax_law(device):
     logits = row.expand(n, -1).to(device)
     expected = torch.softmax(row, 0) * n
     for seed, offset in [(0, 0), (77, 2**40)]:
-        _, indices = ops.gumbel_argmax(logits, 1.0, True, seed, offset)
+        _, indices = ops.gumbel_argmax(logits, 1.0, True, (seed, offset))
         counts = torch.bincount(indices.cpu(), minlength=row.numel()).double()
         assert scipy.stats.chisquare(counts.numpy(), expected.numpy()).pvalue > SIGNIFICANCE
     # A wrong law (uniform) is rejected by the same test: it has the power to fail.
@@ -134,10 +136,10 @@ def test_indices_follow_the_softmax_law(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_seed_and_offset_select_the_noise(device):
     logits = make_logits(n=64, k=16, device=device)
-    base = ops.gumbel_argmax(logits, 1.0, False, 1, 2)[0]
-    assert torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, 1, 2)[0])
-    assert not torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, 2, 2)[0])
-    assert not torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, 1, 3)[0])
+    base = ops.gumbel_argmax(logits, 1.0, False, (1, 2))[0]
+    assert torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, (1, 2))[0])
+    assert not torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, (2, 2))[0])
+    assert not torch.equal(base, ops.gumbel_argmax(logits, 1.0, False, (1, 3))[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -178,7 +180,7 @@ def test_large_logits_stay_finite(device, dtype, hard):
 def test_ties_go_to_the_lowest_index(device):
     logits = torch.zeros(3, 4, device=device)
     noise = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 5.0]], device=device)
-    _, indices = ops.gumbel_argmax(logits, 1.0, True, 0, 0, noise)
+    _, indices = ops.gumbel_argmax(logits, 1.0, True, (0, 0), noise)
     assert indices.tolist() == [1, 0, 3]
 
 
@@ -187,7 +189,7 @@ def test_deterministic(device):
     logits = make_logits(n=500, k=33, device=device, requires_grad=True)
     runs = []
     for _ in range(2):
-        sample, indices = ops.gumbel_argmax(logits, 0.5, False, SEED, OFFSET)
+        sample, indices = ops.gumbel_argmax(logits, 0.5, False, (SEED, OFFSET))
         runs.append((sample, indices, torch.autograd.grad(sample, logits, torch.ones_like(sample) * logits.detach())[0]))
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -1,6 +1,6 @@
-"""philox_noise: the kernels' Philox4x32-10 Gumbel / Gaussian noise.
+"""philox_noise: the kernels' Philox4x32-10 uniform / Gumbel / Gaussian noise.
 
-Bit-identical to reference.gumbel_noise / gaussian_noise on every device, the
+Bit-identical to reference.philox_noise on every device, the
 generator itself checked on the Random123 known-answer vectors, and the
 noise checked against its distribution."""
 
@@ -32,9 +32,11 @@ SHAPES = [(5, 7), (1, 1), (3, 13), (17, 3), (0, 4), (4, 0)]  # C not a multiple 
 SIGNIFICANCE = 1e-3
 
 
-def reference_noise(seed, offset, shape, gaussian):
-    make = reference.gaussian_noise if gaussian else reference.gumbel_noise
-    return make(seed, offset, *shape)
+DISTRIBUTIONS = ["uniform", "gumbel", "gaussian"]
+
+
+def reference_noise(seed, offset, shape, distribution):
+    return reference.philox_noise(torch.empty(shape), (seed, offset), distribution)
 
 
 def assert_same_bits(actual, expected):
@@ -55,69 +57,88 @@ def test_kernel_noise_comes_from_the_known_answer_block(device):
     words = torch.tensor(KNOWN_ANSWERS[0][2], dtype=torch.int64)
     u = reference.uniform_from_bits(words)
     expected = -reference.log_canonical(-reference.log_canonical(u))
-    actual = ops.philox_noise(torch.empty(1, 4, device=device), 0, 0, False)
+    actual = ops.philox_noise(torch.empty(1, 4, device=device), (0, 0), "gumbel")
     assert_same_bits(actual, expected[None, :])
+    assert_same_bits(ops.philox_noise(torch.empty(1, 4, device=device), (0, 0), "uniform"), u[None, :])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gaussian", [False, True], ids=["gumbel", "gaussian"])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("seed, offset", SEEDS_AND_OFFSETS)
-def test_noise_is_bit_identical_to_reference(device, gaussian, seed, offset):
+def test_noise_is_bit_identical_to_reference(device, distribution, seed, offset):
     like = torch.empty(9, 11, device=device)
-    assert_same_bits(ops.philox_noise(like, seed, offset, gaussian), reference_noise(seed, offset, (9, 11), gaussian))
+    assert_same_bits(ops.philox_noise(like, (seed, offset), distribution),
+                     reference_noise(seed, offset, (9, 11), distribution))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gaussian", [False, True], ids=["gumbel", "gaussian"])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_noise_shapes(device, gaussian, shape):
+def test_noise_shapes(device, distribution, shape):
     like = torch.empty(shape, device=device)
-    assert_same_bits(ops.philox_noise(like, 123, 456, gaussian), reference_noise(123, 456, shape, gaussian))
+    assert_same_bits(ops.philox_noise(like, (123, 456), distribution), reference_noise(123, 456, shape, distribution))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gaussian", [False, True], ids=["gumbel", "gaussian"])
-def test_noise_tails_are_bit_identical_to_reference(device, gaussian):
+def test_noise_state_may_live_on_the_device(device):
+    # A device-resident key (what a compiled or CUDA-graph step passes) gives the same bits.
+    like = torch.empty(5, 9, device=device)
+    for distribution in DISTRIBUTIONS:
+        on_device = ops.philox_noise(like, ops.noise_state(31, 2**41 + 3, device=device), distribution)
+        assert_same_bits(on_device, ops.philox_noise(like, (31, 2**41 + 3), distribution))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distribution", ["gumbel", "gaussian"])
+def test_noise_tails_are_bit_identical_to_reference(device, distribution):
     # 2^20 draws reach |eps| > 4.5 and u within 2^-20 of 0 or 1, where the
     # transforms' rarely taken branches (erfinv's tail, log near 1) run.
     like = torch.empty(1024, 1024, device=device)
-    noise = ops.philox_noise(like, 7, 3, gaussian)
-    assert noise.abs().max() > (4.5 if gaussian else 10.0)
-    assert_same_bits(noise, reference_noise(7, 3, (1024, 1024), gaussian))
+    noise = ops.philox_noise(like, (7, 3), distribution)
+    assert noise.abs().max() > (4.5 if distribution == "gaussian" else 10.0)
+    assert_same_bits(noise, reference_noise(7, 3, (1024, 1024), distribution))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_noise_is_float32_whatever_like_is(device):
     # Only like's shape and device matter: dtype and layout are ignored.
     like = torch.zeros(6, 10, dtype=torch.float16, device=device).t()
-    noise = ops.philox_noise(like, 5, 0, False)
+    noise = ops.philox_noise(like, (5, 0), "gumbel")
     assert noise.dtype == torch.float32 and noise.shape == (10, 6) and noise.is_contiguous()
     assert noise.device.type == torch.device(device).type
-    assert_same_bits(noise, reference.gumbel_noise(5, 0, 10, 6))
+    assert_same_bits(noise, reference.gumbel_noise((5, 0), 10, 6))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_element_index_is_row_major(device):
     # Element r * C + c: the flat stream does not depend on how it is cut into rows.
-    flat = ops.philox_noise(torch.empty(1, 60, device=device), 9, 1, False).reshape(-1)
+    flat = ops.philox_noise(torch.empty(1, 60, device=device), (9, 1)).reshape(-1)
     for shape in [(6, 10), (20, 3), (60, 1)]:
-        assert_same_bits(ops.philox_noise(torch.empty(shape, device=device), 9, 1, False).reshape(-1), flat)
+        assert_same_bits(ops.philox_noise(torch.empty(shape, device=device), (9, 1)).reshape(-1), flat)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_seed_offset_and_stream_change_the_noise(device):
     like = torch.empty(8, 8, device=device)
-    base = ops.philox_noise(like, 1, 0, False)
-    assert torch.equal(base, ops.philox_noise(like, 1, 0, False))
-    for other in [ops.philox_noise(like, 2, 0, False), ops.philox_noise(like, 1, 1, False),
-                  ops.philox_noise(like, 1, 0, True), ops.philox_noise(like, 1 + 2**32, 0, False),
-                  ops.philox_noise(like, 1, 2**32, False)]:
+    base = ops.philox_noise(like, (1, 0))
+    assert torch.equal(base, ops.philox_noise(like, (1, 0)))
+    for other in [ops.philox_noise(like, (2, 0)), ops.philox_noise(like, (1, 1)),
+                  ops.philox_noise(like, (1, 0), "gaussian"), ops.philox_noise(like, (1 + 2**32, 0)),
+                  ops.philox_noise(like, (1, 2**32))]:
         # Independent draws: no element in common (a coincidence has probability ~64 / 2^23).
         assert not torch.eq(base, other).any()
 
 
+def test_uniform_distribution():
+    u = ops.philox_noise(torch.empty(400, 500), (2024, 7), "uniform").double().reshape(-1)
+    assert (u > 0).all() and (u < 1).all()
+    assert scipy.stats.kstest(u.numpy(), "uniform").pvalue > SIGNIFICANCE
+    # Exactly the 23-bit grid: ((r >> 9) + 0.5) * 2^-23.
+    assert torch.equal(u * 2**23 - 0.5, (u * 2**23 - 0.5).round())
+
+
 def test_gumbel_distribution():
-    g = ops.philox_noise(torch.empty(400, 500), 2024, 7, False).double().reshape(-1)
+    g = ops.philox_noise(torch.empty(400, 500), (2024, 7), "gumbel").double().reshape(-1)
     n = g.numel()
     euler_gamma, variance = 0.5772156649015329, math.pi**2 / 6
     assert torch.isfinite(g).all()
@@ -128,7 +149,7 @@ def test_gumbel_distribution():
 
 
 def test_gaussian_distribution():
-    x = ops.philox_noise(torch.empty(400, 500), 2024, 7, True).double().reshape(-1)
+    x = ops.philox_noise(torch.empty(400, 500), (2024, 7), "gaussian").double().reshape(-1)
     n = x.numel()
     assert torch.isfinite(x).all()
     assert abs(x.mean().item()) < 5 / math.sqrt(n)
@@ -140,13 +161,16 @@ def test_gaussian_distribution():
 
 def test_gumbel_and_gaussian_streams_are_independent():
     like = torch.empty(300, 300)
-    g = ops.philox_noise(like, 3, 0, False).double().reshape(-1)
-    x = ops.philox_noise(like, 3, 0, True).double().reshape(-1)
+    g = ops.philox_noise(like, (3, 0), "gumbel").double().reshape(-1)
+    x = ops.philox_noise(like, (3, 0), "gaussian").double().reshape(-1)
     # Pearson correlation of independent draws is ~N(0, 1/n).
     corr = torch.corrcoef(torch.stack([g, x]))[0, 1].item()
     assert abs(corr) < 5 / math.sqrt(g.numel())
 
 
-@pytest.mark.parametrize("gaussian", [False, True], ids=["gumbel", "gaussian"])
-def test_opcheck(gaussian):
-    torch.library.opcheck(torch.ops.gmvq.philox_noise.default, (torch.empty(3, 5), 11, 2**40, gaussian))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_opcheck(device, distribution):
+    for state in (ops.noise_state(11, 2**40), ops.noise_state(11, 2**40, device=device)):
+        torch.library.opcheck(torch.ops.gmvq.philox_noise.default,
+                              (torch.empty(3, 5, device=device), state, distribution))

@@ -62,13 +62,15 @@ def test_random_indices_are_in_range_and_keyed():
     assert int(a.min()) >= 0 and int(a.max()) < 7 and len(torch.unique(a)) == 7
     assert torch.equal(a, noise.random_indices(torch.tensor(1), torch.tensor(0), 1000, 7))
     assert not torch.equal(a, noise.random_indices(torch.tensor(1), torch.tensor(1), 1000, 7))
-    # A key of its own: not the Gumbel stream of the same seed.
-    assert not torch.equal(noise.random_words(torch.tensor(1) ^ noise.CHOICE_KEY_XOR, torch.tensor(0), 0, 8),
-                           reference.random_words(1, 0, 0, 8))
+    # A key of its own: not the uniform (Gumbel stream) words of the same seed.
+    same_key = (reference.uniform_noise((1, 0), 1000, 1).reshape(-1).double() * 7).long()
+    assert not torch.equal(a, same_key)
 
 
-def test_noise_matches_reference_bit_for_bit():
-    assert torch.equal(noise.random_words(torch.tensor(5), torch.tensor(9), 1, 13), reference.random_words(5, 9, 1, 13))
+def test_random_indices_are_the_reference_uniforms_scaled():
+    seed, offset = torch.tensor(5), torch.tensor(9)
+    expected = reference.uniform_noise((5 ^ noise.CHOICE_KEY_XOR, 9), 13, 1).reshape(-1).double() * 1000
+    assert torch.equal(noise.random_indices(seed, offset, 13, 1000), expected.long())
 
 
 def test_usage_statistics():

@@ -1,5 +1,6 @@
-"""GaussianMixtureVQ: the interface, the GMVQ_MATH.md loss, k-means initialisation,
-backends, torch.compile and torch.distributed."""
+"""GaussianMixtureVQ: the interface, the docs/math.md loss, k-means initialisation,
+the one code path (kernel, or reference where none exists), torch.compile and
+torch.distributed."""
 
 import math
 import os
@@ -12,13 +13,12 @@ import torch.nn.functional as F
 
 import quantizer_contract as contract
 from gmvq_ext import reference
-from gmvq_ext.quantizers import GaussianMixtureVQ, noise
+from gmvq_ext.quantizers import GaussianMixtureVQ, backend
 from gmvq_ext.quantizers.base import entropy
 
 
 def make(**options):
     torch.manual_seed(0)
-    options.setdefault("backend", "reference")
     return GaussianMixtureVQ(dim=4, codebook_size=16, **options)
 
 
@@ -64,9 +64,7 @@ def test_loss_matches_the_math():
     rows = x.movedim(1, -1).reshape(-1, 8)
     z, w = rows[:, :4], F.softplus(rows[:, 4:])
     n = rows.shape[0]
-    ref = reference.quantize(z, w, q.codebook.detach(), 2.0, 0.7, True, True, 0, 0,
-                             reference.gumbel_noise(0, int(offset), n, 16),
-                             reference.gaussian_noise(0, int(offset), n, 4))
+    ref = reference.quantize(z, w, q.codebook.detach(), 2.0, 0.7, True, True, (0, int(offset)))
     torch.testing.assert_close(out.movedim(1, -1).reshape(-1, 4), ref[0])
     assert torch.equal(idx.reshape(-1), ref[1])
     h = entropy(ref[2])
@@ -181,35 +179,59 @@ def test_autocast_computes_in_codebook_dtype():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_module_noise_is_the_reference_noise():
-    seed, offset = torch.tensor(12345678901), torch.tensor(2**33 + 5)
-    assert torch.equal(noise.gumbel_noise(seed, offset, 7, 9), reference.gumbel_noise(12345678901, 2**33 + 5, 7, 9))
-    assert torch.equal(noise.gaussian_noise(seed, offset, 7, 3),
-                       reference.gaussian_noise(12345678901, 2**33 + 5, 7, 3))
+def test_training_forward_is_the_reference_keyed_by_the_buffers():
+    q = make(weight="scalar").train()
+    q(contract.feature_map(q, seed=3))  # k-means, step 0
+    q.set_progress(3, 10)
+    x = contract.feature_map(q, seed=4)
+    rows = x.movedim(1, -1).reshape(-1, q.input_channels)
+    out, idx, _, _ = q(x)
+    expected = reference.quantize(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook, q.temperature, q.sigma_z2, True,
+                                  True, (0, 1))  # seed 0; the second training forward has offset 1
+    torch.testing.assert_close(out.movedim(1, -1).reshape(-1, 4), expected[0])
+    assert torch.equal(idx.reshape(-1), expected[1])
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_backend_matches_reference(train):
-    fused, ref = make(backend="fused"), make(backend="reference")
-    fused.load_state_dict(ref.state_dict())
-    for q in (fused, ref):
+def test_the_reference_runs_only_where_no_kernel_exists(monkeypatch, train):
+    """One code path: on a device without kernels (simulated) the module runs
+    gmvq_ext.reference, with the same values and gradients as the kernel."""
+    results = []
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(backend, "has_kernel", lambda op, device_type: False)
+        q = make()
         q.train()
         q(contract.feature_map(q, seed=3))
         q.train(train)
-    x = contract.feature_map(ref).requires_grad_(True)
-    results = []
-    for q in (fused, ref):
-        x_q = x.detach().clone().requires_grad_(True)
-        out, idx, loss, info = q(x_q)
+        x = contract.feature_map(q).requires_grad_(True)
+        out, idx, loss, info = q(x)
         target = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
         ((out - target).pow(2).mean() + loss).backward()
-        results.append((out.detach(), idx, loss.detach(), x_q.grad, q.codebook.grad))
-    (o1, i1, l1, gx1, ge1), (o2, i2, l2, gx2, ge2) = results
-    torch.testing.assert_close(o1, o2)
-    assert torch.equal(i1, i2)
-    torch.testing.assert_close(l1, l2)
-    torch.testing.assert_close(gx1, gx2)
-    torch.testing.assert_close(ge1, ge2)
+        results.append((out.detach(), idx, loss.detach(), x.grad, q.codebook.grad))
+    for kernel_value, reference_value in zip(*results):
+        torch.testing.assert_close(kernel_value, reference_value)
+
+
+def test_without_training_noise_the_decoder_sees_the_code():
+    q = make(noise=False).train()
+    q(contract.feature_map(q, seed=3))
+    out, idx, _, _ = q(contract.feature_map(q, seed=4))
+    assert torch.equal(out.movedim(1, -1), q.codebook.detach()[idx])
+    noisy = make()
+    noisy.load_state_dict(q.state_dict())
+    assert not torch.equal(noisy.train()(contract.feature_map(q, seed=4))[0], out)
+
+
+def test_posterior_is_the_weighted_softmax():
+    q = make().eval()
+    x = contract.feature_map(q)
+    probs = q.posterior(x)
+    rows = x.movedim(1, -1).reshape(-1, q.input_channels)
+    expected, _ = reference.weighted_softmax(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook, 1.0)
+    assert probs.shape == (*x.movedim(1, -1).shape[:-1], 16)
+    torch.testing.assert_close(probs.reshape(-1, 16), expected)
+    assert torch.equal(probs.argmax(-1), q(x)[1])
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -234,25 +256,40 @@ def test_compile_fullgraph_matches_eager(train):
     assert torch.equal(compiled_module.step, eager.step)
 
 
+def _graph_recorder(graphs: list):
+    """A torch.compile backend that keeps the FX graphs dynamo captured, then runs them."""
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return record
+
+
+def _calls(graphs, op_name: str) -> bool:
+    return any(op_name in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
 @pytest.mark.parametrize("train", [True, False])
-def test_compile_fullgraph_auto_backend(train):
-    """Eval compiles the fused op; training falls back to the reference (the op's
-    float temperature cannot be traced). Values match eager (fused) either way."""
+def test_compiled_module_runs_the_kernel_without_recompiling(train):
+    """The temperature and the noise key reach the op as tensors: one graph,
+    gmvq.quantize in it, the same values as eager while the temperature anneals."""
     torch._dynamo.reset()
-    eager, compiled_module = make(backend="auto"), make(backend="auto")
+    eager, compiled_module = make(), make()
     for q in (eager, compiled_module):
         q.train()
         q(contract.feature_map(q, seed=3))
         q.train(train)
-    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
-    for seed in range(2):
-        for q in (eager, compiled_module):
-            q.set_progress(seed, 4)  # a new temperature must not need a new graph
-        x = contract.feature_map(eager, seed=seed)
-        expected, got = eager(x), compiled(x)
-        torch.testing.assert_close(got[0], expected[0])
-        assert torch.equal(got[1], expected[1])
-        torch.testing.assert_close(got[2], expected[2])
+    graphs = []
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=_graph_recorder(graphs))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(6):
+            for q in (eager, compiled_module):
+                q.set_progress(step, 6)  # a new temperature must not need a new graph
+            x = contract.feature_map(eager, seed=step)
+            expected, got = eager(x), compiled(x)
+            torch.testing.assert_close(got[0], expected[0])
+            assert torch.equal(got[1], expected[1])
+            torch.testing.assert_close(got[2], expected[2])
+    assert len(graphs) == 1 and _calls(graphs, "gmvq.quantize")
 
 
 def test_compile_before_initialisation_runs_kmeans_eagerly():
@@ -287,7 +324,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
                                          world_size=world_size)
     try:
         torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
-        q = GaussianMixtureVQ(dim=4, codebook_size=16, backend="reference", gamma=0.0, beta=1.0).train()
+        q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0).train()
         rows = _distributed_rows(rank).requires_grad_(True)
         _, _, loss, info = q(rows)
         loss.backward()
@@ -322,9 +359,8 @@ def test_distributed_q_bar_is_global_with_gradient():
         assert int(results[r]["step"]) == 2
         z0 = _distributed_rows(0)
         offset = 1 * world_size + r
-        expected = reference.quantize(z0[:, :4], F.softplus(z0[:, 4:]), codebook, 2.0, 0.5, True, True, 0, 0,
-                                      reference.gumbel_noise(0, offset, 12, 16),
-                                      reference.gaussian_noise(0, offset, 12, 4))[0]
+        expected = reference.quantize(z0[:, :4], F.softplus(z0[:, 4:]), codebook, 2.0, 0.5, True, True,
+                                      (0, offset))[0]
         torch.testing.assert_close(results[r]["second"], expected)
     assert not torch.equal(results[0]["second"], results[1]["second"])
 

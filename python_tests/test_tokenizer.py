@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     state = small_state()
     args = parse_args([*SMALL, "--out", "unused"])
     torch.manual_seed(3)
-    state["model"] = calibrated(build_model(args, quantizer_options(args, torch.device("cpu")))).state_dict()
+    state["model"] = calibrated(build_model(args, quantizer_options(args))).state_dict()
     path = tmp_path_factory.mktemp("tokenizer") / "checkpoint.pt"
     ckpt.save_atomic(state, path)
     return path
@@ -91,7 +91,7 @@ def test_round_trip_of_the_baselines(images, quantizer):
     argv = [a for a in SMALL if a not in ("--gamma", "0.1")]
     args = parse_args([*argv, "--quantizer", quantizer, "--out", "unused"])
     torch.manual_seed(3)
-    model = calibrated(build_model(args, quantizer_options(args, torch.device("cpu"))))
+    model = calibrated(build_model(args, quantizer_options(args)))
     tokenizer = gmvq_ext.Tokenizer(model, image_size=32)
     reconstruction, indices = evaluation_forward(model, images)
     codes = tokenizer.encode(images)

@@ -87,13 +87,14 @@ def test_gradcheck(device, weight):
 @pytest.mark.parametrize("weight", [None, "full"], ids=str)
 def test_opcheck(device, weight):
     z, w, e = make_codebook_inputs(n=6, k=4, d=3, device=device, weight=weight)
+    temperature = torch.tensor(0.7, device=device)
     torch.library.opcheck(torch.ops.gmvq.weighted_softmax.default,
-                          ([t if t is None else t.requires_grad_() for t in (z, w, e)]) + [0.7])
+                          ([t if t is None else t.requires_grad_() for t in (z, w, e)]) + [temperature])
     probs, _ = ops.weighted_softmax(z, w, e, 0.7)
     detached = [t if t is None else t.detach() for t in (z, w, e)]
     torch.library.opcheck(torch.ops.gmvq.weighted_softmax_backward.default,
                           (torch.randn(6, 4, device=device), torch.randn(6, device=device), probs.detach(),
-                           *detached, 0.7))
+                           *detached, temperature))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -144,7 +145,7 @@ def unfused_chain(z, weight, codebook):
     """A small GM-VQ-like loss built from every unfused op."""
     probs, lse = ops.weighted_softmax(z, weight, codebook, 0.5)
     logits = -ops.codebook_distance(z, weight, codebook)
-    sample, indices = ops.gumbel_argmax(logits, 0.7, True, 5, 3)
+    sample, indices = ops.gumbel_argmax(logits, 0.7, True, (5, 3))
     entropy, q_bar = ops.aggregated_posterior_entropy(logits)
     z_q = sample @ codebook
     return ((z - z_q) ** 2).sum() + (probs * lse[:, None]).sum() - entropy + q_bar.max(), indices

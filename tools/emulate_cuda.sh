@@ -6,6 +6,7 @@
 # suites against it: every test that runs ops on CPU tensors now runs the CUDA
 # kernels' code. Slow (each CUDA thread is an OS thread): keep the tests small.
 # Usage: tools/emulate_cuda.sh [pytest args...]   (default: python_tests -x -q)
+#        tools/emulate_cuda.sh --build-only        (print the package directory to put on PYTHONPATH)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
@@ -23,17 +24,33 @@ objects=()
 for src in "$repo"/csrc/*.cpp "$repo"/csrc/cuda/*.cu; do
   obj="$out/obj/$(basename "$src").o"
   objects+=("$obj")
-  # Rebuild when the source or any project header is newer than the object.
-  if [[ ! -f $obj || $src -nt $obj || -n $(find "$repo/csrc/include" -newer "$obj" \( -name '*.h' -o -name '*.cuh' \) | head -1) ]]; then
-    echo "compile $(basename "$src")"
-    g++ "${flags[@]}" -x c++ -c "$src" -o "$obj"
+  # Rebuild when the source or a project header it includes (g++ -MMD) is newer than the object.
+  stale=0
+  if [[ ! -f $obj || ! -f $obj.d ]]; then
+    stale=1
+  else
+    for dep in $(sed -e 's/^[^:]*://' -e 's/\\$//' "$obj.d"); do
+      if [[ $dep == "$repo"/* && $dep -nt $obj ]]; then stale=1; break; fi
+    done
+  fi
+  if ((stale)); then
+    echo "compile $(basename "$src")" >&2
+    g++ "${flags[@]}" -MMD -MF "$obj.d" -x c++ -c "$src" -o "$obj"
   fi
 done
 g++ -shared -o "$out/pkg/gmvq_ext/_C$ext_suffix" "${objects[@]}" -L "$torch_dir/lib" -lc10 -ltorch -ltorch_cpu \
   -Wl,-rpath,"$torch_dir/lib" -lpthread
-for f in "$repo"/gmvq_ext/*.py; do ln -sf "$f" "$out/pkg/gmvq_ext/"; done
+# The Python package (modules and subpackages) beside the emulated _C.
+for f in "$repo"/gmvq_ext/*; do
+  case $(basename "$f") in _C*.so | _build_info.py | __pycache__) continue ;; esac
+  ln -sfn "$f" "$out/pkg/gmvq_ext/"
+done
 printf 'TORCH_VERSION = "%s"\nTORCH_CUDA_VERSION = ""\nWITH_CUDA = False\nCUDA_ARCHITECTURES = "emulated"\n' \
   "$torch_version" >"$out/pkg/gmvq_ext/_build_info.py"
+if [[ ${1:-} == --build-only ]]; then
+  echo "$out/pkg"
+  exit 0
+fi
 # Run from outside the tree so that gmvq_ext is the emulated package.
 cd "$out"
 (($# == 0)) && set -- "$repo/python_tests" -x -q

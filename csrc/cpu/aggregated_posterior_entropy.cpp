@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gmvq/checks.h"
+#include "row_math.h"
 
 namespace gmvq {
 namespace {
@@ -24,24 +25,12 @@ constexpr double kLogClamp = 1e-30;
 // Rows per parallel task of the row-wise loops.
 constexpr int64_t kRowGrain = 16;
 
-// Row max and row sum of exp(l - max): pi[n, k] = exp(l[n, k] - max[n]) / sum[n].
+// lse[n] = logsumexp_k l[n, k], so that pi[n, k] = exp(l[n, k] - lse[n]).
 template <typename acc_t>
-void row_statistics(const acc_t* logits, int64_t n, int64_t k, acc_t* row_max, acc_t* row_sum) {
+void row_log_sum_exp(const acc_t* logits, int64_t n, int64_t k, acc_t* lse) {
   at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t* l = logits + row * k;
-      const acc_t m = *std::max_element(l, l + k);
-      acc_t total = 0;
-      for (int64_t j = 0; j < k; ++j) total += std::exp(l[j] - m);
-      row_max[row] = m;
-      row_sum[row] = total;
-    }
+    for (int64_t row = begin; row < end; ++row) lse[row] = cpu::row::log_sum_exp(logits + row * k, acc_t(1), k);
   });
-}
-
-template <typename acc_t>
-void posterior_row(const acc_t* l, int64_t k, acc_t m, acc_t total, acc_t* pi) {
-  for (int64_t j = 0; j < k; ++j) pi[j] = std::exp(l[j] - m) / total;
 }
 
 std::tuple<at::Tensor, at::Tensor> aggregated_posterior_entropy_cpu(const at::Tensor& logits) {
@@ -54,10 +43,9 @@ std::tuple<at::Tensor, at::Tensor> aggregated_posterior_entropy_cpu(const at::Te
   auto entropy = at::empty({}, l.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "aggregated_posterior_entropy_cpu", [&] {
     const scalar_t* l_data = l.data_ptr<scalar_t>();
-    auto stats = at::empty({2, n}, l.options());
-    scalar_t* row_max = stats.data_ptr<scalar_t>();
-    scalar_t* row_sum = row_max + n;
-    row_statistics(l_data, n, k, row_max, row_sum);
+    auto lse_tensor = at::empty({n}, l.options());
+    scalar_t* lse = lse_tensor.data_ptr<scalar_t>();
+    row_log_sum_exp(l_data, n, k, lse);
 
     auto partial = at::zeros({blocks, k}, l.options());
     scalar_t* partial_data = partial.data_ptr<scalar_t>();
@@ -67,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> aggregated_posterior_entropy_cpu(const at::Te
         scalar_t* sums = partial_data + block * k;
         const int64_t last = std::min(n, (block + 1) * kRowsPerBlock);
         for (int64_t row = block * kRowsPerBlock; row < last; ++row) {
-          posterior_row(l_data + row * k, k, row_max[row], row_sum[row], pi.data());
+          cpu::row::exp_affine_row(l_data + row * k, scalar_t(1), lse[row], pi.data(), k);
           for (int64_t j = 0; j < k; ++j) sums[j] += pi[j];
         }
       }
@@ -120,17 +108,15 @@ at::Tensor aggregated_posterior_entropy_backward_cpu(const at::Tensor& grad_entr
     }
 
     const scalar_t* l_data = l.data_ptr<scalar_t>();
-    auto stats = at::empty({2, n}, l.options());
-    scalar_t* row_max = stats.data_ptr<scalar_t>();
-    scalar_t* row_sum = row_max + n;
-    row_statistics(l_data, n, k, row_max, row_sum);
+    auto lse_tensor = at::empty({n}, l.options());
+    scalar_t* lse = lse_tensor.data_ptr<scalar_t>();
+    row_log_sum_exp(l_data, n, k, lse);
     scalar_t* out = grad_logits.data_ptr<scalar_t>();
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> pi(k);
       for (int64_t row = begin; row < end; ++row) {
-        posterior_row(l_data + row * k, k, row_max[row], row_sum[row], pi.data());
-        scalar_t dot = 0;
-        for (int64_t j = 0; j < k; ++j) dot += pi[j] * g_pi[j];
+        cpu::row::exp_affine_row(l_data + row * k, scalar_t(1), lse[row], pi.data(), k);
+        const scalar_t dot = cpu::row::row_dot(pi.data(), g_pi.data(), k);
         scalar_t* out_row = out + row * k;
         for (int64_t j = 0; j < k; ++j) out_row[j] = pi[j] * (g_pi[j] - dot);
       }

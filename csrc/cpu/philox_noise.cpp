@@ -1,8 +1,11 @@
 // philox_noise: the kernels' counter-based noise as a tensor, so tests and
-// users can see exactly the Gumbel / Gaussian draws every kernel uses
-// (bit-identical to reference.gumbel_noise / reference.gaussian_noise).
+// users can see exactly the draws every kernel uses (bit-identical to
+// reference.uniform_noise / gumbel_noise / gaussian_noise), and quantizers can
+// draw their own discrete choices from the same generator.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
@@ -14,19 +17,17 @@ namespace {
 // and a multiple of 4 so most chunks start on a Philox block boundary.
 constexpr int64_t kElementsPerChunk = 4096;
 
-at::Tensor philox_noise_cpu(const at::Tensor& like, int64_t seed, int64_t offset, bool gaussian) {
+at::Tensor philox_noise_cpu(const at::Tensor& like, const at::Tensor& noise_state, c10::string_view distribution) {
   TORCH_CHECK(like.dim() == 2, "like must be a 2-D tensor (R, C), got ", like.dim(), "-D");
+  check_noise_state(noise_state, like);
+  const rng::NoiseDistribution kind = parse_noise_distribution(distribution);
+  const NoiseState key = host_noise_state(noise_state);
   auto out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
   float* data = out.data_ptr<float>();
   // Element r * C + c of the stream is out[r][c], so the flat index of the
   // contiguous output is the stream element: fill any range of it directly.
   at::parallel_for(0, out.numel(), kElementsPerChunk, [&](int64_t begin, int64_t end) {
-    const auto first = static_cast<uint64_t>(begin);
-    if (gaussian) {
-      rng::fill_gaussian(seed, offset, first, end - begin, data + begin);
-    } else {
-      rng::fill_gumbel(seed, offset, first, end - begin, data + begin);
-    }
+    rng::fill_noise(kind, key.seed, key.offset, static_cast<uint64_t>(begin), end - begin, data + begin);
   });
   return out;
 }

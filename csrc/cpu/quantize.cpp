@@ -1,14 +1,18 @@
 // Fused GM-VQ bottleneck on CPU: gmvq::quantize and gmvq::quantize_backward.
 //
 // Semantics: gmvq_ext/reference.py `quantize` (values) and autograd through it
-// (gradients); formulas in GMVQ_MATH.md. The point of the fusion is memory: no
+// (gradients); formulas in docs/math.md. The point of the fusion is memory: no
 // N x K tensor exists in either direction. Rows are processed in blocks of B
 // rows (B * K <= kMaxBlockElements); per block the logits come from one GEMM,
 //   l = -max(a + [w z, w] [-2 E, E*E]^T, 0),   a[n] = sum_d w z^2,
 // (with weight None or (N, 1) the second factor is [-2 E, ||e_k||^2]), and
 // everything else is done row by row with the whole row of K values at hand.
-// The Gumbel and Gaussian noise are regenerated from Philox (philox.h) in the
-// backward pass instead of being stored; the forward's indices are reused.
+//
+// The forward saves per row the two log-sum-exps (row_lse: of the posterior's
+// logits and of the tempered perturbed logits) and, for soft samples, z_soft;
+// the backward rebuilds pi = exp(l - lse_pi) and y = exp((l + g) / T - lse_y)
+// in one pass each, regenerating the Gumbel noise from Philox (philox.h)
+// instead of storing it. Noise is generated once in each direction.
 //
 // Threads: the rows are cut into at most kStripes stripes of whole blocks, one
 // at::parallel_for task per stripe, so the whole op is one parallel region
@@ -32,7 +36,7 @@
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
-#include "quantize_rowmath.h"
+#include "row_math.h"
 
 // at::parallel_for is header code: without -fopenmp it silently runs serially
 // (ATen/Parallel-inl.h tests INTRA_OP_PARALLEL, defined only under _OPENMP).
@@ -43,7 +47,7 @@
 namespace gmvq {
 namespace {
 
-namespace rowmath = quantize_rowmath;
+namespace row = cpu::row;
 
 // B * K of one block: large enough for efficient GEMMs, small enough that the
 // block's (B, K) buffers stay in cache. Nothing here depends on the thread count.
@@ -85,14 +89,21 @@ void for_each_stripe(const Blocking& blocking, const Fn& fn) {
   });
 }
 
+// Run-time scalars, read on the host (the tensors are CPU tensors here).
 struct Scalars {
-  double temperature;
+  double inverse_temperature;
   double sigma_z2;
   bool hard;
   bool training;
-  int64_t seed;
-  int64_t offset;
+  NoiseState key;
+
+  bool soft() const { return training && !hard; }
 };
+
+Scalars read_scalars(const at::Tensor& temperature, double sigma_z2, bool hard, bool training,
+                     const at::Tensor& noise_state) {
+  return {1.0 / host_temperature(temperature), sigma_z2, hard, training, host_noise_state(noise_state)};
+}
 
 // The inputs in the accumulation dtype (O(N D + K D) memory) and the two GEMM
 // factors of the logits.
@@ -106,6 +117,9 @@ struct Operands {
   at::Tensor row_term;  // (N): a = sum_d w z^2
   at::Tensor gumbel;    // explicit Gumbel noise as given, or undefined
   at::Tensor eps;       // explicit Gaussian noise (N, D) in acc, or undefined
+
+  bool full_weight() const { return weight.defined() && weight.size(1) == d; }
+  int64_t width() const { return lhs.size(1); }
 };
 
 Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
@@ -131,8 +145,7 @@ Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, c
   const at::Tensor squared = op.codebook * op.codebook;
   // A full weight pairs each w[n, d] with E[k, d]^2; a per-row weight (or none)
   // only needs ||e_k||^2.
-  const bool full_weight = op.weight.defined() && op.weight.size(1) == op.d;
-  const at::Tensor code_factor = full_weight ? squared : squared.sum(1, /*keepdim=*/true);
+  const at::Tensor code_factor = op.full_weight() ? squared : squared.sum(1, /*keepdim=*/true);
   op.rhs = at::cat({op.codebook * -2.0, code_factor}, 1).contiguous();
   if (gumbel_noise.has_value()) op.gumbel = *gumbel_noise;
   if (eps_noise.has_value()) op.eps = eps_noise->to(acc).contiguous();
@@ -147,11 +160,11 @@ void block_logits(const Operands& op, int64_t n0, at::Tensor& logits) {
   acc_t* l = logits.data_ptr<acc_t>();
   const int64_t k = op.k;
   for (int64_t b = 0; b < logits.size(0); ++b) {
-    acc_t* row = l + b * k;
+    acc_t* values = l + b * k;
     const acc_t ab = a[b];
     for (int64_t j = 0; j < k; ++j) {
-      const acc_t distance = ab + row[j];
-      row[j] = -(distance > acc_t(0) ? distance : acc_t(0));
+      const acc_t distance = ab + values[j];
+      values[j] = -(distance > acc_t(0) ? distance : acc_t(0));
     }
   }
 }
@@ -162,103 +175,160 @@ at::Tensor block_gumbel(const Operands& op, int64_t n0, int64_t rows) {
   return op.gumbel.narrow(0, n0, rows).to(op.z.scalar_type()).contiguous();
 }
 
-// Per-thread scratch: one row of Gumbel noise (float32, as philox.h makes it).
-// v = l + g into `perturbed`.
+// Per-thread row scratch.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<float> noise;       // K: one row of Philox Gumbel noise
+  std::vector<acc_t> perturbed;   // K: l + g, then y
+  std::vector<acc_t> posterior;   // K: pi
+  std::vector<float> gaussian;    // D: one row of Philox Gaussian noise
+  std::vector<acc_t> eps;         // D
+  std::vector<acc_t> residual;    // D
+
+  RowScratch(int64_t k, int64_t d) : noise(k), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
+};
+
+// v = l + g of row n into `out` (explicit noise row, or Philox element n*K + k).
 template <typename acc_t>
 void perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                 const acc_t* explicit_noise, std::vector<float>& noise, acc_t* perturbed) {
+                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* out) {
   const int64_t k = op.k;
   if (explicit_noise != nullptr) {
-    for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + explicit_noise[j];
+    for (int64_t j = 0; j < k; ++j) out[j] = logits[j] + explicit_noise[j];
     return;
   }
-  rowmath::fill_gumbel(s.seed, s.offset, static_cast<uint64_t>(n) * k, k, noise.data());
-  for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + static_cast<acc_t>(noise[j]);
+  row::fill_gumbel(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, k, scratch.noise.data());
+  const float* g = scratch.noise.data();
+  for (int64_t j = 0; j < k; ++j) out[j] = logits[j] + static_cast<acc_t>(g[j]);
 }
 
 // eps[n] (D values) from eps_noise or Philox stream 1.
 template <typename acc_t>
-void eps_row(const Operands& op, const Scalars& s, int64_t n, std::vector<float>& scratch, acc_t* out) {
+void eps_row(const Operands& op, const Scalars& s, int64_t n, RowScratch<acc_t>& scratch) {
   const int64_t d = op.d;
+  acc_t* out = scratch.eps.data();
   if (op.eps.defined()) {
     const acc_t* e = op.eps.data_ptr<acc_t>() + n * d;
     std::copy(e, e + d, out);
     return;
   }
-  rng::fill_gaussian(s.seed, s.offset, static_cast<uint64_t>(n) * d, d, scratch.data());
-  for (int64_t j = 0; j < d; ++j) out[j] = static_cast<acc_t>(scratch[j]);
+  rng::fill_gaussian(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * d, d, scratch.gaussian.data());
+  for (int64_t j = 0; j < d; ++j) out[j] = static_cast<acc_t>(scratch.gaussian[j]);
+}
+
+// z_q of row n: the code E[idx] (hard, eval) or the soft sample's mean.
+template <typename acc_t>
+const acc_t* quantized_row(const Operands& op, const Scalars& s, const acc_t* z_soft, const int64_t* idx,
+                           int64_t n) {
+  return s.soft() ? z_soft + n * op.d : op.codebook.data_ptr<acc_t>() + idx[n] * op.d;
+}
+
+// r = z - z_q into scratch.residual; returns ||r||^2.
+template <typename acc_t>
+acc_t residual_row(const Operands& op, const acc_t* zq, int64_t n, RowScratch<acc_t>& scratch) {
+  const acc_t* zr = op.z.data_ptr<acc_t>() + n * op.d;
+  acc_t* r = scratch.residual.data();
+  for (int64_t j = 0; j < op.d; ++j) r[j] = zr[j] - zq[j];
+  return row::row_dot(r, r, op.d);
 }
 
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
+struct ForwardOutputs {
+  at::Tensor z_out;       // (N, D) acc
+  at::Tensor indices;     // (N) int64
+  at::Tensor q_bar;       // (K) acc
+  at::Tensor latent_reg;  // (N) acc
+  at::Tensor row_lse;     // (N, 2) acc: lse of l, lse of (l + g) / T
+  at::Tensor z_soft;      // (N, D) acc in soft training, else (0, D)
+};
+
+// Training: the sampled index and lse_y = logsumexp_k (l + g) / T of one row
+// (v = l + g in scratch.perturbed); soft samples also get y = softmax(v / T)
+// written to `y`.
 template <typename acc_t>
-void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_out, at::Tensor& indices,
-                           at::Tensor& q_bar, at::Tensor& latent_reg) {
+void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits, const acc_t* explicit_noise,
+                RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
+  const int64_t k = op.k;
+  acc_t* v = scratch.perturbed.data();
+  perturb_row(op, s, n, logits, explicit_noise, scratch, v);
+  *index = row::row_argmax(v, k);
+  const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
+  *lse_y = row::log_sum_exp(v, inverse_temperature, k);
+  if (y != nullptr) row::exp_affine_row(v, inverse_temperature, *lse_y, y, k);
+}
+
+template <typename acc_t>
+void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs& out) {
   const int64_t n = op.n, k = op.k, d = op.d;
   const Blocking blocking(n, k);
-  const bool soft = s.training && !s.hard;
   const auto options = op.z.options();
-  // q_bar: float64 column sums of pi per stripe (rows in order), added in stripe order.
+  // q_bar: each block's column sums of pi (acc_t, rows in order), added into
+  // a float64 sum per stripe, the stripes added in order.
   std::vector<std::vector<double>> column_sums(blocking.stripes);
-  const acc_t c0 = static_cast<acc_t>(std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
-  const acc_t two_sigma = static_cast<acc_t>(2.0 * s.sigma_z2);
-  const acc_t temperature = static_cast<acc_t>(s.temperature);
-  const acc_t* z = op.z.data_ptr<acc_t>();
-  const acc_t* codebook = op.codebook.data_ptr<acc_t>();
-  acc_t* out = z_out.data_ptr<acc_t>();
-  int64_t* idx = indices.data_ptr<int64_t>();
-  acc_t* reg = latent_reg.data_ptr<acc_t>();
+  const acc_t noise_scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
+  const acc_t inverse_two_sigma = static_cast<acc_t>(1.0 / (2.0 * s.sigma_z2));
+  acc_t* z_out = out.z_out.data_ptr<acc_t>();
+  int64_t* idx = out.indices.data_ptr<int64_t>();
+  acc_t* latent_reg = out.latent_reg.data_ptr<acc_t>();
+  acc_t* row_lse = out.row_lse.data_ptr<acc_t>();
+  acc_t* z_soft = s.soft() ? out.z_soft.data_ptr<acc_t>() : nullptr;
 
   for_each_stripe(blocking, [&](int64_t stripe, int64_t row_begin, int64_t row_end) {
     at::Tensor logits_buffer = at::empty({blocking.rows_per_block, k}, options);
-    at::Tensor sample_buffer = soft ? at::empty({blocking.rows_per_block, k}, options) : at::Tensor();
+    at::Tensor sample_buffer = s.soft() ? at::empty({blocking.rows_per_block, k}, options) : at::Tensor();
     std::vector<double>& sums = column_sums[stripe];
     sums.assign(k, 0.0);
-    std::vector<float> noise(k), scratch(d);
-    std::vector<acc_t> perturbed(k), eps(d);
+    std::vector<acc_t> block_sums(k);
+    RowScratch<acc_t> scratch(k, d);
 
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = logits_buffer.narrow(0, 0, rows);
       block_logits<acc_t>(op, n0, logits);
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
-      acc_t* l = logits.data_ptr<acc_t>();
-      acc_t* y = soft ? sample_buffer.data_ptr<acc_t>() : nullptr;
+      const acc_t* l = logits.data_ptr<acc_t>();
+      std::fill(block_sums.begin(), block_sums.end(), acc_t(0));
 
-      // Sample (index; soft sample y) from the logits, then pi in place and its column sums.
+      // Per row: the sample (training) or the argmax (eval), lse of the
+      // logits, and pi's column sums.
       for (int64_t b = 0; b < rows; ++b) {
-        acc_t* row = l + b * k;
+        const int64_t r = n0 + b;
+        const acc_t* lrow = l + b * k;
+        acc_t* lse = row_lse + 2 * r;
         if (s.training) {
           const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-          perturb_row<acc_t>(op, s, n0 + b, row, g, noise, perturbed.data());
-          idx[n0 + b] = rowmath::row_argmax(perturbed.data(), k);
-          if (soft) rowmath::softmax_row(perturbed.data(), temperature, y + b * k, k);
+          acc_t* y = s.soft() ? sample_buffer.data_ptr<acc_t>() + b * k : nullptr;
+          sample_row(op, s, r, lrow, g, scratch, idx + r, lse + 1, y);
         } else {
-          idx[n0 + b] = rowmath::row_argmax(row, k);
+          idx[r] = row::row_argmax(lrow, k);
         }
-        rowmath::softmax_row(row, acc_t(1), row, k);
-        for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(row[j]);
+        lse[0] = row::log_sum_exp(lrow, acc_t(1), k);
+        if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
+        acc_t* pi = scratch.posterior.data();
+        row::exp_affine_row(lrow, acc_t(1), lse[0], pi, k);
+        for (int64_t j = 0; j < k; ++j) block_sums[j] += pi[j];
+      }
+      for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(block_sums[j]);
+
+      // Soft training: z_q = z_soft = y E for the block.
+      if (s.soft()) {
+        at::Tensor z_soft_block = out.z_soft.narrow(0, n0, rows);
+        at::mm_out(z_soft_block, sample_buffer.narrow(0, 0, rows), op.codebook);
       }
 
-      // Soft training: z_q = y E for the block.
-      const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
-
-      // z_q, the noise scale, z_out and the latent term.
+      // z_out = z_q + s eps (training) or z_q, and the latent term.
       for (int64_t b = 0; b < rows; ++b) {
-        const int64_t row = n0 + b;
-        const acc_t* zq = soft ? soft_zq.data_ptr<acc_t>() + b * d : codebook + idx[row] * d;
-        const acc_t* zr = z + row * d;
-        acc_t rho2 = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t r = zr[j] - zq[j];
-          rho2 += r * r;
-        }
-        reg[row] = rho2 / two_sigma;
-        acc_t* o = out + row * d;
+        const int64_t r = n0 + b;
+        const acc_t* zq = quantized_row(op, s, z_soft, idx, r);
+        const acc_t rho2 = residual_row(op, zq, r, scratch);
+        latent_reg[r] = rho2 * inverse_two_sigma;
+        acc_t* o = z_out + r * d;
         if (s.training) {
-          eps_row<acc_t>(op, s, row, scratch, eps.data());
-          const acc_t scale = std::sqrt(rho2) / c0;
+          eps_row(op, s, r, scratch);
+          const acc_t scale = std::sqrt(rho2) * noise_scale;
+          const acc_t* eps = scratch.eps.data();
           for (int64_t j = 0; j < d; ++j) o[j] = zq[j] + scale * eps[j];
         } else {
           std::copy(zq, zq + d, o);
@@ -271,40 +341,42 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, at::Tensor& z_o
     for (int64_t j = 0; j < k; ++j) total[j] += sums[j];
   }
   const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n, 1));
-  acc_t* q = q_bar.data_ptr<acc_t>();
+  acc_t* q = out.q_bar.data_ptr<acc_t>();
   for (int64_t j = 0; j < k; ++j) q[j] = static_cast<acc_t>(total[j] * inv_n);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
-    double temperature, double sigma_z2, bool hard, bool training, int64_t seed, int64_t offset,
+    const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
     const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
-  check_positive_finite(sigma_z2, "sigma_z2");
-  check_noise(gumbel_noise, "gumbel_noise", z.size(0), codebook.size(0), z);
-  check_noise(eps_noise, "eps_noise", z.size(0), z.size(1), z);
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
   const Operands op = prepare(z, weight, codebook, gumbel_noise, eps_noise);
-  const Scalars s{temperature, sigma_z2, hard, training, seed, offset};
+  const Scalars s = read_scalars(temperature, sigma_z2, hard, training, noise_state);
   const auto options = op.z.options();
-  at::Tensor z_out = at::empty({op.n, op.d}, options);
-  at::Tensor indices = at::empty({op.n}, options.dtype(at::kLong));
-  at::Tensor q_bar = at::empty({op.k}, options);
-  at::Tensor latent_reg = at::empty({op.n}, options);
+  ForwardOutputs out{at::empty({op.n, op.d}, options), at::empty({op.n}, options.dtype(at::kLong)),
+                     at::empty({op.k}, options), at::empty({op.n}, options), at::empty({op.n, 2}, options),
+                     at::empty({s.soft() ? op.n : 0, op.d}, options)};
   AT_DISPATCH_FLOATING_TYPES(op.z.scalar_type(), "quantize_cpu", [&] {
-    quantize_forward_impl<scalar_t>(op, s, z_out, indices, q_bar, latent_reg);
+    quantize_forward_impl<scalar_t>(op, s, out);
   });
-  return {z_out.to(z.scalar_type()), indices, q_bar, latent_reg};
+  return {out.z_out.to(z.scalar_type()), out.indices, out.q_bar, out.latent_reg, out.row_lse, out.z_soft};
 }
 
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
-struct Gradients {
+// With pi = exp(l - lse_pi), y = exp((l + g) / T - lse_y), G_pi = G_qbar / N:
+//   G_l = pi (G_pi - <pi, G_pi>) + [training] (1/T) y (G_y - <y, G_y>),
+//   G_y = G_zq E^T (straight-through for hard samples: the same formula),
+//   G_zq = G_z_out - (the part of G_z_out that flows through r = z - z_q),
+// then the distance backward of l. docs/math.md has the derivation.
+struct BackwardInputs {
   at::Tensor grad_z_out;       // (N, D) acc
   at::Tensor grad_pi;          // (K) acc: grad_q_bar / max(N, 1)
   at::Tensor grad_latent_reg;  // (N) acc
   at::Tensor indices;          // (N) int64
+  at::Tensor row_lse;          // (N, 2) acc
+  at::Tensor z_soft;           // (N, D) acc (soft training) or empty
 };
 
 struct BackwardOutputs {
@@ -315,173 +387,200 @@ struct BackwardOutputs {
   at::Tensor grad_eps;      // (N, D) acc, or undefined
 };
 
+// One stripe's buffers: (B, K) logits then G_l, G_y, y (soft), G_zq, G_l rhs;
+// and its partial codebook gradients.
 template <typename acc_t>
-void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradients& g, BackwardOutputs& out) {
-  const int64_t n = op.n, k = op.k, d = op.d, width = op.lhs.size(1);
-  const Blocking blocking(n, k);
-  const bool soft = s.training && !s.hard;
-  const auto options = op.z.options();
-  // Each stripe's contribution to G_E, added in stripe order at the end.
-  std::vector<at::Tensor> codebook_partials(blocking.stripes);
+struct StripeBuffers {
+  at::Tensor logits, grad_sample, sample, grad_zq, pq;
+  at::Tensor direct;          // (K, D): c^T G_zq, the codebook gradient through z_q = c E
+  at::Tensor distance_terms;  // (K, D + W): G_l^T [w z, w]
+  std::vector<acc_t> row_sums;
 
+  StripeBuffers(const Operands& op, const Scalars& s, int64_t block) {
+    const auto options = op.z.options();
+    logits = at::empty({block, op.k}, options);
+    grad_sample = s.training ? at::empty({block, op.k}, options) : at::Tensor();
+    sample = s.soft() ? at::empty({block, op.k}, options) : at::Tensor();
+    grad_zq = at::empty({block, op.d}, options);
+    pq = at::empty({block, op.width()}, options);
+    direct = at::zeros({op.k, op.d}, options);
+    distance_terms = at::zeros({op.k, op.width()}, options);
+    row_sums.resize(block);
+  }
+};
+
+// Step 1, per row: G_zq and the direct part of G_z (through r = z - z_q, in
+// the noise scale s = ||r|| / sqrt(2 sigma_z2 D) and the latent term), G_eps.
+template <typename acc_t>
+void residual_gradients(const Operands& op, const Scalars& s, const BackwardInputs& in, int64_t n0,
+                        int64_t rows, RowScratch<acc_t>& scratch, acc_t* grad_zq, BackwardOutputs& out) {
+  const int64_t d = op.d;
   const acc_t c0 = static_cast<acc_t>(std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
-  const acc_t sigma = static_cast<acc_t>(s.sigma_z2);
-  const acc_t temperature = static_cast<acc_t>(s.temperature);
-  const acc_t inv_temperature = acc_t(1) / temperature;
-  const acc_t* z = op.z.data_ptr<acc_t>();
-  const acc_t* codebook = op.codebook.data_ptr<acc_t>();
-  const acc_t* grad_z_out = g.grad_z_out.data_ptr<acc_t>();
-  const acc_t* grad_pi = g.grad_pi.data_ptr<acc_t>();
-  const acc_t* grad_lat = g.grad_latent_reg.data_ptr<acc_t>();
-  const int64_t* idx = g.indices.data_ptr<int64_t>();
+  const acc_t inverse_sigma = static_cast<acc_t>(1.0 / s.sigma_z2);
+  const acc_t* grad_z_out = in.grad_z_out.data_ptr<acc_t>();
+  const acc_t* grad_latent = in.grad_latent_reg.data_ptr<acc_t>();
+  const acc_t* z_soft = s.soft() ? in.z_soft.data_ptr<acc_t>() : nullptr;
+  const int64_t* idx = in.indices.data_ptr<int64_t>();
   acc_t* grad_z = out.grad_z.data_ptr<acc_t>();
   acc_t* grad_eps = out.grad_eps.defined() ? out.grad_eps.data_ptr<acc_t>() : nullptr;
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t r = n0 + b;
+    const acc_t* zq = quantized_row(op, s, z_soft, idx, r);
+    const acc_t rho2 = residual_row(op, zq, r, scratch);
+    const acc_t* gzo = grad_z_out + r * d;
+    // d latent_reg / d r = r / sigma_z2; d z_out / d r through the scale is
+    // (alpha / c0) r / ||r||, alpha = <G_z_out, eps>, taken as 0 at r = 0 like
+    // torch's norm backward.
+    acc_t coef = grad_latent[r] * inverse_sigma;
+    if (s.training) {
+      eps_row(op, s, r, scratch);
+      const acc_t rho = std::sqrt(rho2);
+      const acc_t alpha = row::row_dot(gzo, scratch.eps.data(), d);
+      if (rho > acc_t(0)) coef += alpha / (rho * c0);
+      if (grad_eps != nullptr) {
+        const acc_t scale = rho / c0;
+        for (int64_t j = 0; j < d; ++j) grad_eps[r * d + j] = gzo[j] * scale;
+      }
+    }
+    const acc_t* res = scratch.residual.data();
+    acc_t* gz = grad_z + r * d;
+    acc_t* gq = grad_zq + b * d;
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t through_r = coef * res[j];
+      gz[j] = through_r;
+      gq[j] = gzo[j] - through_r;
+    }
+  }
+}
+
+// Step 2, per row: G_l from pi, y and G_y (into the logits' place), the row
+// sums S of G_l, and dL/dg = the y part (the noise enters as l + g).
+template <typename acc_t>
+void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs& in, int64_t n0,
+                     int64_t rows, const at::Tensor& gumbel, RowScratch<acc_t>& scratch,
+                     StripeBuffers<acc_t>& buffers, BackwardOutputs& out) {
+  const int64_t k = op.k;
+  const acc_t inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
+  const acc_t* grad_pi = in.grad_pi.data_ptr<acc_t>();
+  const acc_t* row_lse = in.row_lse.data_ptr<acc_t>();
+  acc_t* l = buffers.logits.template data_ptr<acc_t>();
+  const acc_t* gy = s.training ? buffers.grad_sample.template data_ptr<acc_t>() : nullptr;
   acc_t* grad_gumbel = out.grad_gumbel.defined() ? out.grad_gumbel.data_ptr<acc_t>() : nullptr;
-  const bool full_weight = op.weight.defined() && op.weight.size(1) == d;
+  acc_t* pi = scratch.posterior.data();
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t r = n0 + b;
+    acc_t* lrow = l + b * k;
+    // y first: it needs the logits, which G_l overwrites.
+    acc_t* y = nullptr;
+    if (s.training) {
+      y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
+      const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
+      perturb_row(op, s, r, lrow, g, scratch, y);
+      row::exp_affine_row(y, inverse_temperature, row_lse[2 * r + 1], y, k);
+    }
+    row::exp_affine_row(lrow, acc_t(1), row_lse[2 * r], pi, k);
+    const acc_t b_pi = row::row_dot(pi, grad_pi, k);
+    if (s.training) {
+      const acc_t* gyrow = gy + b * k;
+      const acc_t beta = row::row_dot(y, gyrow, k);
+      acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + r * k : nullptr;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t through_sample = inverse_temperature * y[j] * (gyrow[j] - beta);
+        lrow[j] = pi[j] * (grad_pi[j] - b_pi) + through_sample;
+        if (gg != nullptr) gg[j] = through_sample;
+      }
+    } else {
+      for (int64_t j = 0; j < k; ++j) lrow[j] = pi[j] * (grad_pi[j] - b_pi);
+    }
+    buffers.row_sums[b] = row::row_sum(lrow, k);
+  }
+}
+
+// Step 3, per row: G_z and G_w from the distance backward,
+//   G_z += -2 w (z S - P),  G_w = -(z^2 S - 2 z P + Q),  [-2 P, Q] = G_l rhs.
+template <typename acc_t>
+void distance_gradients(const Operands& op, int64_t n0, int64_t rows, const StripeBuffers<acc_t>& buffers,
+                        BackwardOutputs& out) {
+  const int64_t d = op.d, width = op.width();
+  const bool full_weight = op.full_weight();
+  const acc_t* z = op.z.data_ptr<acc_t>();
   const acc_t* w = op.weight.defined() ? op.weight.data_ptr<acc_t>() : nullptr;
+  const acc_t* pq = buffers.pq.template data_ptr<acc_t>();
+  acc_t* grad_z = out.grad_z.data_ptr<acc_t>();
   acc_t* grad_w = out.grad_weight.defined() ? out.grad_weight.data_ptr<acc_t>() : nullptr;
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t r = n0 + b;
+    const acc_t srow = buffers.row_sums[b];
+    const acc_t* zr = z + r * d;
+    const acc_t* pm2 = pq + b * width;  // -2 P
+    const acc_t* q = pm2 + d;           // Q: D values (full weight) or 1 (||e||^2)
+    acc_t* gz = grad_z + r * d;
+    acc_t scalar_grad_w = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t p = acc_t(-0.5) * pm2[j];
+      const acc_t wj = w == nullptr ? acc_t(1) : (full_weight ? w[r * d + j] : w[r]);
+      gz[j] += acc_t(-2) * wj * (zr[j] * srow - p);
+      if (grad_w != nullptr) {
+        const acc_t zz = zr[j] * zr[j] * srow - acc_t(2) * zr[j] * p;
+        if (full_weight) {
+          grad_w[r * d + j] = -(zz + q[j]);
+        } else {
+          scalar_grad_w += zz;
+        }
+      }
+    }
+    if (grad_w != nullptr && !full_weight) grad_w[r] = -(scalar_grad_w + q[0]);
+  }
+}
+
+template <typename acc_t>
+void quantize_backward_impl(const Operands& op, const Scalars& s, const BackwardInputs& in, BackwardOutputs& out) {
+  const int64_t k = op.k, d = op.d;
+  const Blocking blocking(op.n, k);
+  // Each stripe's contribution to G_E, added in stripe order at the end.
+  std::vector<at::Tensor> codebook_partials(blocking.stripes);
+  const int64_t* idx = in.indices.data_ptr<int64_t>();
 
   for_each_stripe(blocking, [&](int64_t stripe, int64_t row_begin, int64_t row_end) {
-    const int64_t block = blocking.rows_per_block;
-    at::Tensor logits_buffer = at::empty({block, k}, options);  // l, then G_l
-    at::Tensor sample_buffer = s.training ? at::empty({block, k}, options) : at::Tensor();       // y
-    at::Tensor grad_sample_buffer = s.training ? at::empty({block, k}, options) : at::Tensor();  // G_y
-    at::Tensor grad_zq_buffer = at::empty({block, d}, options);
-    at::Tensor pq_buffer = at::empty({block, width}, options);
-    // c^T G_zq (the direct path through z_q = c E) and G_l^T lhs = [G_l^T (w z), G_l^T w].
-    at::Tensor direct = at::zeros({k, d}, options);
-    at::Tensor distance_terms = at::zeros({k, width}, options);
-    acc_t* direct_ptr = direct.data_ptr<acc_t>();
-    std::vector<float> noise(k), scratch(d);
-    std::vector<acc_t> eps(d), r(d), row_sums(block);
+    StripeBuffers<acc_t> buffers(op, s, blocking.rows_per_block);
+    RowScratch<acc_t> scratch(k, d);
+    acc_t* direct = buffers.direct.template data_ptr<acc_t>();
 
-    for (int64_t n0 = row_begin; n0 < row_end; n0 += block) {
-      const int64_t rows = std::min(block, row_end - n0);
-      at::Tensor logits = logits_buffer.narrow(0, 0, rows);
+    for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
+      const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
+      at::Tensor logits = buffers.logits.narrow(0, 0, rows);
       block_logits<acc_t>(op, n0, logits);
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
-      acc_t* l = logits.data_ptr<acc_t>();
-      acc_t* y = s.training ? sample_buffer.data_ptr<acc_t>() : nullptr;
 
-      // Regenerate y; pi; G_l1 = pi (G_pi - <pi, G_pi>) in the logits' place.
-      for (int64_t b = 0; b < rows; ++b) {
-        acc_t* row = l + b * k;
-        if (s.training) {
-          acc_t* yrow = y + b * k;
-          const acc_t* gb = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-          perturb_row<acc_t>(op, s, n0 + b, row, gb, noise, yrow);
-          rowmath::softmax_row(yrow, temperature, yrow, k);
-        }
-        rowmath::softmax_row(row, acc_t(1), row, k);
-        const acc_t mean = rowmath::row_dot(row, grad_pi, k);
-        for (int64_t j = 0; j < k; ++j) row[j] = row[j] * (grad_pi[j] - mean);
+      at::Tensor grad_zq = buffers.grad_zq.narrow(0, 0, rows);
+      residual_gradients(op, s, in, n0, rows, scratch, grad_zq.data_ptr<acc_t>(), out);
+      if (s.training) {  // G_y = G_zq E^T
+        at::Tensor grad_sample = buffers.grad_sample.narrow(0, 0, rows);
+        at::mm_out(grad_sample, grad_zq, op.codebook.t());
       }
-
-      const at::Tensor soft_zq = soft ? at::mm(sample_buffer.narrow(0, 0, rows), op.codebook) : at::Tensor();
-
-      // The quantize-and-noise part: G_zq, the direct part of G_z, G_eps.
-      acc_t* grad_zq = grad_zq_buffer.data_ptr<acc_t>();
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t row = n0 + b;
-        const acc_t* zq = soft ? soft_zq.data_ptr<acc_t>() + b * d : codebook + idx[row] * d;
-        const acc_t* zr = z + row * d;
-        const acc_t* gzo = grad_z_out + row * d;
-        acc_t rho2 = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          r[j] = zr[j] - zq[j];
-          rho2 += r[j] * r[j];
-        }
-        const acc_t lat = grad_lat[row] / sigma;  // d latent_reg / d r = r / sigma_z2
-        // d z_out / d r through the scale s = ||r|| / c0: (alpha / c0) r / ||r||,
-        // taken as 0 at r = 0 like torch's norm backward.
-        acc_t coef = 0;
-        if (s.training) {
-          eps_row<acc_t>(op, s, row, scratch, eps.data());
-          const acc_t rho = std::sqrt(rho2);
-          const acc_t alpha = rowmath::row_dot(gzo, eps.data(), d);
-          coef = rho > acc_t(0) ? alpha / (rho * c0) : acc_t(0);
-          if (grad_eps != nullptr) {
-            const acc_t scale = rho / c0;
-            for (int64_t j = 0; j < d; ++j) grad_eps[row * d + j] = gzo[j] * scale;
-          }
-        }
-        acc_t* gz = grad_z + row * d;
-        acc_t* gq = grad_zq + b * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t through_r = coef * r[j] + lat * r[j];
-          gz[j] = through_r;
-          gq[j] = gzo[j] - through_r;
-        }
-      }
-      const at::Tensor grad_zq_block = grad_zq_buffer.narrow(0, 0, rows);
+      logit_gradients(op, s, in, n0, rows, gumbel, scratch, buffers, out);
 
       // Codebook gradient through z_q = c E: c^T G_zq (hard: a scatter-add in row order).
-      if (soft) {
-        direct.addmm_(sample_buffer.narrow(0, 0, rows).t(), grad_zq_block);
+      if (s.soft()) {
+        buffers.direct.addmm_(buffers.sample.narrow(0, 0, rows).t(), grad_zq);
       } else {
+        const acc_t* gq = grad_zq.data_ptr<acc_t>();
         for (int64_t b = 0; b < rows; ++b) {
-          acc_t* dst = direct_ptr + idx[n0 + b] * d;
-          const acc_t* src = grad_zq + b * d;
-          for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+          acc_t* dst = direct + idx[n0 + b] * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] += gq[b * d + j];
         }
-      }
-
-      // Training: G_l += G_l2 = (1/T) y (G_y - <y, G_y>), G_y = G_zq E^T (hard:
-      // straight-through, the same formula). S = row sums of G_l.
-      if (s.training) {
-        at::Tensor grad_sample = grad_sample_buffer.narrow(0, 0, rows);
-        at::mm_out(grad_sample, grad_zq_block, op.codebook.t());
-        const acc_t* gy = grad_sample.data_ptr<acc_t>();
-        for (int64_t b = 0; b < rows; ++b) {
-          const acc_t* yrow = y + b * k;
-          const acc_t* gyrow = gy + b * k;
-          acc_t* row = l + b * k;
-          acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + (n0 + b) * k : nullptr;
-          const acc_t mean = rowmath::row_dot(yrow, gyrow, k);
-          for (int64_t j = 0; j < k; ++j) {
-            const acc_t g2 = inv_temperature * yrow[j] * (gyrow[j] - mean);
-            row[j] += g2;
-            if (gg != nullptr) gg[j] = g2;  // v = l + g: the noise gets G_l2 too
-          }
-          row_sums[b] = rowmath::row_sum(row, k);
-        }
-      } else {
-        for (int64_t b = 0; b < rows; ++b) row_sums[b] = rowmath::row_sum(l + b * k, k);
       }
 
       // Distance backward: [-2 P, Q] = G_l rhs; G_l^T lhs for the codebook.
-      at::Tensor pq = pq_buffer.narrow(0, 0, rows);
+      at::Tensor pq = buffers.pq.narrow(0, 0, rows);
       at::mm_out(pq, logits, op.rhs);
-      distance_terms.addmm_(logits.t(), op.lhs.narrow(0, n0, rows));
-      const acc_t* pqp = pq.data_ptr<acc_t>();
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t row = n0 + b;
-        const acc_t srow = row_sums[b];
-        const acc_t* zr = z + row * d;
-        const acc_t* pm2 = pqp + b * width;  // -2 P
-        const acc_t* q = pm2 + d;            // Q: D values (full weight) or 1 (||e||^2)
-        acc_t* gz = grad_z + row * d;
-        acc_t scalar_grad_w = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t p = acc_t(-0.5) * pm2[j];
-          const acc_t wj = w == nullptr ? acc_t(1) : (full_weight ? w[row * d + j] : w[row]);
-          gz[j] += acc_t(-2) * wj * (zr[j] * srow - p);
-          if (grad_w != nullptr) {
-            const acc_t zz = zr[j] * zr[j] * srow - acc_t(2) * zr[j] * p;
-            if (full_weight) {
-              grad_w[row * d + j] = -(zz + q[j]);
-            } else {
-              scalar_grad_w += zz;
-            }
-          }
-        }
-        if (grad_w != nullptr && !full_weight) grad_w[row] = -(scalar_grad_w + q[0]);
-      }
+      buffers.distance_terms.addmm_(logits.t(), op.lhs.narrow(0, n0, rows));
+      distance_gradients(op, n0, rows, buffers, out);
     }
     // G_E of the stripe: c^T G_zq + 2 (G_l^T (w z) - E * (G_l^T w)).
-    const at::Tensor cross = distance_terms.narrow(1, 0, d);
-    const at::Tensor weight_sums = distance_terms.narrow(1, d, width - d);
-    codebook_partials[stripe] = direct.add_((cross - op.codebook * weight_sums) * 2.0);
+    const at::Tensor cross = buffers.distance_terms.narrow(1, 0, d);
+    const at::Tensor weight_sums = buffers.distance_terms.narrow(1, d, op.width() - d);
+    codebook_partials[stripe] = buffers.direct.add_((cross - op.codebook * weight_sums) * 2.0);
   });
   for (const at::Tensor& partial : codebook_partials) out.grad_codebook.add_(partial);
 }
@@ -489,42 +588,36 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Gradient
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_backward_cpu(
     const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar, const at::Tensor& grad_latent_reg,
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
-    const at::Tensor& indices, double temperature, double sigma_z2, bool hard, bool training, int64_t seed,
-    int64_t offset, const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
-  check_positive_finite(sigma_z2, "sigma_z2");
-  check_noise(gumbel_noise, "gumbel_noise", z.size(0), codebook.size(0), z);
-  check_noise(eps_noise, "eps_noise", z.size(0), z.size(1), z);
+    const at::Tensor& indices, const at::Tensor& row_lse, const at::Tensor& z_soft,
+    const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+  check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,
+                                hard, training);
   const int64_t n = z.size(0), k = codebook.size(0);
-  check_grad(grad_z_out, "grad_z_out", z.sizes(), z);
-  check_grad(grad_q_bar, "grad_q_bar", {k}, z);
-  check_grad(grad_latent_reg, "grad_latent_reg", {n}, z);
-  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == n && indices.scalar_type() == at::kLong,
-              "indices must be an int64 tensor of shape (", n, "), got ", indices.scalar_type(), " ",
-              indices.sizes());
-  TORCH_CHECK(indices.device() == z.device(), "indices must be on ", z.device(), ", got ", indices.device());
-
-  const Operands op = prepare(z, weight, codebook, gumbel_noise, eps_noise);
-  const Scalars s{temperature, sigma_z2, hard, training, seed, offset};
-  const auto acc = op.z.scalar_type();
-  if (n > 0) {
-    const int64_t max_index = indices.max().item<int64_t>();
-    const int64_t min_index = indices.min().item<int64_t>();
+  if (n > 0) {  // the kernel trusts the indices (reading them is free on the CPU)
+    const auto [low, high] = at::aminmax(indices);
+    const int64_t min_index = low.item<int64_t>(), max_index = high.item<int64_t>();
     TORCH_CHECK(min_index >= 0 && max_index < k, "indices must lie in [0, ", k, "), got values in [",
                 min_index, ", ", max_index, "]");
   }
-  Gradients g{grad_z_out.to(acc).contiguous(), grad_q_bar.to(acc).contiguous() / static_cast<double>(std::max<int64_t>(n, 1)),
-              grad_latent_reg.to(acc).contiguous(), indices.contiguous()};
+
+  const Operands op = prepare(z, weight, codebook, gumbel_noise, eps_noise);
+  const Scalars s = read_scalars(temperature, sigma_z2, hard, training, noise_state);
+  const auto acc = op.z.scalar_type();
+  const BackwardInputs in{grad_z_out.to(acc).contiguous(),
+                          grad_q_bar.to(acc).contiguous() / static_cast<double>(std::max<int64_t>(n, 1)),
+                          grad_latent_reg.to(acc).contiguous(), indices.contiguous(), row_lse.contiguous(),
+                          z_soft.contiguous()};
   BackwardOutputs out;
   out.grad_z = at::empty({n, op.d}, op.z.options());
   out.grad_weight = op.weight.defined() ? at::empty(op.weight.sizes(), op.z.options()) : at::Tensor();
   out.grad_codebook = at::zeros({k, op.d}, op.z.options());
-  const bool noise_grads = training;  // eval uses neither noise: their gradients are 0
-  if (gumbel_noise.has_value() && noise_grads) out.grad_gumbel = at::empty({n, k}, op.z.options());
-  if (eps_noise.has_value() && noise_grads) out.grad_eps = at::empty({n, op.d}, op.z.options());
+  // Evaluation uses neither noise: their gradients are 0.
+  if (gumbel_noise.has_value() && training) out.grad_gumbel = at::empty({n, k}, op.z.options());
+  if (eps_noise.has_value() && training) out.grad_eps = at::empty({n, op.d}, op.z.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "quantize_backward_cpu", [&] {
-    quantize_backward_impl<scalar_t>(op, s, g, out);
+    quantize_backward_impl<scalar_t>(op, s, in, out);
   });
 
   const auto noise_grad = [&](const std::optional<at::Tensor>& noise, const at::Tensor& grad) {

@@ -12,10 +12,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> weighted_softmax_cpu(const at::Tensor& z,
                                                         const std::optional<at::Tensor>& weight,
                                                         const at::Tensor& codebook,
-                                                        double temperature) {
+                                                        const at::Tensor& temperature) {
   check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
-  const auto logits = cpu::distance_forward(z, weight, codebook).neg_().div_(temperature);
+  check_temperature(temperature, z);
+  const auto logits = cpu::distance_forward(z, weight, codebook).mul_(-1.0 / host_temperature(temperature));
   auto lse = at::logsumexp(logits, /*dim=*/1);
   auto probs = at::exp(logits - lse.unsqueeze(1));
   return {probs, lse};
@@ -26,9 +26,9 @@ std::tuple<at::Tensor, at::Tensor> weighted_softmax_cpu(const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward_cpu(
     const at::Tensor& grad_probs, const at::Tensor& grad_lse, const at::Tensor& probs,
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
-    double temperature) {
+    const at::Tensor& temperature) {
   check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
+  check_temperature(temperature, z);
   const int64_t n = z.size(0), k = codebook.size(0);
   check_grad(grad_probs, "grad_probs", {n, k}, z);
   check_grad(grad_lse, "grad_lse", {n}, z);
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward_cpu(
   const auto g_p = cpu::dense(grad_probs, acc);
   const auto g_lse = cpu::dense(grad_lse, acc).unsqueeze(1);
   const auto grad_logits = p * (g_p - (p * g_p).sum(1, /*keepdim=*/true)) + g_lse * p;
-  return cpu::distance_backward(grad_logits.neg().div_(temperature), z, weight, codebook);
+  return cpu::distance_backward(grad_logits.mul_(-1.0 / host_temperature(temperature)), z, weight, codebook);
 }
 
 }  // namespace

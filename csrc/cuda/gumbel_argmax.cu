@@ -2,6 +2,8 @@
 // regenerated from Philox in the kernel, never stored), takes the argmax and
 // the tempered softmax. Backward regenerates the soft sample the same way and
 // applies G_l = (1/T) y (G_y - sum_k y G_y) (straight-through for hard).
+// The temperature and the noise state may live on the device: the kernel
+// reads them there, nothing syncs.
 #include <torch/library.h>
 
 #include "gmvq/checks.h"
@@ -10,13 +12,23 @@
 namespace gmvq::cuda {
 namespace {
 
+void check_inputs(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& noise_state,
+                  const std::optional<at::Tensor>& noise) {
+  check_logits(logits);
+  check_temperature(temperature, logits);
+  check_noise_state(noise_state, logits);
+  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
+}
+
 // The soft sample y (or the one-hot) and the argmax, in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, double temperature, bool one_hot,
-                                          int64_t seed, int64_t offset,
+std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, const at::Tensor& temperature,
+                                          bool one_hot, const at::Tensor& noise_state,
                                           const std::optional<at::Tensor>& noise) {
   const auto acc = accumulation_type(logits.scalar_type());
   const auto x = to_acc(logits, acc);
   const auto g = noise.has_value() ? to_acc(*noise, acc) : at::Tensor();
+  const InverseTemperature inv_temperature(temperature, acc);
+  const NoiseArg noise_arg(noise_state);
   auto out = at::empty_like(x);
   auto index = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   dispatch_acc(acc, [&](auto tag) {
@@ -27,9 +39,8 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, double tempe
     args.index = index.data_ptr<int64_t>();
     args.noise = g.defined() ? g.data_ptr<T>() : nullptr;
     args.philox = !g.defined();
-    args.seed = seed;
-    args.offset = offset;
-    args.divisor = static_cast<T>(temperature);
+    args.key = noise_arg.key();
+    args.inv_scale = inv_temperature.arg<T>();
     args.one_hot = one_hot;
     args.n = x.size(0);
     args.k = x.size(1);
@@ -38,27 +49,24 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, double tempe
   return {out, index};
 }
 
-std::tuple<at::Tensor, at::Tensor> gumbel_argmax(const at::Tensor& logits, double temperature,
-                                                 bool hard, int64_t seed, int64_t offset,
+std::tuple<at::Tensor, at::Tensor> gumbel_argmax(const at::Tensor& logits, const at::Tensor& temperature,
+                                                 bool hard, const at::Tensor& noise_state,
                                                  const std::optional<at::Tensor>& noise) {
-  check_logits(logits);
-  check_positive_finite(temperature, "temperature");
-  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
+  check_inputs(logits, temperature, noise_state, noise);
   const c10::cuda::CUDAGuard guard(logits.device());
-  return sample(logits, temperature, hard, seed, offset, noise);
+  return sample(logits, temperature, hard, noise_state, noise);
 }
 
 at::Tensor gumbel_argmax_backward(const at::Tensor& grad_sample, const at::Tensor& logits,
-                                  double temperature, int64_t seed, int64_t offset,
+                                  const at::Tensor& temperature, const at::Tensor& noise_state,
                                   const std::optional<at::Tensor>& noise) {
-  check_logits(logits);
+  check_inputs(logits, temperature, noise_state, noise);
   check_grad(grad_sample, "grad_sample", logits.sizes(), logits);
-  check_positive_finite(temperature, "temperature");
-  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto y = std::get<0>(sample(logits, temperature, /*one_hot=*/false, seed, offset, noise));
+  const auto y = std::get<0>(sample(logits, temperature, /*one_hot=*/false, noise_state, noise));
   const auto g = grad_sample.to(y.scalar_type());
-  const auto grad = y * (g - (y * g).sum(1, /*keepdim=*/true)) / temperature;
+  // A 0-dim temperature on the CPU or the device: either divides without a sync.
+  const auto grad = y * (g - (y * g).sum(1, /*keepdim=*/true)) / temperature.to(y.scalar_type());
   return grad.to(logits.scalar_type()).contiguous();
 }
 

@@ -1,300 +1,350 @@
-// quantize on CUDA: the fused GM-VQ bottleneck. No N x K tensor is ever
-// allocated (unless the caller passes gumbel_noise, whose gradient is N x K):
-// the sweeps of fused_quantize.cuh recompute logits and noise tile by tile
-// from z, w, E and (seed, offset); the per-row finish (z_q, s, eps, z_out,
-// latent_reg and the per-row gradient terms) is O(N D) tensor arithmetic.
+// quantize on CUDA: the fused GM-VQ bottleneck (GMVQ_MATH.md). No N x K
+// tensor is allocated in either direction (unless the caller passes
+// gumbel_noise, whose gradient is N x K): logits, noise and probabilities are
+// recomputed tile by tile, as flash attention does, from z, w, E, the noise
+// key and O(N) saved row statistics.
+//
+// Forward (noise generated once):
+//   forward_rows     one sweep over the codebook per block of rows: row_lse
+//                    (lse_pi, lse_y), the index, z_soft (soft training);
+//   forward_columns  one sweep without noise: q_bar = mean_n pi;
+//   forward_finish   per row: z_q, latent_reg, z_out = z_q + s eps.
+// Backward (noise regenerated twice, from the forward's row_lse and z_soft):
+//   backward_prepare per row: G_zq, the direct part of G_z, G_eps, soft beta
+//                    (and the device-side check of the indices);
+//   backward_rows    one sweep: b_pi, hard beta, G_z += 2 w P, G_w;
+//   backward_columns one sweep: G_E (and dL/dg) per segment of rows.
+// The formulas are in quantize_backward.cuh; the tile layout in
+// quantize_common.cuh. row_lse's second column in eval (no noise, no y)
+// repeats the first.
+//
+// Tile products (tile_math.cuh): GMVQ_CUDA_TILES=tensor runs them on tensor
+// cores with the 3xTF32 split (the default on compute capability 8.0+),
+// GMVQ_CUDA_TILES=simt as FP32 FFMA; float64 inputs always take the SIMT
+// path. The variable is read at each call (a getenv), so a benchmark can
+// measure both paths in one process by changing os.environ between calls.
+//
+// Nothing here waits for the device: a device temperature and noise state are
+// read by the kernels, the indices are checked by the kernel that reads them,
+// and every loop bound comes from the shapes. Results are bitwise
+// reproducible: no atomics, fixed reduction orders, segment partials summed
+// in order.
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "gmvq/checks.h"
-#include "gmvq/cuda/fused_quantize.cuh"
-#include "gmvq/cuda/noise.cuh"
+#include "quantize_backward.cuh"
+#include "quantize_forward.cuh"
+#include "quantize_rows.cuh"
 
 namespace gmvq::cuda {
 namespace {
 
-void check_quantize_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
-                           const at::Tensor& codebook, double temperature, double sigma_z2,
-                           const std::optional<at::Tensor>& gumbel_noise,
-                           const std::optional<at::Tensor>& eps_noise) {
-  check_codebook_inputs(z, weight, codebook);
-  check_positive_finite(temperature, "temperature");
-  check_positive_finite(sigma_z2, "sigma_z2");
-  check_noise(gumbel_noise, "gumbel_noise", z.size(0), codebook.size(0), z);
-  check_noise(eps_noise, "eps_noise", z.size(0), z.size(1), z);
+using fused::RowArgs;
+using fused::SweepArgs;
+
+// The operands of quantize_common.cuh's layout, in the accumulation dtype.
+struct Operands {
+  int64_t n = 0, k = 0, d = 0;
+  int dp = 0, rp = 0;
+  bool full_weight = false;  // weight (N, D) with D > 1
+  at::Tensor z;              // (N, D)
+  at::Tensor rows;           // (N, rp)
+  at::Tensor codes;          // (K, rp)
+  at::Tensor row_term;       // (N,)
+
+  Operands(const at::Tensor& z_in, const std::optional<at::Tensor>& weight, const at::Tensor& codebook) {
+    const auto acc = accumulation_type(z_in.scalar_type());
+    n = z_in.size(0);
+    d = z_in.size(1);
+    k = codebook.size(0);
+    dp = static_cast<int>(ceil_div(d, 8) * 8);
+    full_weight = weight.has_value() && weight->size(1) == d && d != 1;
+    rp = full_weight ? 2 * dp : dp + 8;
+    z = to_acc(z_in, acc);
+    const auto e = to_acc(codebook, acc);
+    rows = at::zeros({n, rp}, z.options());
+    codes = at::zeros({k, rp}, z.options());
+    at::Tensor w;  // (N, D) or (N, 1)
+    if (weight.has_value()) {
+      w = to_acc(*weight, acc);
+    } else {
+      w = at::ones({n, 1}, z.options());
+    }
+    const auto wz = w * z;
+    row_term = (wz * z).sum(1).contiguous();
+    rows.narrow(1, 0, d).copy_(wz * -2.0);
+    rows.narrow(1, dp, w.size(1)).copy_(w);
+    codes.narrow(1, 0, d).copy_(e);
+    const auto e2 = e * e;
+    codes.narrow(1, dp, full_weight ? d : 1).copy_(full_weight ? e2 : e2.sum(1, /*keepdim=*/true));
+  }
+};
+
+enum class Tiles { kSimt, kTensor };
+
+Tiles tile_path(at::ScalarType acc) {
+  if (acc == at::kDouble) return Tiles::kSimt;  // tensor cores hold no float64 products here
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const char* env = std::getenv("GMVQ_CUDA_TILES");
+  const std::string choice = env == nullptr ? "" : env;
+  if (choice.empty()) return major >= 8 ? Tiles::kTensor : Tiles::kSimt;
+  if (choice == "simt") return Tiles::kSimt;
+  TORCH_CHECK(choice == "tensor", "GMVQ_CUDA_TILES must be \"tensor\" or \"simt\", got \"", choice, "\"");
+  TORCH_CHECK(major >= 8, "GMVQ_CUDA_TILES=tensor needs a GPU of compute capability 8.0 or newer, this one is ",
+              major, ".x");
+  return Tiles::kTensor;
+}
+
+template <typename T_, typename Math_>
+struct Path {
+  using T = T_;
+  using Math = Math_;
+};
+
+// f(Path<T, Math>{}) for the accumulation dtype and the tile path.
+template <typename F>
+void dispatch_path(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) {
+    f(Path<double, SimtMath<double>>{});
+  } else if (tile_path(acc) == Tiles::kTensor) {
+    f(Path<float, TensorMath>{});
+  } else {
+    f(Path<float, SimtMath<float>>{});
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// The register tiles hold a bounded D (quantize_backward.cuh).
+template <typename T>
+void check_dimension(const Operands& ops) {
+  TORCH_CHECK(ops.dp <= fused::max_backward_dp<T>(), "quantize (CUDA): D = ", ops.d, " is larger than the ",
+              fused::max_backward_dp<T>(), " the fused kernels hold in registers for ",
+              sizeof(T) == 4 ? "float32" : "float64", " accumulation; run it on the CPU");
 }
 
 // Row segments of the column sweeps: about 4 waves of blocks on a large GPU,
 // decided by the shape alone so that the summation order never changes.
-int64_t column_segments(int64_t n, int64_t k) {
-  const int64_t row_tiles = ceil_div(n, kTile), code_tiles = ceil_div(k, kTile);
+int64_t column_segments(int64_t n, int64_t k, int64_t row_tile) {
+  const int64_t row_tiles = ceil_div(n, row_tile), code_tiles = ceil_div(k, fused::kCodeTile);
   return std::max<int64_t>(1, std::min<int64_t>(row_tiles, ceil_div(528, code_tiles)));
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes, const char* what) {
-  const int64_t static_bytes = 3 * 2 * 16 * kTilePad * 4;  // the largest TileStage
-  TORCH_CHECK(bytes + static_bytes <= max_dynamic_smem(), "quantize (CUDA): D = ", what,
-              " needs more shared memory per block than this GPU has (", bytes + static_bytes,
-              " bytes); use a smaller D or the CPU");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+template <typename Kernel, typename Args>
+void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, const Args& args, const char* what) {
+  allow_dynamic_smem(kernel, smem, "quantize", what);
+  GMVQ_LAUNCH(kernel, grid, threads, smem, c10::cuda::getCurrentCUDAStream(), args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
-QuantizeView<T> make_view(const CodebookTerms& terms, const at::Tensor& gumbel, int64_t seed,
-                          int64_t offset, double temperature, bool hard, bool training) {
-  QuantizeView<T> v;
-  v.dist = distance_view<T>(terms);
-  v.gumbel = gumbel.defined() ? gumbel.data_ptr<T>() : nullptr;
-  v.seed = seed;
-  v.offset = offset;
-  v.temperature = static_cast<T>(temperature);
-  v.hard = hard;
-  v.training = training;
-  return v;
+SweepArgs<T> sweep_args(const Operands& ops, const InverseTemperature& inv_temperature, const NoiseArg& noise,
+                        const at::Tensor& gumbel, bool hard, bool training) {
+  SweepArgs<T> a;
+  a.n = ops.n;
+  a.k = ops.k;
+  a.d = ops.d;
+  a.dp = ops.dp;
+  a.rp = ops.rp;
+  a.rows = ops.rows.data_ptr<T>();
+  a.codes = ops.codes.data_ptr<T>();
+  a.row_term = ops.row_term.data_ptr<T>();
+  a.gumbel = gumbel.defined() ? gumbel.data_ptr<T>() : nullptr;
+  a.inv_temperature = inv_temperature.arg<T>();
+  a.noise = noise.key();
+  a.training = training;
+  a.hard = hard;
+  return a;
 }
 
-struct RowStats {
-  at::Tensor lse1, lse2, b_pi, index, z_soft;
-};
-
-// Sweep 1 (see fused_quantize.cuh). grad_qbar: G_qbar / N for b_pi (backward).
 template <typename T>
-RowStats row_stats(QuantizeView<T> v, const at::TensorOptions& opts, bool want_index,
-                   bool want_z_soft, const at::Tensor& grad_qbar) {
-  const int64_t n = v.dist.n, d = v.dist.d;
-  RowStats s;
-  s.lse1 = at::empty({n}, opts);
-  s.lse2 = at::empty({n}, opts);
-  if (grad_qbar.defined()) s.b_pi = at::empty({n}, opts);
-  if (want_index) s.index = at::empty({n}, opts.dtype(at::kLong));
-  if (want_z_soft) s.z_soft = at::empty({n, d}, opts);
-  RowStatsOut<T> out;
-  out.lse1 = s.lse1.data_ptr<T>();
-  out.lse2 = s.lse2.data_ptr<T>();
-  out.b_pi = grad_qbar.defined() ? s.b_pi.data_ptr<T>() : nullptr;
-  out.index = want_index ? s.index.data_ptr<int64_t>() : nullptr;
-  out.z_soft = want_z_soft ? s.z_soft.data_ptr<T>() : nullptr;
-  v.grad_qbar = grad_qbar.defined() ? grad_qbar.data_ptr<T>() : nullptr;
-  const int64_t smem = row_stats_smem<T>(d, want_z_soft);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto launch = [&](auto kernel) {
-    allow_smem(kernel, smem, std::to_string(d).c_str());
-    GMVQ_LAUNCH(kernel, ceil_div(n, kTile), kThreads, smem, stream, v, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (v.dist.full_weight) {
-    launch(row_stats_kernel<T, true>);
-  } else {
-    launch(row_stats_kernel<T, false>);
-  }
-  return s;
+RowArgs<T> row_args(const Operands& ops, const NoiseArg& noise, const at::Tensor& eps, double sigma_z2,
+                    bool hard, bool training) {
+  RowArgs<T> r;
+  r.n = ops.n;
+  r.k = ops.k;
+  r.d = ops.d;
+  r.dp = ops.dp;
+  r.rp = ops.rp;
+  r.z = ops.z.data_ptr<T>();
+  r.codes = ops.codes.data_ptr<T>();
+  r.eps = eps.defined() ? eps.data_ptr<T>() : nullptr;
+  r.noise = noise.key();
+  r.training = training;
+  r.soft = training && !hard;
+  r.sigma_z2 = static_cast<T>(sigma_z2);
+  r.c0 = static_cast<T>(std::sqrt(2.0 * sigma_z2 * static_cast<double>(ops.d)));
+  return r;
 }
 
-// Sweep 3 in its forward form: q_bar[k] = sum_n pi[n, k] / N.
-template <typename T>
-at::Tensor q_bar_sweep(const QuantizeView<T>& v, const at::TensorOptions& opts) {
-  const int64_t n = v.dist.n, k = v.dist.k;
-  const int64_t segments = column_segments(n, k);
-  auto partial = at::empty({segments, k}, opts);
-  ColSweepArgs<T> args;
-  args.partial = partial.data_ptr<T>();
-  args.rows_per_segment = ceil_div(ceil_div(n, kTile), segments) * kTile;
-  const int64_t smem = col_sweep_smem<T>(v.dist.d, /*grad=*/false);
-  const dim3 grid(ceil_div(k, kTile), segments);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto launch = [&](auto kernel) {
-    allow_smem(kernel, smem, std::to_string(v.dist.d).c_str());
-    GMVQ_LAUNCH(kernel, grid, kThreads, smem, stream, v, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (v.dist.full_weight) {
-    launch(col_sweep_kernel<T, true, false, false>);
-  } else {
-    launch(col_sweep_kernel<T, false, false, false>);
-  }
-  return partial.sum(0) / static_cast<double>(n);
+// Sum of the segment partials (S, ...) in segment order.
+at::Tensor sum_segments(const at::Tensor& partial) {
+  return partial.size(0) == 1 ? partial.squeeze(0) : partial.sum(0);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
-    double temperature, double sigma_z2, bool hard, bool training, int64_t seed, int64_t offset,
+    const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
     const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, gumbel_noise, eps_noise);
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
   const auto acc = accumulation_type(z.scalar_type());
   const auto opts = z.options().dtype(acc);
+  const bool soft = training && !hard;
   if (n == 0) {
-    return {at::empty_like(z, at::MemoryFormat::Contiguous), at::empty({0}, z.options().dtype(at::kLong)),
-            at::zeros({k}, opts), at::empty({0}, opts)};
+    return {at::empty({0, d}, z.options()), at::empty({0}, z.options().dtype(at::kLong)), at::zeros({k}, opts),
+            at::empty({0}, opts), at::empty({0, 2}, opts), at::empty({0, d}, opts)};
   }
-  const CodebookTerms terms(z, weight, codebook);
-  const auto gumbel = (training && gumbel_noise.has_value()) ? to_acc(*gumbel_noise, acc) : at::Tensor();
-  const bool soft_sample = training && !hard;
-  RowStats stats;
+  const Operands ops(z, weight, codebook);
+  const InverseTemperature inv_temperature(temperature, acc);
+  const NoiseArg noise(noise_state);
+  const auto gumbel = training && gumbel_noise.has_value() ? to_acc(*gumbel_noise, acc) : at::Tensor();
+  const auto eps = training && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
+  auto row_lse = at::empty({n, 2}, opts);
+  auto indices = at::empty({n}, opts.dtype(at::kLong));
+  auto z_soft = at::empty({soft ? n : 0, d}, opts);
+  auto z_out = at::empty({n, d}, opts);
+  auto latent_reg = at::empty({n}, opts);
   at::Tensor q_bar;
-  dispatch_acc(acc, [&](auto tag) {
-    using T = decltype(tag);
-    auto v = make_view<T>(terms, gumbel, seed, offset, temperature, hard, training);
-    stats = row_stats<T>(v, opts, /*want_index=*/true, /*want_z_soft=*/soft_sample, at::Tensor());
-    v.lse1 = stats.lse1.data_ptr<T>();  // q_bar needs the normalised pi: a second sweep
-    q_bar = q_bar_sweep<T>(v, opts);
+  dispatch_path(acc, [&](auto path) {
+    using T = typename decltype(path)::T;
+    using Math = typename decltype(path)::Math;
+    check_dimension<T>(ops);
+    auto args = sweep_args<T>(ops, inv_temperature, noise, gumbel, hard, training);
+    args.row_lse = row_lse.data_ptr<T>();
+    args.index = indices.data_ptr<int64_t>();
+    args.z_soft = soft ? z_soft.data_ptr<T>() : nullptr;
+    const fused::ForwardRowsSmem<T> rows_smem(ops.rp, soft);
+    dispatch_bool(soft, [&](auto soft_c) {
+      launch(fused::forward_rows_kernel<T, Math, decltype(soft_c)::value>, dim3(ceil_div(n, fused::kForwardRows)),
+             fused::kBlockThreads, rows_smem.bytes, args, "the forward row sweep at this D");
+    });
+
+    const int64_t segments = column_segments(n, k, fused::kColumnRows);
+    auto partial = at::empty({segments, k}, opts);
+    args.partial = partial.data_ptr<T>();
+    args.rows_per_segment = ceil_div(ceil_div(n, fused::kColumnRows), segments) * fused::kColumnRows;
+    const fused::ForwardColumnsSmem<T> columns_smem(ops.rp);
+    launch(fused::forward_columns_kernel<T, Math>, dim3(ceil_div(k, fused::kCodeTile), segments),
+           fused::kBlockThreads, columns_smem.bytes, args, "the q_bar sweep at this D");
+    q_bar = sum_segments(partial).div_(static_cast<double>(n));
+
+    auto finish = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
+    finish.index = indices.data_ptr<int64_t>();
+    finish.z_soft = soft ? z_soft.data_ptr<T>() : nullptr;
+    finish.z_out = z_out.data_ptr<T>();
+    finish.latent_reg = latent_reg.data_ptr<T>();
+    launch(fused::forward_finish_kernel<T>, dim3(ceil_div(n, fused::kRowsPerBlock)), fused::kRowsPerBlock * 32, 0,
+           finish, "the per-row finish");
   });
-  const auto z_acc = z.to(acc);
-  const auto z_q = soft_sample ? stats.z_soft : terms.codebook.index_select(0, stats.index);
-  const auto residual = z_acc - z_q;
-  const auto latent_reg = residual.pow(2).sum(1) / (2.0 * sigma_z2);
-  at::Tensor z_out = z_q;
-  if (training) {
-    const auto eps = eps_noise.has_value() ? eps_noise->to(acc)
-                                           : gaussian_noise_cuda(n, d, seed, offset, z.options()).to(acc);
-    const auto scale = at::linalg_vector_norm(residual, 2, {1}, /*keepdim=*/true) /
-                       std::sqrt(2.0 * sigma_z2 * static_cast<double>(d));
-    z_out = z_q + scale * eps;
-  }
-  return {z_out.to(z.scalar_type()).contiguous(), stats.index, q_bar, latent_reg};
+  return {z_out.to(z.scalar_type()), indices, q_bar, latent_reg, row_lse, z_soft};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_backward(
     const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar, const at::Tensor& grad_latent_reg,
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
-    const at::Tensor& indices, double temperature, double sigma_z2, bool hard, bool training,
-    int64_t seed, int64_t offset, const std::optional<at::Tensor>& gumbel_noise,
-    const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, gumbel_noise, eps_noise);
-  const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
-  check_grad(grad_z_out, "grad_z_out", {n, d}, z);
-  check_grad(grad_q_bar, "grad_q_bar", {k}, z);
-  check_grad(grad_latent_reg, "grad_latent_reg", {n}, z);
-  TORCH_CHECK(indices.sizes() == at::IntArrayRef({n}) && indices.scalar_type() == at::kLong,
-              "indices must be an int64 tensor of shape (", n, "), got ", indices.scalar_type(), " ",
-              indices.sizes());
-  TORCH_CHECK(indices.device() == z.device(), "indices must be on ", z.device(), ", got ", indices.device());
+    const at::Tensor& indices, const at::Tensor& row_lse, const at::Tensor& z_soft, const at::Tensor& temperature,
+    double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+  check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,
+                                hard, training);
   const c10::cuda::CUDAGuard guard(z.device());
-  if (n > 0) {  // the kernels trust the indices: one host sync to check them
-    const auto [low, high] = at::aminmax(indices);
-    const int64_t min_index = low.item<int64_t>(), max_index = high.item<int64_t>();
-    TORCH_CHECK(min_index >= 0 && max_index < k, "indices must lie in [0, ", k, "), got values in [",
-                min_index, ", ", max_index, "]");
-  }
+  const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
   const auto acc = accumulation_type(z.scalar_type());
   const auto opts = z.options().dtype(acc);
-  const auto cast_like = [](const at::Tensor& g, const at::Tensor& like) {
-    return g.to(like.scalar_type()).contiguous();
-  };
+  const auto like = [](const at::Tensor& t) { return at::empty_like(t, at::MemoryFormat::Contiguous); };
   if (n == 0) {
-    return {at::empty_like(z, at::MemoryFormat::Contiguous),
-            weight.has_value() ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : absent_grad(z),
+    return {like(z), weight.has_value() ? like(*weight) : absent_grad(z),
             at::zeros_like(codebook, at::MemoryFormat::Contiguous),
-            gumbel_noise.has_value() ? at::empty_like(*gumbel_noise, at::MemoryFormat::Contiguous) : absent_grad(z),
-            eps_noise.has_value() ? at::empty_like(*eps_noise, at::MemoryFormat::Contiguous) : absent_grad(z)};
+            gumbel_noise.has_value() ? like(*gumbel_noise) : absent_grad(z),
+            eps_noise.has_value() ? like(*eps_noise) : absent_grad(z)};
   }
-  const CodebookTerms terms(z, weight, codebook);
-  const auto gumbel = (training && gumbel_noise.has_value()) ? to_acc(*gumbel_noise, acc) : at::Tensor();
+  const bool soft = training && !hard;
+  const Operands ops(z, weight, codebook);
+  const InverseTemperature inv_temperature(temperature, acc);
+  const NoiseArg noise(noise_state);
+  const auto gumbel = training && gumbel_noise.has_value() ? to_acc(*gumbel_noise, acc) : at::Tensor();
+  const auto eps = training && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
+  const auto g_out = to_acc(grad_z_out, acc);
+  const auto g_lat = to_acc(grad_latent_reg, acc);
+  const auto grad_pi = (grad_q_bar.to(acc) / static_cast<double>(n)).contiguous();
+  const auto lse = row_lse.contiguous();
+  const auto z_q_soft = z_soft.contiguous();
   const auto index = indices.contiguous();
-  const auto grad_qbar_n = (grad_q_bar.to(acc) / static_cast<double>(n)).contiguous();
-  const auto z_acc = z.to(acc);
-  const auto g_out = grad_z_out.to(acc);
-  const auto g_lat = grad_latent_reg.to(acc).unsqueeze(1);
-  const double c0 = std::sqrt(2.0 * sigma_z2 * static_cast<double>(d));
 
-  at::Tensor grad_z, grad_w, grad_e, grad_gumbel, grad_eps;
-  dispatch_acc(acc, [&](auto tag) {
-    using T = decltype(tag);
-    auto v = make_view<T>(terms, gumbel, seed, offset, temperature, hard, training);
-    // Pass 1: row statistics (O(N) saved), then the per-row terms.
-    const RowStats stats = row_stats<T>(v, opts, /*want_index=*/false, /*want_z_soft=*/training, grad_qbar_n);
-    const auto z_q = (training && !hard) ? stats.z_soft : terms.codebook.index_select(0, index);
-    const auto residual = z_acc - z_q;
-    at::Tensor grad_direct, grad_zq, beta;
-    if (training) {
-      const auto eps = eps_noise.has_value() ? eps_noise->to(acc)
-                                             : gaussian_noise_cuda(n, d, seed, offset, z.options()).to(acc);
-      const auto rho = at::linalg_vector_norm(residual, 2, {1}, /*keepdim=*/true);
-      const auto alpha = (g_out * eps).sum(1, /*keepdim=*/true);
-      const auto u = at::where(rho > 0, residual / rho, at::zeros_like(residual));
-      const auto through_scale = alpha * u / c0;
-      const auto through_latent = g_lat * residual / sigma_z2;
-      grad_direct = through_scale + through_latent;
-      grad_zq = (g_out - through_scale - through_latent).contiguous();
-      beta = (grad_zq * stats.z_soft).sum(1).contiguous();
-      if (eps_noise.has_value()) grad_eps = cast_like(g_out * (rho / c0), *eps_noise);
-    } else {
-      const auto through_latent = g_lat * residual / sigma_z2;
-      grad_direct = through_latent;
-      grad_zq = (g_out - through_latent).contiguous();
-      if (eps_noise.has_value()) grad_eps = at::zeros_like(*eps_noise, at::MemoryFormat::Contiguous);
-    }
-    v.grad_qbar = grad_qbar_n.data_ptr<T>();
-    v.lse1 = stats.lse1.data_ptr<T>();
-    v.lse2 = stats.lse2.data_ptr<T>();
-    v.b_pi = stats.b_pi.data_ptr<T>();
-    v.beta = training ? beta.data_ptr<T>() : nullptr;
-    v.index = index.data_ptr<int64_t>();
-    v.grad_zq = Operand<T>{grad_zq.data_ptr<T>(), n, d, 1};
+  auto grad_zq = at::zeros({n, ops.dp}, opts);  // zero padding: exact products over whole steps
+  auto grad_z = at::empty({n, d}, opts);
+  auto b_pi = at::empty({n}, opts);
+  auto beta = at::empty({n}, opts);  // soft: the prepare kernel; hard: the row sweep; eval: unused
+  at::Tensor grad_w = weight.has_value() ? at::empty({n, weight->size(1)}, opts) : at::Tensor();
+  at::Tensor grad_eps, grad_gumbel, grad_e;
+  if (eps_noise.has_value()) grad_eps = training ? at::empty({n, d}, opts) : at::zeros({n, d}, opts);
+  if (gumbel_noise.has_value()) grad_gumbel = training ? at::empty({n, k}, opts) : at::zeros({n, k}, opts);
 
-    // Pass 2: row sums S, P = G_l E, Q = G_l (E*E) and dL/dgumbel.
-    const auto s = at::empty({n}, opts);
-    const auto p = at::empty({n, d}, opts);
-    const auto q = weight.has_value() ? at::empty({n, d}, opts) : at::Tensor();
-    at::Tensor g_gumbel;
-    if (gumbel_noise.has_value()) g_gumbel = training ? at::empty({n, k}, opts) : at::zeros({n, k}, opts);
-    RowGradOut<T> row_out;
-    row_out.s = s.data_ptr<T>();
-    row_out.p = p.data_ptr<T>();
-    row_out.q = q.defined() ? q.data_ptr<T>() : nullptr;
-    row_out.grad_gumbel = (training && g_gumbel.defined()) ? g_gumbel.data_ptr<T>() : nullptr;
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t row_smem = row_grad_smem<T>(d);
-    const auto launch_rows = [&](auto kernel) {
-      allow_smem(kernel, row_smem, std::to_string(d).c_str());
-      GMVQ_LAUNCH(kernel, ceil_div(n, kTile), kThreads, row_smem, stream, v, row_out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    // Pass 3: G_E partials over fixed row segments, summed in a fixed order.
-    const int64_t segments = column_segments(n, k);
+  dispatch_path(acc, [&](auto path) {
+    using T = typename decltype(path)::T;
+    using Math = typename decltype(path)::Math;
+    check_dimension<T>(ops);
+    auto prepare = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
+    prepare.index = index.data_ptr<int64_t>();
+    prepare.z_soft = soft ? z_q_soft.data_ptr<T>() : nullptr;
+    prepare.grad_z_out = g_out.data_ptr<T>();
+    prepare.grad_latent_reg = g_lat.data_ptr<T>();
+    prepare.grad_z = grad_z.data_ptr<T>();
+    prepare.grad_zq = grad_zq.data_ptr<T>();
+    prepare.grad_eps = training && grad_eps.defined() ? grad_eps.data_ptr<T>() : nullptr;
+    prepare.beta = beta.data_ptr<T>();
+    launch(fused::backward_prepare_kernel<T>, dim3(ceil_div(n, fused::kRowsPerBlock)), fused::kRowsPerBlock * 32,
+           0, prepare, "the per-row gradients");
+
+    auto args = sweep_args<T>(ops, inv_temperature, noise, gumbel, hard, training);
+    args.row_lse = lse.data_ptr<T>();
+    args.index = index.data_ptr<int64_t>();
+    args.grad_pi = grad_pi.data_ptr<T>();
+    args.grad_zq = grad_zq.data_ptr<T>();
+    args.b_pi = b_pi.data_ptr<T>();
+    args.beta = beta.data_ptr<T>();
+    args.z = ops.z.data_ptr<T>();
+    args.grad_z = grad_z.data_ptr<T>();
+    args.grad_w = grad_w.defined() ? grad_w.data_ptr<T>() : nullptr;
+    args.grad_gumbel = training && grad_gumbel.defined() ? grad_gumbel.data_ptr<T>() : nullptr;
+    const int64_t segments = column_segments(n, k, fused::kBackwardRows);
     auto partial = at::empty({segments, k, d}, opts);
-    ColSweepArgs<T> col_args;
-    col_args.partial = partial.data_ptr<T>();
-    col_args.rows_per_segment = ceil_div(ceil_div(n, kTile), segments) * kTile;
-    const int64_t col_smem = col_sweep_smem<T>(d, /*grad=*/true);
-    const dim3 col_grid(ceil_div(k, kTile), segments);
-    const auto launch_cols = [&](auto kernel) {
-      allow_smem(kernel, col_smem, std::to_string(d).c_str());
-      GMVQ_LAUNCH(kernel, col_grid, kThreads, col_smem, stream, v, col_args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    const bool full = terms.full_weight;
-    if (training && full) {
-      launch_rows(row_grad_kernel<T, true, true>);
-      launch_cols(col_sweep_kernel<T, true, true, true>);
-    } else if (training) {
-      launch_rows(row_grad_kernel<T, false, true>);
-      launch_cols(col_sweep_kernel<T, false, true, true>);
-    } else if (full) {
-      launch_rows(row_grad_kernel<T, true, false>);
-      launch_cols(col_sweep_kernel<T, true, false, true>);
-    } else {
-      launch_rows(row_grad_kernel<T, false, false>);
-      launch_cols(col_sweep_kernel<T, false, false, true>);
-    }
-    const auto s_col = s.unsqueeze(1);
-    grad_z = grad_direct - 2.0 * terms.w_full * (z_acc * s_col - p);
-    if (weight.has_value()) {
-      grad_w = -(z_acc * z_acc * s_col - 2.0 * z_acc * p + q);
-      if (weight->size(1) == 1) grad_w = grad_w.sum(1, /*keepdim=*/true);
-    }
-    grad_e = segments == 1 ? partial.squeeze(0) : partial.sum(0);
-    grad_gumbel = g_gumbel;
+    args.partial = partial.data_ptr<T>();
+    args.rows_per_segment = ceil_div(ceil_div(n, fused::kBackwardRows), segments) * fused::kBackwardRows;
+    const fused::BackwardRowsSmem<T> rows_smem(ops.rp, ops.dp);
+    const fused::BackwardColumnsSmem<T> columns_smem(ops.rp, ops.dp);
+    dispatch_bool(ops.full_weight, [&](auto full_c) {
+      constexpr bool kFull = decltype(full_c)::value;
+      launch(fused::backward_rows_kernel<T, Math, kFull>, dim3(ceil_div(n, fused::kBackwardRows)),
+             fused::kBlockThreads, rows_smem.bytes, args, "the backward row sweep at this D");
+      launch(fused::backward_columns_kernel<T, Math, kFull>, dim3(ceil_div(k, fused::kCodeTile), segments),
+             fused::kBlockThreads, columns_smem.bytes, args, "the codebook-gradient sweep at this D");
+    });
+    grad_e = sum_segments(partial);
   });
-  return {cast_like(grad_z, z),
-          weight.has_value() ? cast_like(grad_w, *weight) : absent_grad(z),
-          cast_like(grad_e, codebook),
-          gumbel_noise.has_value() ? cast_like(grad_gumbel, *gumbel_noise) : absent_grad(z),
-          eps_noise.has_value() ? grad_eps : absent_grad(z)};
+  const auto cast_like = [](const at::Tensor& g, const at::Tensor& ref) {
+    return g.to(ref.scalar_type()).contiguous();
+  };
+  return {cast_like(grad_z, z), weight.has_value() ? cast_like(grad_w, *weight) : absent_grad(z),
+          cast_like(grad_e, codebook), gumbel_noise.has_value() ? cast_like(grad_gumbel, *gumbel_noise) : absent_grad(z),
+          eps_noise.has_value() ? cast_like(grad_eps, *eps_noise) : absent_grad(z)};
 }
 
 }  // namespace

@@ -136,3 +136,10 @@ class Quantizer(nn.Module):
         offset = self.step * world_size + rank
         self.step.add_(1)
         return offset
+
+    def _noise_state(self) -> Tensor:
+        """The ops' noise key [seed, offset] for this forward: a fresh offset in
+        training (counted), the current step otherwise (evaluation draws no noise).
+        Tensor arithmetic on the buffers: no host sync, nothing for torch.compile to guard on."""
+        offset = self._next_noise_offset() if self.training else self.step
+        return torch.stack([self.seed, offset])

@@ -1,4 +1,4 @@
-"""Gaussian Mixture Vector Quantization (GMVQ_MATH.md) as an nn.Module."""
+"""Gaussian Mixture Vector Quantization (docs/math.md) as an nn.Module."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops, reference
-from . import distributed, noise
-from .backend import check_backend, use_fused
+from . import backend, distributed
 from .base import Quantizer, entropy, usage_statistics
 from .kmeans import kmeans
 
@@ -53,21 +51,21 @@ class GaussianMixtureVQ(Quantizer):
     low-precision inputs overflow (fp16) or lose small differences (bf16),
     and the decoder casts its input under autocast anyway.
 
-    Backends: "reference" runs ``gmvq_ext.reference.quantize`` with explicit
-    Philox noise keyed by the ``seed`` and ``step`` buffers (compiles with
-    fullgraph=True as is); "fused" runs ``torch.ops.gmvq.quantize``, which never
-    holds an N x K tensor; "auto" (default) takes the fused kernel where one is
-    built for the device. Both draw the same noise and give the same values.
-    torch.compile and "fused": evaluation compiles with fullgraph=True; in
-    training the op needs seed, offset and temperature as Python numbers, and
-    its schema's ``float temperature`` cannot take a traced value (Dynamo's
-    SymFloat), so compiled training with "auto" runs the reference path, and
-    with "fused" fails at trace time. Eager training uses the kernel.
+    Kernels: the fused ``torch.ops.gmvq.quantize`` wherever it is built for
+    the device (it never holds an N x K tensor), ``gmvq_ext.reference`` only
+    on other devices (``backend.py`` decides). The temperature and the noise
+    key reach the op as tensors read from the ``temperature``, ``seed`` and
+    ``step`` buffers, so eager, ``torch.compile(fullgraph=True)`` and CUDA
+    graphs run the same kernel with no host sync and no recompile as the
+    temperature anneals.
+
+    ``noise=False`` feeds the decoder z_q itself in training instead of
+    z_q + s * eps (evaluation never adds noise); the latent term is unchanged.
     """
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, weight: Optional[str] = "full",
                  beta: float = 1.0, gamma: float = 0.1, sigma_z2: float = 0.5, hard: bool = True,
-                 backend: str = "auto", kmeans_init: bool = True, kmeans_iterations: int = 10,
+                 noise: bool = True, kmeans_init: bool = True, kmeans_iterations: int = 10,
                  seed: int = 0, channel_first: Optional[bool] = None,
                  temperature_start: float = 2.0, temperature_end: float = 0.1):
         super().__init__(channel_first=channel_first, seed=seed, temperature_start=temperature_start,
@@ -82,7 +80,7 @@ class GaussianMixtureVQ(Quantizer):
         self.weight_channels = {"full": self.code_dim, "scalar": 1, None: 0}[weight]
         self.input_channels = self.code_dim + self.weight_channels
         self.beta, self.gamma, self.sigma_z2, self.hard = float(beta), float(gamma), float(sigma_z2), bool(hard)
-        self.backend = check_backend(backend)
+        self.noise = bool(noise)
         self.kmeans_iterations = int(kmeans_iterations)
         self.codebook = nn.Parameter(torch.randn(self.codebook_size, self.code_dim))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
@@ -93,7 +91,7 @@ class GaussianMixtureVQ(Quantizer):
     def extra_repr(self) -> str:
         return (f"dim={self.code_dim}, codebook_size={self.codebook_size}, weight={self.weight_mode!r}, "
                 f"beta={self.beta}, gamma={self.gamma}, sigma_z2={self.sigma_z2}, hard={self.hard}, "
-                f"backend={self.backend!r}")
+                f"noise={self.noise}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, w_raw: Optional[Tensor] = None):
@@ -126,26 +124,11 @@ class GaussianMixtureVQ(Quantizer):
         if self.training and self._kmeans_pending:
             self.initialise_codebook(z_hat)
         n = z_hat.shape[0]
-        offset = self._next_noise_offset() if self.training else self.step
-        fused = use_fused(self.backend, "quantize", z_hat.device.type)
-        if fused and self.training and self.backend == "auto" and torch.compiler.is_compiling():
-            # The op's schema takes the temperature as a float, which cannot be a traced
-            # value: compiled training runs the reference (same values, N x K memory).
-            fused = False
-        if fused:
-            # The op takes Python numbers; evaluation uses none of them, so it reads no buffer.
-            temperature, seed, offset_int = ((float(self.temperature.item()), int(self.seed.item()),
-                                              int(offset.item())) if self.training else (1.0, 0, 0))
-            z_out, indices, q_bar, latent_reg = ops.quantize(
-                z_hat, weight, codebook, temperature, self.sigma_z2, self.hard, self.training, seed, offset_int)
-        else:
-            gumbel = eps = None
-            if self.training:
-                gumbel = noise.gumbel_noise(self.seed, offset, n, self.codebook_size, z_hat.device)
-                eps = noise.gaussian_noise(self.seed, offset, n, self.code_dim, z_hat.device)
-            z_out, indices, q_bar, latent_reg = reference.quantize(
-                z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training,
-                0, 0, gumbel, eps)
+        # Without training noise the decoder sees z_q: the op adds s * eps with eps = 0.
+        eps = None if self.noise or not self.training else z_hat.new_zeros(z_hat.shape)
+        z_out, indices, q_bar, latent_reg = backend.quantize(
+            z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training, self._noise_state(),
+            None, eps)
         if self.training:  # the loss needs the global batch's q_bar; evaluation stays local
             q_bar = distributed.global_weighted_mean(q_bar, n)
         posterior_entropy = entropy(q_bar)
@@ -161,6 +144,22 @@ class GaussianMixtureVQ(Quantizer):
             "loss/kl_uniform": kl_term.detach(),
         })
         return z_out, indices, loss, info
+
+    @torch.no_grad()
+    def posterior(self, x: Tensor, w_raw: Optional[Tensor] = None) -> Tensor:
+        """The posterior over codes, pi = softmax(-weighted distance), of every vector:
+        (..., K) in x's index layout (soft tokens, no sampling)."""
+        if w_raw is None:
+            rows, _, index_shape = self._to_rows(x, self.input_channels)
+            z_hat, raw = rows[:, : self.code_dim], rows[:, self.code_dim:]
+            raw = raw if self.weight_channels else None
+        else:
+            z_hat, _, index_shape = self._to_rows(x, self.code_dim)
+            raw, _, _ = self._to_rows(w_raw, w_raw.shape[self._channel_dim(w_raw)])
+        codebook = self.codebook
+        weight = None if raw is None else F.softplus(raw.to(codebook.dtype))
+        probs, _ = backend.weighted_softmax(z_hat.to(codebook.dtype), weight, codebook, 1.0)
+        return probs.reshape(*index_shape, self.codebook_size)
 
     # ------------------------------------------------------------------ initialisation
     # Never traced: under torch.compile it runs eagerly (a graph break, an error with fullgraph=True).

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import reference
-from . import noise
+from .._checks import accumulation_dtype
+from . import backend
 from .base import Quantizer, entropy, usage_statistics
 
 
@@ -40,22 +40,21 @@ class GumbelVQ(Quantizer):
     def quantize_vectors(self, logits: Tensor):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             # Logits and softmax statistics in float32 (float64 for a float64 codebook).
-            logits = logits.to(reference.accumulation_dtype(self.codebook.dtype))
+            logits = logits.to(accumulation_dtype(self.codebook.dtype))
             n = logits.shape[0]
-            log_probs = torch.log_softmax(logits, dim=1)
-            probs = log_probs.exp()
+            probs = torch.softmax(logits, dim=1)
             if self.training:
-                gumbel = noise.gumbel_noise(self.seed, self._next_noise_offset(), n, self.codebook_size,
-                                            logits.device)
-                sample, indices = reference.gumbel_argmax(logits, self.temperature, self.hard, 0, 0, gumbel)
+                sample, indices = backend.gumbel_argmax(logits, self.temperature, self.hard, self._noise_state())
                 quantized = sample.to(self.codebook.dtype) @ self.codebook
             else:
                 indices = logits.argmax(1)
                 quantized = self.codebook[indices]
-            # KL(q || U) = sum_k q_k (log q_k + log K) = log K - H(q).
+            # KL(q || U) = sum_k q_k (log q_k + log K) = log K - H(q), per vector.
             kl = (math.log(self.codebook_size) - entropy(probs)).sum() / max(n, 1)
             loss = self.kl_weight * kl
-            info = usage_statistics(probs.sum(0) / max(n, 1), indices, self.codebook_size)
+            with torch.no_grad():  # the batch's aggregated posterior, for the statistics only
+                _, q_bar = backend.aggregated_posterior_entropy(logits)
+            info = usage_statistics(q_bar, indices, self.codebook_size)
             info["temperature"] = self.temperature.detach().clone()
             info["loss/kl_uniform"] = loss.detach()
             return quantized, indices, loss, info

@@ -31,9 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import reference
-from . import noise
-from .backend import codebook_distance
+from . import backend
 from .base import Quantizer, entropy, usage_statistics
 
 
@@ -61,12 +59,10 @@ class SQVAEQuantizer(Quantizer):
             z = rows.to(self.codebook.dtype)
             n = z.shape[0]
             variance = self.log_variance.exp()
-            logits = -codebook_distance(z, None, self.codebook) / (2.0 * variance)
-            log_probs = torch.log_softmax(logits, dim=1)
-            probs = log_probs.exp()
+            logits = -backend.codebook_distance(z, None, self.codebook) / (2.0 * variance)
+            probs = torch.softmax(logits, dim=1)
             if self.training:
-                gumbel = noise.gumbel_noise(self.seed, self._next_noise_offset(), n, self.codebook_size, z.device)
-                sample, indices = reference.gumbel_argmax(logits, self.temperature, self.hard, 0, 0, gumbel)
+                sample, indices = backend.gumbel_argmax(logits, self.temperature, self.hard, self._noise_state())
                 quantized = sample.to(self.codebook.dtype) @ self.codebook
             else:
                 indices = logits.argmax(1)
@@ -75,7 +71,9 @@ class SQVAEQuantizer(Quantizer):
             kl_gaussian = (z - quantized).pow(2).sum() / (2.0 * variance * max(n, 1))
             discrete_term = self.latent_weight * kl_discrete
             gaussian_term = self.latent_weight * kl_gaussian
-            info = usage_statistics(probs.sum(0) / max(n, 1), indices, self.codebook_size)
+            with torch.no_grad():  # the batch's aggregated posterior, for the statistics only
+                _, q_bar = backend.aggregated_posterior_entropy(logits)
+            info = usage_statistics(q_bar, indices, self.codebook_size)
             info.update({
                 "temperature": self.temperature.detach().clone(),
                 "variance": variance.detach().clone(),

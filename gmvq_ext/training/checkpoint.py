@@ -225,17 +225,14 @@ def rng_state_problem(rng) -> str | None:
 
 # ----------------------------------------------------------------------------- models from checkpoints
 
-def restore_model(state: dict, path: str | os.PathLike, device: torch.device,
-                  backend: str = "auto") -> tuple[torch.nn.Module, Namespace]:
+def restore_model(state: dict, path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, Namespace]:
     """(the trained autoencoder on ``device``, in eval mode; the run's arguments)
-    from a ``load``ed ``state``. ``backend`` picks the GM-VQ implementation
-    (it does not change the model). ``path`` only names the file in errors."""
+    from a ``load``ed ``state``. ``path`` only names the file in errors."""
     from .config import build_model, quantizer_options
 
     args = Namespace(**state["args"])
-    args.backend = backend
     try:
-        model = build_model(args, quantizer_options(args, device))
+        model = build_model(args, quantizer_options(args))
     except (ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} describes a model this gmvq_ext cannot build: "
                               f"{error}") from None

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import inspect
 
-import torch
-
 from ..data import DATASETS
 from ..quantizers import QUANTIZERS
 
@@ -66,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
                    help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, "
                         "replace_after=50, hard=False (repeatable; values parsed as Python literals)")
-    p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"),
-                   help="GM-VQ bottleneck: fused kernel or the plain-PyTorch reference; auto = fused "
-                        "when this device has the kernel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
     p.add_argument("--deterministic", action="store_true",
@@ -109,15 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def fused_kernel_available(device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("gmvq::quantize", key)
-
-
-def quantizer_options(args, device: torch.device) -> dict:
+def quantizer_options(args) -> dict:
     """Keyword options for ``build_quantizer`` from ``args``: the options given
-    on the command line (each must be one the quantizer accepts) and, for a
-    quantizer with a ``backend`` option, the backend for ``device``."""
+    on the command line (each must be one the quantizer accepts) and the seed."""
     accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
     options = {}
     for name, keywords in QUANTIZER_OPTIONS.items():
@@ -130,19 +119,12 @@ def quantizer_options(args, device: torch.device) -> dict:
         options[keyword] = value
     for item in getattr(args, "quantizer_option", None) or []:
         keyword, value = parse_option(item)
-        if keyword not in accepted or keyword in ("dim", "codebook_size", "backend"):
+        if keyword not in accepted or keyword in ("dim", "codebook_size"):
             raise ValueError(f"--quantizer-option {keyword}: the {args.quantizer} quantizer takes "
-                             f"{sorted(accepted - {'dim', 'codebook_size', 'backend'})}")
+                             f"{sorted(accepted - {'dim', 'codebook_size'})}")
         options[keyword] = value
     if "seed" in accepted:
         options["seed"] = args.seed  # the quantizer's own (Philox) noise key
-    if "backend" in accepted:
-        backend = args.backend
-        if backend == "auto":
-            backend = "fused" if fused_kernel_available(device) else "reference"
-        options["backend"] = backend
-    elif args.backend == "fused":
-        raise ValueError(f"--backend fused applies only to gmvq, not {args.quantizer}")
     return options
 
 

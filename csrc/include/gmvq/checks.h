@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "gmvq/philox.h"
+
 namespace gmvq {
 
 // Logits, softmax statistics and entropies: float64 for float64 inputs, else float32.
@@ -23,8 +25,34 @@ void check_codebook_inputs(const at::Tensor& z, const std::optional<at::Tensor>&
                            const at::Tensor& codebook);
 // logits (N, K >= 1).
 void check_logits(const at::Tensor& logits, const char* name = "logits");
-// A positive finite float argument (temperature, sigma_z2).
+// A positive finite float argument (sigma_z2).
 void check_positive_finite(double value, const char* name);
+// temperature: a 0-dim float32/float64 tensor on the CPU or on ref's device. A
+// CPU value is also checked to be finite and > 0 (reading it costs nothing); a
+// device value is the caller's contract (reading it would sync the device).
+void check_temperature(const at::Tensor& temperature, const at::Tensor& ref);
+// noise_state: an int64 tensor of two elements [seed, offset] on the CPU or on ref's device.
+void check_noise_state(const at::Tensor& noise_state, const at::Tensor& ref);
+// Every input check of quantize (shared by quantize and quantize_backward, CPU and CUDA).
+void check_quantize_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& codebook, const at::Tensor& temperature, double sigma_z2,
+                           const at::Tensor& noise_state, const std::optional<at::Tensor>& gumbel_noise,
+                           const std::optional<at::Tensor>& eps_noise);
+// quantize_backward's own inputs: the gradients, the forward's indices and saved state.
+void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar,
+                                   const at::Tensor& grad_latent_reg, const at::Tensor& indices,
+                                   const at::Tensor& row_lse, const at::Tensor& z_soft, const at::Tensor& z,
+                                   const at::Tensor& codebook, bool hard, bool training);
+
+// philox_noise's distribution argument: "uniform", "gumbel" or "gaussian".
+rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution);
+
+// The values of CPU-resident scalars (for CPU kernels, or CUDA kernels given CPU scalars).
+double host_temperature(const at::Tensor& temperature);
+struct NoiseState {
+  int64_t seed = 0, offset = 0;
+};
+NoiseState host_noise_state(const at::Tensor& noise_state);
 // An optional noise tensor: floating, shape (rows, cols), on ref's device.
 void check_noise(const std::optional<at::Tensor>& noise, const char* name, int64_t rows,
                  int64_t cols, const at::Tensor& ref);

@@ -10,6 +10,8 @@
 //   counter = (lo32(block), hi32(block), lo32(offset), hi32(offset))
 //   block   = element / 4 + stream * 2^62,  word = element % 4
 // Streams: 0 = Gumbel noise, element n*K + k; 1 = Gaussian noise, element n*D + d.
+// (philox_noise's "uniform" draws the words of stream 0; quantizers key it
+// differently for their own discrete choices.)
 //
 // Bits to numbers, in float32 with only correctly rounded +, -, *, sqrt (no
 // FMA contraction: the device path uses the _rn intrinsics, the host path is
@@ -33,6 +35,9 @@ namespace gmvq::rng {
 
 constexpr uint64_t kGumbelStream = 0;
 constexpr uint64_t kGaussianStream = 1;
+
+// What philox_noise draws: the uniform itself, or a transform of it.
+enum class NoiseDistribution { kUniform, kGumbel, kGaussian };
 
 struct Philox4 {
   uint32_t word[4];
@@ -202,6 +207,25 @@ GMVQ_HOST_DEVICE float gaussian(int64_t seed, int64_t offset, uint64_t element) 
   return gaussian_from_bits(random_word(seed, offset, kGaussianStream, element));
 }
 
+// The words of the four consecutive elements [first, first + 4) of a stream,
+// for kernels that keep noise in registers: one Philox call when first is a
+// multiple of 4 (the common case), else two, with the words picked by
+// selects. No array is indexed at run time, so nothing goes to local memory.
+GMVQ_HOST_DEVICE uint32_t pick_word(const Philox4& low, const Philox4& high, uint32_t i) {  // i < 8
+  const uint32_t a = i == 0 ? low.word[0] : i == 1 ? low.word[1] : i == 2 ? low.word[2] : low.word[3];
+  const uint32_t b = i == 4 ? high.word[0] : i == 5 ? high.word[1] : i == 6 ? high.word[2] : high.word[3];
+  return i < 4 ? a : b;
+}
+
+GMVQ_HOST_DEVICE Philox4 words4(int64_t seed, int64_t offset, uint64_t stream, uint64_t first) {
+  const Philox4 low = philox_block(seed, offset, stream, first >> 2);
+  const uint32_t shift = static_cast<uint32_t>(first & 3);
+  if (shift == 0) return low;
+  const Philox4 high = philox_block(seed, offset, stream, (first >> 2) + 1);
+  return Philox4{{pick_word(low, high, shift), pick_word(low, high, shift + 1),
+                  pick_word(low, high, shift + 2), pick_word(low, high, shift + 3)}};
+}
+
 // Noise for the consecutive elements [first, first + count) of a stream,
 // one Philox call per four elements.
 template <typename Transform>
@@ -223,10 +247,32 @@ GMVQ_HOST_DEVICE void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, 
              [](uint32_t r) { return gumbel_from_bits(r); });
 }
 
+GMVQ_HOST_DEVICE void fill_uniform(int64_t seed, int64_t offset, uint64_t first, int64_t count,
+                                   float* out) {
+  fill_range(seed, offset, kGumbelStream, first, count, out,
+             [](uint32_t r) { return uniform_from_bits(r); });
+}
+
 GMVQ_HOST_DEVICE void fill_gaussian(int64_t seed, int64_t offset, uint64_t first, int64_t count,
                                     float* out) {
   fill_range(seed, offset, kGaussianStream, first, count, out,
              [](uint32_t r) { return gaussian_from_bits(r); });
+}
+
+// Any distribution of philox_noise.
+GMVQ_HOST_DEVICE void fill_noise(NoiseDistribution kind, int64_t seed, int64_t offset, uint64_t first,
+                                 int64_t count, float* out) {
+  switch (kind) {
+    case NoiseDistribution::kUniform:
+      fill_uniform(seed, offset, first, count, out);
+      break;
+    case NoiseDistribution::kGumbel:
+      fill_gumbel(seed, offset, first, count, out);
+      break;
+    case NoiseDistribution::kGaussian:
+      fill_gaussian(seed, offset, first, count, out);
+      break;
+  }
 }
 
 }  // namespace gmvq::rng

@@ -30,7 +30,7 @@
 
 namespace gmvq::cuda {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A contiguous copy in the accumulation dtype (a no-op when it already is one).
 inline at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc) {
@@ -53,6 +53,32 @@ void dispatch_acc(at::ScalarType acc, F&& f) {
   } else {
     f(float{});
   }
+}
+
+// The block's dynamic shared memory, 16-byte aligned.
+#if defined(GMVQ_CUDA_EMULATION)
+template <typename T>
+T* dynamic_smem() {
+  return reinterpret_cast<T*>(emulation::dynamic_shared_memory());
+}
+#else
+extern __shared__ __align__(16) unsigned char gmvq_dynamic_smem[];
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  return reinterpret_cast<T*>(gmvq_dynamic_smem);
+}
+#endif
+
+// Opt a kernel into `bytes` of dynamic shared memory, failing with a message
+// that names the op and the size that needs it when the device has less.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int64_t bytes, const char* op, const char* what) {
+  TORCH_CHECK(bytes <= max_dynamic_smem(), op, " (CUDA): ", what, " needs ", bytes,
+              " bytes of shared memory per block, more than this GPU has (", max_dynamic_smem(),
+              "); use a smaller size or the CPU");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
 }
 
 template <typename T>

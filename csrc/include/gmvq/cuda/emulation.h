@@ -1,5 +1,6 @@
 // CUDA emulation on CPU threads, for checking the kernels' logic (indexing,
-// barriers, shuffles, online statistics) on machines without a GPU.
+// barriers, shuffles, online statistics, tensor-core fragments, asynchronous
+// copies) on machines without a GPU.
 //
 // Only used when GMVQ_CUDA_EMULATION is defined (tools/emulate_cuda.sh): the
 // .cu files are then compiled as C++ by the host compiler, every CUDA thread
@@ -9,6 +10,25 @@
 // register for the CPU dispatch key so the CPU test suites run them. It
 // proves nothing about timing, memory coalescing or the real compiler's code:
 // only that the algorithm as written gives the right numbers.
+//
+// Tensor cores: mma_m16n8k8_tf32 is a warp collective. Every lane publishes
+// the registers it holds; each lane then rebuilds the whole A (16x8) and B
+// (8x8) from the lanes' registers with the PTX ISA's fragment layout for
+// mma.m16n8k8 .tf32 and computes its own four D elements. A kernel that
+// loads a fragment element into the wrong register or lane therefore gets a
+// wrong product here, as on the GPU. Operands keep only their tf32 bits (the
+// hardware ignores the low 13 bits of each register), and cvt_rna_tf32 rounds
+// as cvt.rna.tf32.f32 does (nearest, ties away from zero, 10 mantissa bits).
+// The products are exact; the sum runs in float32 in k order, which is one
+// valid order: the hardware's is unspecified, so results may differ from a
+// GPU's in the last bits, never in the layout.
+//
+// cp.async: each thread queues its copies; cp_async_commit closes a group and
+// cp_async_wait(n) performs all but the newest n groups. With
+// GMVQ_EMULATE_CP_ASYNC=early the copies happen when issued instead. "late"
+// (the default) exposes a read of a buffer before its wait; "early" exposes a
+// copy issued into a buffer that other threads may still be reading. A kernel
+// must leave no copy pending when it returns (checked).
 #pragma once
 
 #if !defined(GMVQ_CUDA_EMULATION)
@@ -18,11 +38,16 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -37,6 +62,7 @@
 using std::exp;
 using std::fma;
 using std::log;
+using std::sqrt;
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -55,9 +81,35 @@ namespace gmvq::emulation {
 struct BlockState {
   std::unique_ptr<std::barrier<>> block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<uint64_t> exchange;  // one slot per thread for shuffles
+  std::vector<uint64_t> exchange;                    // one slot per thread for shuffles
+  std::vector<std::array<uint32_t, 6>> mma_exchange;  // one slot per thread: a0..a3, b0, b1
   unsigned char* dynamic_smem = nullptr;
 };
+
+// Asynchronous copies of the calling thread (cp.async), in commit groups.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;  // the rest of the 16 bytes is zero-filled
+};
+struct AsyncCopies {
+  std::vector<PendingCopy> open;
+  std::deque<std::vector<PendingCopy>> committed;
+};
+inline thread_local AsyncCopies async_copies;
+
+inline bool copies_on_issue() {
+  static const bool early = [] {
+    const char* mode = std::getenv("GMVQ_EMULATE_CP_ASYNC");
+    return mode != nullptr && std::string(mode) == "early";
+  }();
+  return early;
+}
+
+inline void perform(const PendingCopy& c) {
+  std::memset(c.dst, 0, 16);
+  if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+}
 
 inline BlockState*& current_block() {
   static BlockState* state = nullptr;
@@ -80,6 +132,7 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, A
         state.block_barrier = std::make_unique<std::barrier<>>(threads);
         for (int w = 0; w < threads / 32; ++w) state.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
         state.exchange.assign(threads, 0);
+        state.mma_exchange.assign(threads, {});
         // Poison dynamic shared memory: kernels must not read what they did not write.
         std::memset(dynamic.data(), 0xff, dynamic.size());
         state.dynamic_smem = dynamic.data();
@@ -92,6 +145,11 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, A
             blockIdx = dim3(bx, by, bz);
             blockDim = block;
             kernel(args...);
+            // cp.async copies must be waited for before the kernel returns.
+            if (!async_copies.open.empty() || !async_copies.committed.empty()) {
+              std::fprintf(stderr, "emulation: a thread returned with cp.async copies pending\n");
+              std::abort();
+            }
           });
         }
         for (auto& th : pool) th.join();
@@ -124,15 +182,94 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask, int width = 32) {
   return out;
 }
 
+namespace gmvq::emulation {
+
+// cvt.rna.tf32.f32: round to nearest with ties away from zero, keeping 10
+// mantissa bits (the low 13 bits of the result are zero). Adding half a tf32
+// ulp to the magnitude and truncating does exactly that, overflow to inf
+// included; NaN and inf pass through.
+inline uint32_t cvt_rna_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
+  return (bits + 0x1000u) & 0xffffe000u;
+}
+
+// The value the tensor core sees in a .tf32 operand register.
+inline float tf32_operand(uint32_t bits) {
+  bits &= 0xffffe000u;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, d (see the
+// header comment). PTX ISA fragment layout, groupID = lane / 4,
+// threadID_in_group = lane % 4:
+//   a0: (row groupID,     col tig)      a1: (row groupID + 8, col tig)
+//   a2: (row groupID,     col tig + 4)  a3: (row groupID + 8, col tig + 4)
+//   b0: (row tig,     col groupID)      b1: (row tig + 4,     col groupID)
+//   c0, c1: (row groupID, cols 2 tig, 2 tig + 1); c2, c3: row groupID + 8.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  auto* state = current_block();
+  const int t = linear_thread();
+  const int lane = t % 32, warp = t / 32;
+  auto& barrier = *state->warp_barriers[warp];
+  barrier.arrive_and_wait();  // the previous mma's reads of the slots are done
+  state->mma_exchange[t] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  barrier.arrive_and_wait();
+  float A[16][8], B[8][8];
+  for (int source = 0; source < 32; ++source) {
+    const auto& r = state->mma_exchange[warp * 32 + source];
+    const int group = source / 4, tig = source % 4;
+    A[group][tig] = tf32_operand(r[0]);
+    A[group + 8][tig] = tf32_operand(r[1]);
+    A[group][tig + 4] = tf32_operand(r[2]);
+    A[group + 8][tig + 4] = tf32_operand(r[3]);
+    B[tig][group] = tf32_operand(r[4]);
+    B[tig + 4][group] = tf32_operand(r[5]);
+  }
+  const int group = lane / 4, tig = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i / 2), col = 2 * tig + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];  // tf32 products are exact in float32
+    d[i] = sum;
+  }
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes.
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  const PendingCopy copy{dst, src, src_bytes};
+  if (copies_on_issue()) {
+    perform(copy);
+  } else {
+    async_copies.open.push_back(copy);
+  }
+}
+inline void cp_async_commit() {
+  async_copies.committed.push_back(std::move(async_copies.open));
+  async_copies.open.clear();
+}
+// cp.async.wait_group pending: all but the newest `pending` groups are complete.
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(async_copies.committed.size()) > pending) {
+    for (const auto& copy : async_copies.committed.front()) perform(copy);
+    async_copies.committed.pop_front();
+  }
+}
+
+}  // namespace gmvq::emulation
+
 // The CUDA runtime and c10/cuda pieces the host code uses.
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrComputeCapabilityMajor };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 inline int cudaGetDevice(int* device) {
   *device = 0;
   return 0;
 }
-inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = 227 * 1024;  // an H100's opt-in limit
+inline int cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  *value = attribute == cudaDevAttrComputeCapabilityMajor ? 9 : 227 * 1024;  // an H100
   return 0;
 }
 template <typename F>

@@ -1,12 +1,13 @@
 // Row-wise softmax over an (N, K) matrix, one warp per row, three sweeps
 // (values and max, sum of exponentials, normalise), used by the unfused ops:
 //   x = sign * input[n, k] (+ Gumbel noise, given or regenerated from Philox)
-//   v = x / divisor,   out = softmax_k(v),   lse[n] = logsumexp_k(v),
+//   v = x * inv_scale,   out = softmax_k(v),   lse[n] = logsumexp_k(v),
 //   index[n] = argmax_k x (ties to the lowest k).
 // The sweeps read and write `out` only, so out may alias input.
 #pragma once
 
 #include "gmvq/cuda/common.cuh"
+#include "gmvq/cuda/scalar_args.cuh"
 #include "gmvq/philox.h"
 
 namespace gmvq::cuda {
@@ -18,10 +19,10 @@ struct RowSoftmaxArgs {
   T* lse = nullptr;           // optional (N,)
   int64_t* index = nullptr;   // optional (N,)
   const T* noise = nullptr;   // optional given noise (N, K)
-  bool philox = false;        // regenerate Gumbel noise from (seed, offset)
-  int64_t seed = 0, offset = 0;
+  bool philox = false;        // regenerate Gumbel noise from the noise key
+  NoiseKey key;
   T sign = 1;
-  T divisor = 1;
+  ScalarArg<T> inv_scale{T(1), nullptr};  // 1 / temperature
   bool one_hot = false;       // write onehot(index) instead of the softmax
   int64_t n = 0, k = 0;
 };
@@ -33,23 +34,29 @@ __global__ void __launch_bounds__(kRowWarps * 32) row_softmax_kernel(RowSoftmaxA
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
   if (row >= a.n) return;  // whole warps leave together
+  const T inv_scale = a.inv_scale.get();
+  const NoiseKey key = a.philox ? a.key.get() : NoiseKey{};
   const T* in = a.input + row * a.k;
   T* out = a.out + row * a.k;
-  // Sweep 1: each lane takes 4 consecutive columns at a time (one Philox call).
+  // Sweep 1: each lane takes 4 consecutive columns at a time (one Philox call
+  // when row * K + k0 is a multiple of 4).
   ArgMax<T> best;
   T m = neg_inf<T>();
   for (int64_t k0 = 4 * lane; k0 < a.k; k0 += 128) {
-    const int count = a.k - k0 < 4 ? static_cast<int>(a.k - k0) : 4;
-    float g[4] = {0.f, 0.f, 0.f, 0.f};
-    if (a.philox) rng::fill_gumbel(a.seed, a.offset, static_cast<uint64_t>(row * a.k + k0), count, g);
-    for (int i = 0; i < count; ++i) {
+    rng::Philox4 words{};
+    if (a.philox) {
+      words = rng::words4(key.seed, key.offset, rng::kGumbelStream, static_cast<uint64_t>(row * a.k + k0));
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (k0 + i >= a.k) break;
       T x = a.sign * in[k0 + i];
       if (a.noise != nullptr) {
         x = x + a.noise[row * a.k + k0 + i];
       } else if (a.philox) {
-        x = x + static_cast<T>(g[i]);
+        x = x + static_cast<T>(rng::gumbel_from_bits(words.word[i]));
       }
-      const T v = x / a.divisor;
+      const T v = x * inv_scale;
       best.add(x, k0 + i);
       m = v > m ? v : m;
       out[k0 + i] = v;

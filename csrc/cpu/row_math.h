@@ -1,15 +1,17 @@
-// Row kernels of the fused CPU quantize (csrc/cpu/quantize.cpp): noise fills,
-// exponentials, softmax and reductions over one row of K (or D) values.
+// Row kernels shared by the CPU ops: reductions, argmax, exponentials,
+// softmax and the Gumbel noise fill over one row of K (or D) values.
 //
-// Why here and not at::vec: this translation unit is compiled for baseline
-// x86-64, so at::vec would fall back to scalar code. The float paths are
-// written for GCC's vectoriser (plain loops) or with GCC vector extensions
-// (exp, max: selects that the vectoriser would not if-convert under trapping
-// math), and GMVQ_CLONES builds AVX-512 and AVX2 copies picked at load time.
-// All copies do the same correctly rounded IEEE operations in the same order
-// (no FMA contraction: -ffp-contract=off), so results are bitwise identical
-// whichever copy runs.
+// One NaN rule for every op, torch's: a NaN anywhere in a row makes it the
+// row's maximum (row_argmax returns the first NaN's index, like torch.argmax)
+// and propagates through every softmax and sum of that row.
 //
+// Why hand-vectorised and not at::vec: this translation unit is compiled for
+// baseline x86-64, so at::vec would fall back to scalar code. The float paths
+// are plain loops GCC vectorises, or GCC vector extensions where a select
+// would not be if-converted under trapping math, and GMVQ_CLONES builds
+// AVX-512 and AVX2 copies picked at load time. Every copy does the same
+// correctly rounded IEEE operations in the same order (no FMA contraction:
+// -ffp-contract=off), so results are bitwise identical whichever copy runs.
 // Reductions use 16 fixed partial sums combined in a fixed order: vectorisable
 // without -ffast-math, and independent of threads.
 #pragma once
@@ -28,13 +30,13 @@
 #define GMVQ_CLONES
 #endif
 
-namespace gmvq::quantize_rowmath {
+namespace gmvq::cpu::row {
 
 constexpr int kLanes = 16;
 
-// --- exponential on 16 lanes ------------------------------------------------
+// --- 16-lane vectors ------------------------------------------------------------
 // Helpers on vector types are always inlined into the cloned callers, so the
-// vector calling convention (-Wpsabi) never matters.
+// vector calling convention (-Wpsabi, silenced to the end of the file) never matters.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define GMVQ_VECTOR_INLINE inline __attribute__((always_inline))
@@ -51,13 +53,22 @@ GMVQ_VECTOR_INLINE f32x16 load16(const float* p) {
 
 GMVQ_VECTOR_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
+// Up to 16 values from p, the rest `fill`.
+GMVQ_VECTOR_INLINE f32x16 load_tail(const float* p, int64_t count, float fill) {
+  float tail[kLanes];
+  for (int j = 0; j < kLanes; ++j) tail[j] = j < count ? p[j] : fill;
+  return load16(tail);
+}
+
 // Cephes expf (relative error < 1e-7) on 16 lanes. Every select is a vector
 // select, so nothing branches. Arguments below -87.3 (and -inf) give 0; NaN
 // stays NaN.
 GMVQ_VECTOR_INLINE f32x16 exp16(f32x16 x) {
   const i32x16 underflow = x < -87.33654f;
+  const i32x16 nan = x != x;
   f32x16 c = underflow ? splat(-87.33654f) : x;
   c = c > 88.0f ? splat(88.0f) : c;
+  c = nan ? splat(0.0f) : c;
   // fx = floor(c log2(e) + 1/2), from the truncation (c is in range for int32).
   const f32x16 t = c * 1.44269504088896341f + 0.5f;
   const i32x16 truncated = __builtin_convertvector(t, i32x16);
@@ -77,11 +88,10 @@ GMVQ_VECTOR_INLINE f32x16 exp16(f32x16 x) {
   f32x16 scale;
   std::memcpy(&scale, &exponent, sizeof scale);
   const f32x16 result = p * scale;
-  return underflow ? splat(0.0f) : result;
+  return nan ? x : (underflow ? splat(0.0f) : result);
 }
-#pragma GCC diagnostic pop
 
-// --- reductions ---------------------------------------------------------------
+// --- reductions -------------------------------------------------------------------
 GMVQ_CLONES static float row_sum(const float* x, int64_t n) {
   float lane[kLanes] = {};
   int64_t i = 0;
@@ -119,75 +129,106 @@ inline double row_dot(const double* x, const double* y, int64_t n) {
   return total;
 }
 
-template <typename T>
-T row_max(const T* x, int64_t n) {
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-// max_i x[i] / divisor (NaN ignored), 16 lanes at a time.
-GMVQ_CLONES static float row_max_scaled(const float* x, float divisor, int64_t n) {
-  f32x16 m = splat(-std::numeric_limits<float>::infinity());
+// max_i x[i]; NaN if the row holds one.
+GMVQ_CLONES static float row_max(const float* x, int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  f32x16 m = splat(-inf);
+  f32x16 nan = splat(0.0f);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const f32x16 v = load16(x + i) / divisor;
+    const f32x16 v = load16(x + i);
     m = v > m ? v : m;
+    nan = v != v ? v : nan;
   }
-  float best = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < kLanes; ++j) best = m[j] > best ? m[j] : best;
+  float best = -inf, any_nan = 0.0f;
+  for (int j = 0; j < kLanes; ++j) {
+    best = m[j] > best ? m[j] : best;
+    any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
+  }
   for (; i < n; ++i) {
-    const float v = x[i] / divisor;
-    best = v > best ? v : best;
+    best = x[i] > best ? x[i] : best;
+    any_nan = x[i] != x[i] ? x[i] : any_nan;
+  }
+  return any_nan != any_nan ? any_nan : best;
+}
+
+inline double row_max(const double* x, int64_t n) {
+  double best = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return x[i];
+    best = x[i] > best ? x[i] : best;
   }
   return best;
 }
 
-inline float row_max_fast(const float* x, int64_t n) { return row_max_scaled(x, 1.0f, n); }
-inline double row_max_fast(const double* x, int64_t n) { return row_max(x, n); }
-
-// First index of the maximum (ties to the lowest index, like torch.argmax);
-// a row with NaN gives its first NaN's index, as torch.argmax does.
+// First index of the maximum (ties to the lowest index); a row with NaN
+// gives its first NaN's index. Both as torch.argmax. An empty row gives 0.
 template <typename T>
 int64_t row_argmax(const T* x, int64_t n) {
-  if (std::isnan(row_sum(x, n))) {  // NaN, or inf - inf: look for a NaN
-    for (int64_t i = 0; i < n; ++i) {
-      if (std::isnan(x[i])) return i;
-    }
-  }
-  const T m = row_max_fast(x, n);
+  const T m = row_max(x, n);
+  const bool nan = m != m;
   for (int64_t i = 0; i < n; ++i) {
-    if (x[i] == m) return i;
+    if (nan ? x[i] != x[i] : x[i] == m) return i;
   }
   return 0;
 }
 
-// --- softmax ------------------------------------------------------------------
-// out = softmax(x / temperature) over the row (x and out may alias);
-// temperature 1 gives pi, the Gumbel-softmax divides like reference.py does.
-GMVQ_CLONES static void softmax_row(const float* x, float temperature, float* out, int64_t n) {
-  const float m = row_max_scaled(x, temperature, n);
+// --- exponentials -------------------------------------------------------------------
+// out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i].
+GMVQ_CLONES static float exp_affine_row(const float* x, float scale, float shift, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store16(out + i, exp16(load16(x + i) / temperature - m));
-  if (i < n) {  // the tail, padded to 16 lanes
-    float tail[kLanes] = {};
-    std::copy(x + i, x + n, tail);
-    const f32x16 e = exp16(load16(tail) / temperature - m);
+  for (; i + kLanes <= n; i += kLanes) store16(out + i, exp16(load16(x + i) * scale - shift));
+  if (i < n) {
+    const f32x16 e = exp16(load_tail(x + i, n - i, 0.0f) * scale - shift);
     for (int64_t j = i; j < n; ++j) out[j] = e[j - i];
   }
-  const float inv = 1.0f / row_sum(out, n);
-  for (i = 0; i < n; ++i) out[i] *= inv;
+  return row_sum(out, n);
 }
 
-inline void softmax_row(const double* x, double temperature, double* out, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i] / temperature);
+inline double exp_affine_row(const double* x, double scale, double shift, double* out, int64_t n) {
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = std::exp(x[i] / temperature - m);
+    out[i] = std::exp(x[i] * scale - shift);
     total += out[i];
   }
-  for (int64_t i = 0; i < n; ++i) out[i] /= total;
+  return total;
+}
+
+// sum_i exp(x[i] * scale - shift), nothing stored.
+GMVQ_CLONES static float exp_affine_sum(const float* x, float scale, float shift, int64_t n) {
+  f32x16 total = splat(0.0f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) total += exp16(load16(x + i) * scale - shift);
+  float sum = 0.0f;
+  for (int j = 0; j < kLanes; ++j) sum += total[j];
+  if (i < n) {
+    const f32x16 e = exp16(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    for (int64_t j = 0; j < n - i; ++j) sum += e[j];
+  }
+  return sum;
+}
+
+inline double exp_affine_sum(const double* x, double scale, double shift, int64_t n) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += std::exp(x[i] * scale - shift);
+  return total;
+}
+
+// logsumexp_i (x[i] * scale), scale > 0 (the max commutes with it).
+template <typename T>
+T log_sum_exp(const T* x, T scale, int64_t n) {
+  const T m = row_max(x, n) * scale;
+  if (!(std::abs(m) < std::numeric_limits<T>::infinity())) return m;  // NaN, +-inf: the row's verdict
+  return m + std::log(exp_affine_sum(x, scale, m, n));
+}
+
+// out = softmax(x * scale) over the row (x and out may alias).
+template <typename T>
+void softmax_row(const T* x, T scale, T* out, int64_t n) {
+  const T m = row_max(x, n) * scale;
+  const T total = exp_affine_row(x, scale, m, out, n);
+  const T inverse = T(1) / total;
+  for (int64_t i = 0; i < n; ++i) out[i] *= inverse;
 }
 
 // --- noise -----------------------------------------------------------------------
@@ -202,8 +243,8 @@ inline float gumbel_from_word(uint32_t r) {
 // Gumbel noise for the 4 * blocks elements starting at element 4 * first_block,
 // equal bit for bit to rng::fill_gumbel. The Philox words are produced into four
 // lane arrays so that both loops vectorise.
-GMVQ_CLONES static void gumbel_aligned(int64_t seed, int64_t offset, uint64_t first_block,
-                                       int64_t blocks, float* __restrict out) {
+GMVQ_CLONES static void gumbel_aligned(int64_t seed, int64_t offset, uint64_t first_block, int64_t blocks,
+                                       float* __restrict out) {
   constexpr int64_t kChunk = 64;
   uint32_t w0[kChunk], w1[kChunk], w2[kChunk], w3[kChunk];
   for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
@@ -236,4 +277,6 @@ inline void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, int64_t co
   rng::fill_gumbel(seed, offset, first + done, count - done, out + done);
 }
 
-}  // namespace gmvq::quantize_rowmath
+#pragma GCC diagnostic pop
+
+}  // namespace gmvq::cpu::row

@@ -1,0 +1,195 @@
+// What the four codebook sweeps of the fused quantize share (quantize.cu has
+// the overview): the operand layout, the arguments, shared-memory staging,
+// the logits of one tile in the mma register layout, the Gumbel noise of a
+// lane's four codes and the online row statistics.
+//
+// Operand layout, prepared once per call on the host (O(N D + K D)):
+//   dp = D rounded up to 8, rp = 2 dp (weight (N, D)) or dp + 8 (otherwise);
+//   rows  (N, rp) = [-2 w z | 0 | w          | 0]   (part 1 starts at column dp)
+//   codes (K, rp) = [ E     | 0 | E * E      | 0]   (weight (N, D))
+//                   [ E     | 0 | |e_k|^2    | 0]   (weight (N, 1): w_n in part 1 of rows; none: 1)
+// so that rows[n] . codes[k] = -2 (w z)_n . e_k + the code term, and
+//   l[n, k] = -max(row_term[n] + rows[n] . codes[k], 0),  row_term[n] = sum_d w z^2.
+// Part 0 of codes is E itself, the B operand of every product with E; part 0
+// of rows is -2 w z and part 1 is w, the row operands of the codebook
+// gradient. Zero padding makes every product over whole 8-wide steps exact.
+//
+// Tiles: a sweep takes 64 codes at a time. In the logits of a tile each warp
+// owns 16 rows (the mma M) and 16 P codes; within a group of 16 codes the
+// columns of the two n8 products are permuted so that lane tig holds codes
+// 4 tig .. 4 tig + 3 for both its rows (group, group + 8): four consecutive
+// codes, one Philox block (philox.h words4), and no runtime-indexed arrays.
+#pragma once
+
+#include "async_copy.cuh"
+#include "gmvq/cuda/scalar_args.cuh"
+#include "gmvq/philox.h"
+#include "tile_math.cuh"
+
+namespace gmvq::cuda::fused {
+
+constexpr int kBlockThreads = 256;  // 8 warps
+constexpr int kCodeTile = 64;       // codes per tile of every sweep
+constexpr int kCoefStride = kCodeTile + 4;
+
+// Shared-memory row stride for an operand of `width` elements: width + 4 is
+// 4 mod 8, so the eight groups of a fragment load hit distinct banks.
+__host__ __device__ constexpr int smem_stride(int width) { return width + 4; }
+
+template <typename T>
+struct SweepArgs {
+  int64_t n = 0, k = 0, d = 0;
+  int dp = 0, rp = 0;  // D rounded up to 8; operand width
+  const T* rows = nullptr;      // (N, rp)
+  const T* codes = nullptr;     // (K, rp)
+  const T* row_term = nullptr;  // (N,)
+  const T* gumbel = nullptr;    // given Gumbel noise (N, K), else Philox stream 0
+  ScalarArg<T> inv_temperature;
+  NoiseKey noise;
+  bool training = false, hard = true;
+  T* row_lse = nullptr;      // (N, 2): [logsumexp_k l, logsumexp_k (l + g) / T]
+  int64_t* index = nullptr;  // (N,) the sampled code
+  T* z_soft = nullptr;       // (N, D) sum_k y e_k (soft forward)
+  // Column sweeps: blockIdx.y = segment s covers rows [s rows_per_segment, (s + 1) rows_per_segment).
+  int64_t rows_per_segment = 0;
+  T* partial = nullptr;  // per segment: q_bar (K,) or G_E (K, D)
+  // Backward.
+  const T* grad_pi = nullptr;  // (K,) G_qbar / N
+  const T* grad_zq = nullptr;  // (N, dp) G_zq, zero padded
+  T* b_pi = nullptr;           // (N,) sum_k pi G_pi (the row sweep writes it)
+  T* beta = nullptr;           // (N,) sum_k y G_y (soft: the prepare kernel writes it; hard: the row sweep)
+  const T* z = nullptr;        // (N, D) z in the accumulation dtype
+  T* grad_z = nullptr;         // (N, D) the prepare kernel's part; the row sweep adds 2 w P
+  T* grad_w = nullptr;         // (N, D) or (N,), when there is a weight
+  T* grad_gumbel = nullptr;    // (N, K), when the noise was given (training)
+};
+
+// Tile-loop bookkeeping of a double (float) or single (double: shared memory
+// is twice as full) buffered stream of operand tiles.
+template <typename T>
+constexpr int stages() {
+  return sizeof(T) == 4 ? 2 : 1;
+}
+
+// Value q (0..3) of group p, row half h (row group + 8 h) in a [P][2][4]
+// set of C fragments: code 16 p + 4 tig + q of the warp's codes.
+template <typename T, int P>
+__device__ __forceinline__ T& frag(T (&c)[P][2][4], int p, int h, int q) {
+  return c[p][q >> 1][2 * h + (q & 1)];
+}
+
+// Code (0..15) of column `col` of n8 product j within a group of 16 codes.
+__device__ __forceinline__ int pair_code(int j, int col) { return 4 * (col >> 1) + 2 * j + (col & 1); }
+
+// The products of this warp's 16 rows with its 16 P codes:
+//   l[p][j]  = rows . codes         over all rp columns,
+//   gy[p][j] = grad_zq . E          over the first dp columns (when with_gy),
+// rows_w / gzq_w: the warp's first row in shared memory (strides rs, gs);
+// codes_w: the warp's first code (stride cs). Call with the whole warp.
+template <typename Math, int P, typename T>
+__device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gzq_w, int gs, const T* codes_w,
+                                            int cs, int rp, int dp, bool with_gy, T (&l)[P][2][4],
+                                            T (&gy)[P][2][4]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        l[p][j][i] = T(0);
+        gy[p][j][i] = T(0);
+      }
+  for (int ks = 0; ks < rp; ks += kMmaK) {
+    const auto a = Math::load_a([&](int r, int kk) { return rows_w[r * rs + ks + kk]; });
+    const bool gy_step = with_gy && ks < dp;  // uniform over the warp
+    typename Math::A ag{};
+    if (gy_step) ag = Math::load_a([&](int r, int kk) { return gzq_w[r * gs + ks + kk]; });
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const auto b = Math::load_b(
+            [&](int kk, int col) { return codes_w[(16 * p + pair_code(j, col)) * cs + ks + kk]; });
+        Math::mma(l[p][j], a, b);
+        if (gy_step) Math::mma(gy[p][j], ag, b);
+      }
+    }
+  }
+}
+
+// The logit of one element from its product (-inf outside the matrix).
+template <typename T>
+__device__ __forceinline__ T logit(bool valid, T row_term, T product) {
+  const T distance = row_term + product;
+  return valid ? -(distance > T(0) ? distance : T(0)) : neg_inf<T>();
+}
+
+// Gumbel noise of row n, codes k0 .. k0 + 3 (k0 < K): given, or Philox stream
+// 0 elements n K + k0 .. + 3 (one Philox block when n K + k0 is a multiple of 4).
+template <typename T>
+__device__ __forceinline__ void lane_gumbel(const SweepArgs<T>& a, const NoiseKey& key, int64_t n, int64_t k0,
+                                            T (&g)[4]) {
+  if (a.gumbel != nullptr) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) g[q] = k0 + q < a.k ? a.gumbel[n * a.k + k0 + q] : T(0);
+    return;
+  }
+  const rng::Philox4 w =
+      rng::words4(key.seed, key.offset, rng::kGumbelStream, static_cast<uint64_t>(n * a.k + k0));
+#pragma unroll
+  for (int q = 0; q < 4; ++q) g[q] = static_cast<T>(rng::gumbel_from_bits(w.word[q]));
+}
+
+// Online log-sum-exp of one row: max m and sum s of exp(x - m).
+template <typename T>
+struct RunningLse {
+  T m = neg_inf<T>();
+  T s = T(0);
+
+  // Move to a new maximum (>= m): s is rescaled, and returns the factor.
+  __device__ __forceinline__ T rescale(T new_m) {
+    const T factor = exp_shift(m, new_m);
+    s = s * factor;
+    m = new_m;
+    return factor;
+  }
+  __device__ __forceinline__ void merge(T om, T os) {
+    const T nm = m > om ? m : om;
+    if (nm == neg_inf<T>()) return;
+    s = s * exp_shift(m, nm) + os * exp_shift(om, nm);
+    m = nm;
+  }
+  // Merge over the lanes whose lane index differs in the bits of `masks`
+  // (a butterfly: every lane ends with the same bits).
+  __device__ __forceinline__ void merge_lanes(int first_mask, int last_mask) {
+    for (int mask = first_mask; mask <= last_mask; mask <<= 1) {
+      const T om = __shfl_xor_sync(0xffffffffu, m, mask);
+      const T os = __shfl_xor_sync(0xffffffffu, s, mask);
+      merge(om, os);
+    }
+  }
+  __device__ __forceinline__ T lse() const { return m + log_acc(s); }
+};
+
+// Sum over the lanes that differ in bits first_mask .. last_mask (butterfly).
+template <typename T>
+__device__ __forceinline__ T sum_over_lanes(T x, int first_mask, int last_mask) {
+  for (int mask = first_mask; mask <= last_mask; mask <<= 1) x += __shfl_xor_sync(0xffffffffu, x, mask);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T max_over_lanes(T x, int first_mask, int last_mask) {
+  for (int mask = first_mask; mask <= last_mask; mask <<= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, x, mask);
+    x = o > x ? o : x;
+  }
+  return x;
+}
+
+// Within a quad (the four lanes that share a row of the C layout): masks 1, 2.
+constexpr int kQuadFirst = 1, kQuadLast = 2;
+// Across the eight groups (lanes that share a column): masks 4, 8, 16.
+constexpr int kGroupFirst = 4, kGroupLast = 16;
+
+}  // namespace gmvq::cuda::fused
