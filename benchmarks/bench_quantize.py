@@ -80,7 +80,8 @@ def _build_inputs(torch, case, n, k, d, dtype, device):
              torch.randn(n, generator=gen).to(device=device, dtype=acc))
     noise = (None, None)
     if case in ("reference_noise", "reference_compiled"):
-        noise = (reference.gumbel_noise(SEED, OFFSET, n, k, device), reference.gaussian_noise(SEED, OFFSET, n, d, device))
+        noise = (reference.gumbel_noise((SEED, OFFSET), n, k, device),
+                 reference.gaussian_noise((SEED, OFFSET), n, d, device))
     return z, weight, codebook, grads, noise
 
 
@@ -109,9 +110,13 @@ def _make_step(torch, case, n, k, d, dtype, device):
         "reference_noise": reference.quantize,
         "reference_compiled": torch.compile(reference.quantize, dynamic=False),
     }[case]
+    # The scalars as the module passes them: tensors on the inputs' device.
+    temperature = torch.tensor(TEMPERATURE, device=device)
+    noise_state = gmvq_ext.ops.noise_state(SEED, OFFSET, device=device)
 
     def step():
-        z_out, _, q_bar, latent_reg = fn(z, weight, codebook, TEMPERATURE, SIGMA_Z2, True, True, SEED, OFFSET, *noise)
+        z_out, _, q_bar, latent_reg = fn(z, weight, codebook, temperature, SIGMA_Z2, True, True, noise_state,
+                                         *noise)[:4]
         torch.autograd.backward([z_out, q_bar, latent_reg], list(grads))
         for t in (z, weight, codebook):
             t.grad = None
@@ -291,15 +296,19 @@ def main(argv=None):
         shape = tuple(int(v) for v in shape_text.split("x"))
         for dtype in args.dtypes.split(","):
             row = {"shape": shape_text, "dtype": dtype, "cases": {}}
+            results.append(row)
             for case in args.cases.split(","):
                 row["cases"][case] = spawn_case(case, shape, dtype, args)
                 r = row["cases"][case]
                 print(f"{shape_text} {dtype} {case}: {_fmt_time(r)} ms, {_fmt_mem(r)} MiB"
                       + ("" if r["status"] == "ok" else f"  ({r.get('error', '')})"), file=sys.stderr, flush=True)
-            results.append(row)
+                write_outputs(args, info, results)  # after every case: a run cut short keeps what it measured
     info["load_average_1_5_15_at_end"] = list(os.getloadavg())
+    print(write_outputs(args, info, results))
+
+
+def write_outputs(args, info: dict, results: list) -> str:
     table = markdown_table(results, info)
-    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()
@@ -307,6 +316,7 @@ def main(argv=None):
                                         "results": results}, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(table + "\n")
+    return table
 
 
 if __name__ == "__main__":

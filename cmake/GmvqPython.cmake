@@ -39,7 +39,9 @@ function(gmvq_configure_torch_target target)
   target_include_directories(${target} PRIVATE "${PROJECT_SOURCE_DIR}/csrc/include" ${TORCH_INCLUDE_DIRS})
   separate_arguments(_torch_flags UNIX_COMMAND "${TORCH_CXX_FLAGS}")
   # -ffp-contract=off: the noise transforms must round step by step (philox.h).
-  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${_torch_flags} -ffp-contract=off -O3>)
+  # -fno-math-errno: sqrt sets no errno, so loops calling it vectorise (no result
+  # changes: sqrt is correctly rounded either way, and nothing reads errno).
+  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${_torch_flags} -ffp-contract=off -fno-math-errno -O3>)
   target_compile_features(${target} PRIVATE cxx_std_20)
   # torch's libraries sit in site-packages/torch/lib beside site-packages/gmvq_ext.
   set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN/../torch/lib" BUILD_WITH_INSTALL_RPATH OFF)

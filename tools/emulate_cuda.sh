@@ -16,7 +16,7 @@ read -r torch_dir torch_version ext_suffix pybind_inc py_inc < <("$python" -c '
 import os, sysconfig, torch, pybind11
 print(os.path.dirname(torch.__file__), torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"),
       pybind11.get_include(), sysconfig.get_paths()["include"])')
-flags=(-std=c++20 -O1 -g0 -fPIC -ffp-contract=off -D_GLIBCXX_USE_CXX11_ABI=1 -DGMVQ_CUDA_EMULATION
+flags=(-std=c++20 -O1 -g0 -fPIC -ffp-contract=off -fno-math-errno -D_GLIBCXX_USE_CXX11_ABI=1 -DGMVQ_CUDA_EMULATION
   -DGMVQ_TORCH_VERSION="\"$torch_version\"" -DGMVQ_WITH_CUDA=0 -DGMVQ_CUDA_ARCHS="\"emulated\""
   -I "$repo/csrc/include" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include"
   -I "$pybind_inc" -I "$py_inc" -Wno-attributes)

@@ -9,6 +9,7 @@
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
+#include "row_math.h"
 
 namespace gmvq {
 namespace {
@@ -27,7 +28,7 @@ at::Tensor philox_noise_cpu(const at::Tensor& like, const at::Tensor& noise_stat
   // Element r * C + c of the stream is out[r][c], so the flat index of the
   // contiguous output is the stream element: fill any range of it directly.
   at::parallel_for(0, out.numel(), kElementsPerChunk, [&](int64_t begin, int64_t end) {
-    rng::fill_noise(kind, key.seed, key.offset, static_cast<uint64_t>(begin), end - begin, data + begin);
+    cpu::row::fill_noise(kind, key.seed, key.offset, static_cast<uint64_t>(begin), end - begin, data + begin);
   });
   return out;
 }

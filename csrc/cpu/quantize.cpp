@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "gmvq/checks.h"
@@ -152,21 +153,14 @@ Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, c
   return op;
 }
 
-// Logits of rows [n0, n0 + B) into logits (B, K): l = -max(a + lhs rhs^T, 0).
+// Logits of rows [n0, n0 + B) into logits (B, K): l = -max(a + lhs rhs^T, 0);
+// each row's largest logit into row_max (B).
 template <typename acc_t>
-void block_logits(const Operands& op, int64_t n0, at::Tensor& logits) {
+void block_logits(const Operands& op, int64_t n0, at::Tensor& logits, acc_t* row_max) {
   at::mm_out(logits, op.lhs.narrow(0, n0, logits.size(0)), op.rhs.t());
   const acc_t* a = op.row_term.data_ptr<acc_t>() + n0;
   acc_t* l = logits.data_ptr<acc_t>();
-  const int64_t k = op.k;
-  for (int64_t b = 0; b < logits.size(0); ++b) {
-    acc_t* values = l + b * k;
-    const acc_t ab = a[b];
-    for (int64_t j = 0; j < k; ++j) {
-      const acc_t distance = ab + values[j];
-      values[j] = -(distance > acc_t(0) ? distance : acc_t(0));
-    }
-  }
+  for (int64_t b = 0; b < logits.size(0); ++b) row_max[b] = row::clamped_logits_row(l + b * op.k, a[b], op.k);
 }
 
 // Explicit Gumbel noise of the block as a (B, K) acc tensor (undefined if absent).
@@ -188,18 +182,23 @@ struct RowScratch {
   RowScratch(int64_t k, int64_t d) : noise(k), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
 };
 
-// v = l + g of row n into `out` (explicit noise row, or Philox element n*K + k).
+// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k).
 template <typename acc_t>
 void perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* out) {
+                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
   const int64_t k = op.k;
   if (explicit_noise != nullptr) {
-    for (int64_t j = 0; j < k; ++j) out[j] = logits[j] + explicit_noise[j];
+    row::add_rows(logits, explicit_noise, perturbed, k);
     return;
   }
   row::fill_gumbel(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, k, scratch.noise.data());
-  const float* g = scratch.noise.data();
-  for (int64_t j = 0; j < k; ++j) out[j] = logits[j] + static_cast<acc_t>(g[j]);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    row::add_rows(logits, scratch.noise.data(), perturbed, k);
+  } else {
+    // float32 noise, then one rounding in acc_t: what the reference does.
+    const float* g = scratch.noise.data();
+    for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + static_cast<acc_t>(g[j]);
+  }
 }
 
 // eps[n] (D values) from eps_noise or Philox stream 1.
@@ -212,7 +211,7 @@ void eps_row(const Operands& op, const Scalars& s, int64_t n, RowScratch<acc_t>&
     std::copy(e, e + d, out);
     return;
   }
-  rng::fill_gaussian(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * d, d, scratch.gaussian.data());
+  row::fill_gaussian(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * d, d, scratch.gaussian.data());
   for (int64_t j = 0; j < d; ++j) out[j] = static_cast<acc_t>(scratch.gaussian[j]);
 }
 
@@ -246,17 +245,25 @@ struct ForwardOutputs {
 
 // Training: the sampled index and lse_y = logsumexp_k (l + g) / T of one row
 // (v = l + g in scratch.perturbed); soft samples also get y = softmax(v / T)
-// written to `y`.
+// written to `y`. One exponential pass.
 template <typename acc_t>
 void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits, const acc_t* explicit_noise,
                 RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
   const int64_t k = op.k;
   acc_t* v = scratch.perturbed.data();
   perturb_row(op, s, n, logits, explicit_noise, scratch, v);
-  *index = row::row_argmax(v, k);
+  const acc_t v_max = row::row_max(v, k);
+  *index = row::index_of_max(v, v_max, k);
   const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
-  *lse_y = row::log_sum_exp(v, inverse_temperature, k);
-  if (y != nullptr) row::exp_affine_row(v, inverse_temperature, *lse_y, y, k);
+  const acc_t shift = v_max * inverse_temperature;
+  if (y == nullptr) {
+    *lse_y = row::log_sum_exp_from_max(v, inverse_temperature, shift, k);
+    return;
+  }
+  const acc_t total = row::exp_affine_row(v, inverse_temperature, shift, y, k);
+  const acc_t inverse = acc_t(1) / total;
+  for (int64_t j = 0; j < k; ++j) y[j] *= inverse;
+  *lse_y = shift + std::log(total);
 }
 
 template <typename acc_t>
@@ -280,13 +287,13 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
     at::Tensor sample_buffer = s.soft() ? at::empty({blocking.rows_per_block, k}, options) : at::Tensor();
     std::vector<double>& sums = column_sums[stripe];
     sums.assign(k, 0.0);
-    std::vector<acc_t> block_sums(k);
+    std::vector<acc_t> block_sums(k), row_max(blocking.rows_per_block);
     RowScratch<acc_t> scratch(k, d);
 
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = logits_buffer.narrow(0, 0, rows);
-      block_logits<acc_t>(op, n0, logits);
+      block_logits<acc_t>(op, n0, logits, row_max.data());
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
       const acc_t* l = logits.data_ptr<acc_t>();
       std::fill(block_sums.begin(), block_sums.end(), acc_t(0));
@@ -302,13 +309,12 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
           acc_t* y = s.soft() ? sample_buffer.data_ptr<acc_t>() + b * k : nullptr;
           sample_row(op, s, r, lrow, g, scratch, idx + r, lse + 1, y);
         } else {
-          idx[r] = row::row_argmax(lrow, k);
+          idx[r] = row::index_of_max(lrow, row_max[b], k);
         }
-        lse[0] = row::log_sum_exp(lrow, acc_t(1), k);
-        if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
         acc_t* pi = scratch.posterior.data();
-        row::exp_affine_row(lrow, acc_t(1), lse[0], pi, k);
-        for (int64_t j = 0; j < k; ++j) block_sums[j] += pi[j];
+        lse[0] = row::softmax_from_max(lrow, row_max[b], pi, k);
+        if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
+        row::accumulate_scaled(block_sums.data(), pi, acc_t(1), k);
       }
       for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(block_sums[j]);
 
@@ -394,7 +400,7 @@ struct StripeBuffers {
   at::Tensor logits, grad_sample, sample, grad_zq, pq;
   at::Tensor direct;          // (K, D): c^T G_zq, the codebook gradient through z_q = c E
   at::Tensor distance_terms;  // (K, D + W): G_l^T [w z, w]
-  std::vector<acc_t> row_sums;
+  std::vector<acc_t> row_sums, row_max;
 
   StripeBuffers(const Operands& op, const Scalars& s, int64_t block) {
     const auto options = op.z.options();
@@ -406,6 +412,7 @@ struct StripeBuffers {
     direct = at::zeros({op.k, op.d}, options);
     distance_terms = at::zeros({op.k, op.width()}, options);
     row_sums.resize(block);
+    row_max.resize(block);
   }
 };
 
@@ -470,27 +477,20 @@ void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs&
   for (int64_t b = 0; b < rows; ++b) {
     const int64_t r = n0 + b;
     acc_t* lrow = l + b * k;
-    // y first: it needs the logits, which G_l overwrites.
-    acc_t* y = nullptr;
-    if (s.training) {
-      y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
-      const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-      perturb_row(op, s, r, lrow, g, scratch, y);
-      row::exp_affine_row(y, inverse_temperature, row_lse[2 * r + 1], y, k);
-    }
     row::exp_affine_row(lrow, acc_t(1), row_lse[2 * r], pi, k);
     const acc_t b_pi = row::row_dot(pi, grad_pi, k);
     if (s.training) {
+      // y = exp(v / T - lse_y) with v = l + g, before G_l overwrites the logits.
+      acc_t* y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
+      const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
+      perturb_row(op, s, r, lrow, g, scratch, y);
+      row::exp_affine_row(y, inverse_temperature, row_lse[2 * r + 1], y, k);
       const acc_t* gyrow = gy + b * k;
       const acc_t beta = row::row_dot(y, gyrow, k);
       acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + r * k : nullptr;
-      for (int64_t j = 0; j < k; ++j) {
-        const acc_t through_sample = inverse_temperature * y[j] * (gyrow[j] - beta);
-        lrow[j] = pi[j] * (grad_pi[j] - b_pi) + through_sample;
-        if (gg != nullptr) gg[j] = through_sample;
-      }
+      row::logit_gradient_row(pi, grad_pi, b_pi, y, gyrow, beta, inverse_temperature, lrow, gg, k);
     } else {
-      for (int64_t j = 0; j < k; ++j) lrow[j] = pi[j] * (grad_pi[j] - b_pi);
+      row::posterior_gradient_row(pi, grad_pi, b_pi, lrow, k);
     }
     buffers.row_sums[b] = row::row_sum(lrow, k);
   }
@@ -549,7 +549,7 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = buffers.logits.narrow(0, 0, rows);
-      block_logits<acc_t>(op, n0, logits);
+      block_logits<acc_t>(op, n0, logits, buffers.row_max.data());
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
 
       at::Tensor grad_zq = buffers.grad_zq.narrow(0, 0, rows);

@@ -32,7 +32,11 @@
 
 namespace gmvq::cpu::row {
 
+// Partial sums of the reductions (plain loops the compiler vectorises).
 constexpr int kLanes = 16;
+// Lanes of the explicit vector code: 8 floats, native on AVX2 (a wider GCC
+// vector type is lowered to scalar code in the AVX2 clone).
+constexpr int kVector = 8;
 
 // --- 16-lane vectors ------------------------------------------------------------
 // Helpers on vector types are always inlined into the cloned callers, so the
@@ -40,54 +44,54 @@ constexpr int kLanes = 16;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define GMVQ_VECTOR_INLINE inline __attribute__((always_inline))
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef float vfloat __attribute__((vector_size(32)));
+typedef int32_t vint __attribute__((vector_size(32)));
 
-GMVQ_VECTOR_INLINE f32x16 splat(float v) { return f32x16{} + v; }
+GMVQ_VECTOR_INLINE vfloat splat(float v) { return vfloat{} + v; }
 
-GMVQ_VECTOR_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
+GMVQ_VECTOR_INLINE vfloat load_vector(const float* p) {
+  vfloat v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-GMVQ_VECTOR_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+GMVQ_VECTOR_INLINE void store_vector(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
-// Up to 16 values from p, the rest `fill`.
-GMVQ_VECTOR_INLINE f32x16 load_tail(const float* p, int64_t count, float fill) {
-  float tail[kLanes];
-  for (int j = 0; j < kLanes; ++j) tail[j] = j < count ? p[j] : fill;
-  return load16(tail);
+// Up to kVector values from p, the rest `fill`.
+GMVQ_VECTOR_INLINE vfloat load_tail(const float* p, int64_t count, float fill) {
+  float tail[kVector];
+  for (int j = 0; j < kVector; ++j) tail[j] = j < count ? p[j] : fill;
+  return load_vector(tail);
 }
 
-// Cephes expf (relative error < 1e-7) on 16 lanes. Every select is a vector
+// Cephes expf (relative error < 1e-7) on a vector. Every select is a vector
 // select, so nothing branches. Arguments below -87.3 (and -inf) give 0; NaN
 // stays NaN.
-GMVQ_VECTOR_INLINE f32x16 exp16(f32x16 x) {
-  const i32x16 underflow = x < -87.33654f;
-  const i32x16 nan = x != x;
-  f32x16 c = underflow ? splat(-87.33654f) : x;
+GMVQ_VECTOR_INLINE vfloat exp_vector(vfloat x) {
+  const vint underflow = x < -87.33654f;
+  const vint nan = x != x;
+  vfloat c = underflow ? splat(-87.33654f) : x;
   c = c > 88.0f ? splat(88.0f) : c;
   c = nan ? splat(0.0f) : c;
   // fx = floor(c log2(e) + 1/2), from the truncation (c is in range for int32).
-  const f32x16 t = c * 1.44269504088896341f + 0.5f;
-  const i32x16 truncated = __builtin_convertvector(t, i32x16);
-  const f32x16 tf = __builtin_convertvector(truncated, f32x16);
-  const f32x16 fx = tf > t ? tf - 1.0f : tf;
-  f32x16 r = c - fx * 0.693359375f;
+  const vfloat t = c * 1.44269504088896341f + 0.5f;
+  const vint truncated = __builtin_convertvector(t, vint);
+  const vfloat tf = __builtin_convertvector(truncated, vfloat);
+  const vfloat fx = tf > t ? tf - 1.0f : tf;
+  vfloat r = c - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
-  const f32x16 r2 = r * r;
-  f32x16 p = splat(1.9875691500e-4f);
+  const vfloat r2 = r * r;
+  vfloat p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  const i32x16 exponent = (__builtin_convertvector(fx, i32x16) + 127) << 23;
-  f32x16 scale;
+  const vint exponent = (__builtin_convertvector(fx, vint) + 127) << 23;
+  vfloat scale;
   std::memcpy(&scale, &exponent, sizeof scale);
-  const f32x16 result = p * scale;
+  const vfloat result = p * scale;
   return nan ? x : (underflow ? splat(0.0f) : result);
 }
 
@@ -132,16 +136,16 @@ inline double row_dot(const double* x, const double* y, int64_t n) {
 // max_i x[i]; NaN if the row holds one.
 GMVQ_CLONES static float row_max(const float* x, int64_t n) {
   const float inf = std::numeric_limits<float>::infinity();
-  f32x16 m = splat(-inf);
-  f32x16 nan = splat(0.0f);
+  vfloat m = splat(-inf);
+  vfloat nan = splat(0.0f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const f32x16 v = load16(x + i);
+  for (; i + kVector <= n; i += kVector) {
+    const vfloat v = load_vector(x + i);
     m = v > m ? v : m;
     nan = v != v ? v : nan;
   }
   float best = -inf, any_nan = 0.0f;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < kVector; ++j) {
     best = m[j] > best ? m[j] : best;
     any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
   }
@@ -173,13 +177,100 @@ int64_t row_argmax(const T* x, int64_t n) {
   return 0;
 }
 
+// First index holding m, the row's maximum (row_max's result): as row_argmax.
+template <typename T>
+int64_t index_of_max(const T* x, T m, int64_t n) {
+  const bool nan = m != m;
+  for (int64_t i = 0; i < n; ++i) {
+    if (nan ? x[i] != x[i] : x[i] == m) return i;
+  }
+  return 0;
+}
+
+// --- elementwise ------------------------------------------------------------------------
+// The logits epilogue: x[i] = -max(row_term + x[i], 0) (x holds the GEMM's
+// cross terms); returns the row's maximum logit (NaN if one is NaN).
+GMVQ_CLONES static float clamped_logits_row(float* x, float row_term, int64_t n) {
+  int64_t i = 0;
+  const vfloat zero = splat(0.0f);
+  for (; i + kVector <= n; i += kVector) {
+    const vfloat d = load_vector(x + i) + row_term;
+    store_vector(x + i, -(d > zero ? d : zero));
+  }
+  for (; i < n; ++i) {
+    const float d = row_term + x[i];
+    x[i] = -(d > 0.0f ? d : 0.0f);
+  }
+  return row_max(x, n);
+}
+
+inline double clamped_logits_row(double* x, double row_term, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = row_term + x[i];
+    x[i] = -(d > 0.0 ? d : 0.0);
+  }
+  return row_max(x, n);
+}
+
+// out[i] = a[i] + b[i] (out may alias a).
+GMVQ_CLONES static void add_rows(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+inline void add_rows(const double* a, const double* b, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// sums[i] += x[i] * scale.
+GMVQ_CLONES static void accumulate_scaled(float* sums, const float* x, float scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) sums[i] += x[i] * scale;
+}
+
+inline void accumulate_scaled(double* sums, const double* x, double scale, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) sums[i] += x[i] * scale;
+}
+
+// The fused quantize's logit gradient of one row (docs/math.md, quantize):
+//   out = pi (g_pi - b_pi) + s y (g_y - beta),  s = 1/T,
+// and the y part alone in through_sample when asked (the Gumbel noise's gradient).
+GMVQ_CLONES static void logit_gradient_row(const float* pi, const float* g_pi, float b_pi, const float* y,
+                                           const float* g_y, float beta, float s, float* out,
+                                           float* through_sample, int64_t n) {
+  if (through_sample == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = pi[i] * (g_pi[i] - b_pi) + s * y[i] * (g_y[i] - beta);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    through_sample[i] = s * y[i] * (g_y[i] - beta);
+    out[i] = pi[i] * (g_pi[i] - b_pi) + through_sample[i];
+  }
+}
+
+inline void logit_gradient_row(const double* pi, const double* g_pi, double b_pi, const double* y, const double* g_y,
+                               double beta, double s, double* out, double* through_sample, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sample_part = s * y[i] * (g_y[i] - beta);
+    if (through_sample != nullptr) through_sample[i] = sample_part;
+    out[i] = pi[i] * (g_pi[i] - b_pi) + sample_part;
+  }
+}
+
+// out = pi (g_pi - b_pi): the evaluation-mode logit gradient.
+GMVQ_CLONES static void posterior_gradient_row(const float* pi, const float* g_pi, float b_pi, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = pi[i] * (g_pi[i] - b_pi);
+}
+
+inline void posterior_gradient_row(const double* pi, const double* g_pi, double b_pi, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = pi[i] * (g_pi[i] - b_pi);
+}
+
 // --- exponentials -------------------------------------------------------------------
 // out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i].
 GMVQ_CLONES static float exp_affine_row(const float* x, float scale, float shift, float* out, int64_t n) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store16(out + i, exp16(load16(x + i) * scale - shift));
+  for (; i + kVector <= n; i += kVector) store_vector(out + i, exp_vector(load_vector(x + i) * scale - shift));
   if (i < n) {
-    const f32x16 e = exp16(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    const vfloat e = exp_vector(load_tail(x + i, n - i, 0.0f) * scale - shift);
     for (int64_t j = i; j < n; ++j) out[j] = e[j - i];
   }
   return row_sum(out, n);
@@ -196,13 +287,13 @@ inline double exp_affine_row(const double* x, double scale, double shift, double
 
 // sum_i exp(x[i] * scale - shift), nothing stored.
 GMVQ_CLONES static float exp_affine_sum(const float* x, float scale, float shift, int64_t n) {
-  f32x16 total = splat(0.0f);
+  vfloat total = splat(0.0f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) total += exp16(load16(x + i) * scale - shift);
+  for (; i + kVector <= n; i += kVector) total += exp_vector(load_vector(x + i) * scale - shift);
   float sum = 0.0f;
-  for (int j = 0; j < kLanes; ++j) sum += total[j];
+  for (int j = 0; j < kVector; ++j) sum += total[j];
   if (i < n) {
-    const f32x16 e = exp16(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    const vfloat e = exp_vector(load_tail(x + i, n - i, 0.0f) * scale - shift);
     for (int64_t j = 0; j < n - i; ++j) sum += e[j];
   }
   return sum;
@@ -214,12 +305,31 @@ inline double exp_affine_sum(const double* x, double scale, double shift, int64_
   return total;
 }
 
-// logsumexp_i (x[i] * scale), scale > 0 (the max commutes with it).
+// logsumexp_i (x[i] * scale) given m = max_i x[i] * scale (scale > 0: the max commutes with it).
 template <typename T>
-T log_sum_exp(const T* x, T scale, int64_t n) {
-  const T m = row_max(x, n) * scale;
+T log_sum_exp_from_max(const T* x, T scale, T m, int64_t n) {
   if (!(std::abs(m) < std::numeric_limits<T>::infinity())) return m;  // NaN, +-inf: the row's verdict
   return m + std::log(exp_affine_sum(x, scale, m, n));
+}
+
+// logsumexp_i (x[i] * scale), scale > 0.
+template <typename T>
+T log_sum_exp(const T* x, T scale, int64_t n) {
+  return log_sum_exp_from_max(x, scale, row_max(x, n) * scale, n);
+}
+
+// out[i] = exp(x[i] - lse) and lse = logsumexp_i x[i] from m = max_i x[i], in one
+// exponential pass: the posterior of a row of logits.
+template <typename T>
+T softmax_from_max(const T* x, T m, T* out, int64_t n) {
+  if (!(std::abs(m) < std::numeric_limits<T>::infinity())) {  // NaN or +-inf: the row's verdict, everywhere
+    std::fill(out, out + n, std::numeric_limits<T>::quiet_NaN());
+    return m;
+  }
+  const T total = exp_affine_row(x, T(1), m, out, n);
+  const T inverse = T(1) / total;
+  for (int64_t i = 0; i < n; ++i) out[i] *= inverse;
+  return m + std::log(total);
 }
 
 // out = softmax(x * scale) over the row (x and out may alias).
@@ -232,49 +342,109 @@ void softmax_row(const T* x, T scale, T* out, int64_t n) {
 }
 
 // --- noise -----------------------------------------------------------------------
-// rng::gumbel_from_bits with the uniform built through int32 (exact:
-// r >> 9 < 2^23), because AVX2 has no uint32 -> float conversion.
-inline float gumbel_from_word(uint32_t r) {
+// rng's transforms with the uniform built through int32 (exact: r >> 9 < 2^23),
+// because AVX2 has no uint32 -> float conversion; the same bits as rng::*_from_bits.
+inline float uniform_from_word(uint32_t r) {
   const float bits23 = static_cast<float>(static_cast<int32_t>(r >> 9));
-  const float u = rng::mul_rn(rng::add_rn(bits23, 0.5f), 0x1p-23f);
-  return -rng::log_canonical(-rng::log_canonical(u));
+  return rng::mul_rn(rng::add_rn(bits23, 0.5f), 0x1p-23f);
 }
 
-// Gumbel noise for the 4 * blocks elements starting at element 4 * first_block,
-// equal bit for bit to rng::fill_gumbel. The Philox words are produced into four
-// lane arrays so that both loops vectorise.
-GMVQ_CLONES static void gumbel_aligned(int64_t seed, int64_t offset, uint64_t first_block, int64_t blocks,
-                                       float* __restrict out) {
+struct UniformWord {
+  float operator()(uint32_t r) const { return uniform_from_word(r); }
+};
+struct GumbelWord {
+  float operator()(uint32_t r) const { return -rng::log_canonical(-rng::log_canonical(uniform_from_word(r))); }
+};
+struct GaussianWord {
+  float operator()(uint32_t r) const {
+    const float u = uniform_from_word(r);
+    return rng::mul_rn(0x1.6a09e6p+0f, rng::erfinv_canonical(rng::add_rn(rng::add_rn(u, u), -1.0f)));
+  }
+};
+
+// The noise of the 4 * blocks elements starting at element 4 * first_block of
+// `stream`, equal bit for bit to rng::fill_range with the same transform. The
+// Philox words are produced into four lane arrays so that both loops vectorise
+// (the transforms are branch-free: philox.h).
+template <typename Transform>
+GMVQ_CLONES static void fill_aligned(int64_t seed, int64_t offset, uint64_t stream, uint64_t first_block,
+                                     int64_t blocks, float* __restrict out) {
   constexpr int64_t kChunk = 64;
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u, kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  const Transform transform;
+  const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
   uint32_t w0[kChunk], w1[kChunk], w2[kChunk], w3[kChunk];
   for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
     const int64_t count = std::min(kChunk, blocks - j0);
+    // rng::philox_block for `count` consecutive blocks, one round at a time over
+    // all of them (structure of arrays: each round's loop vectorises).
     for (int64_t j = 0; j < count; ++j) {
-      const rng::Philox4 w = rng::philox_block(seed, offset, rng::kGumbelStream, first_block + j0 + j);
-      w0[j] = w.word[0];
-      w1[j] = w.word[1];
-      w2[j] = w.word[2];
-      w3[j] = w.word[3];
+      const uint64_t counter = first_block + static_cast<uint64_t>(j0 + j) + (stream << 62);
+      w0[j] = static_cast<uint32_t>(counter);
+      w1[j] = static_cast<uint32_t>(counter >> 32);
+      w2[j] = static_cast<uint32_t>(off);
+      w3[j] = static_cast<uint32_t>(off >> 32);
+    }
+    uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int64_t j = 0; j < count; ++j) {
+        const uint64_t p0 = static_cast<uint64_t>(kMul0) * w0[j];
+        const uint64_t p1 = static_cast<uint64_t>(kMul1) * w2[j];
+        const uint32_t c0 = static_cast<uint32_t>(p1 >> 32) ^ w1[j] ^ k0;
+        const uint32_t c2 = static_cast<uint32_t>(p0 >> 32) ^ w3[j] ^ k1;
+        w1[j] = static_cast<uint32_t>(p1);
+        w3[j] = static_cast<uint32_t>(p0);
+        w0[j] = c0;
+        w2[j] = c2;
+      }
+      k0 += kWeyl0;
+      k1 += kWeyl1;
     }
     float* o = out + 4 * j0;
     for (int64_t j = 0; j < count; ++j) {
-      o[4 * j] = gumbel_from_word(w0[j]);
-      o[4 * j + 1] = gumbel_from_word(w1[j]);
-      o[4 * j + 2] = gumbel_from_word(w2[j]);
-      o[4 * j + 3] = gumbel_from_word(w3[j]);
+      o[4 * j] = transform(w0[j]);
+      o[4 * j + 1] = transform(w1[j]);
+      o[4 * j + 2] = transform(w2[j]);
+      o[4 * j + 3] = transform(w3[j]);
     }
   }
 }
 
-// Gumbel noise of elements [first, first + count) of stream 0: rng::fill_gumbel's
-// values, with the 4-aligned middle vectorised.
-inline void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, int64_t count, float* out) {
+// Elements [first, first + count) of `stream` through `transform`: the
+// 4-aligned middle vectorised, the unaligned ends one word at a time.
+template <typename Transform>
+void fill_noise(int64_t seed, int64_t offset, uint64_t stream, uint64_t first, int64_t count, float* out) {
+  const Transform transform;
   const int64_t head = std::min<int64_t>(count, static_cast<int64_t>((4 - (first & 3)) & 3));
-  rng::fill_gumbel(seed, offset, first, head, out);
+  rng::fill_range(seed, offset, stream, first, head, out, transform);
   const int64_t blocks = (count - head) / 4;
-  gumbel_aligned(seed, offset, (first + head) / 4, blocks, out + head);
+  fill_aligned<Transform>(seed, offset, stream, (first + head) / 4, blocks, out + head);
   const int64_t done = head + 4 * blocks;
-  rng::fill_gumbel(seed, offset, first + done, count - done, out + done);
+  rng::fill_range(seed, offset, stream, first + done, count - done, out + done, transform);
+}
+
+inline void fill_gumbel(int64_t seed, int64_t offset, uint64_t first, int64_t count, float* out) {
+  fill_noise<GumbelWord>(seed, offset, rng::kGumbelStream, first, count, out);
+}
+
+inline void fill_gaussian(int64_t seed, int64_t offset, uint64_t first, int64_t count, float* out) {
+  fill_noise<GaussianWord>(seed, offset, rng::kGaussianStream, first, count, out);
+}
+
+// philox_noise's distributions.
+inline void fill_noise(rng::NoiseDistribution kind, int64_t seed, int64_t offset, uint64_t first, int64_t count,
+                       float* out) {
+  switch (kind) {
+    case rng::NoiseDistribution::kUniform:
+      fill_noise<UniformWord>(seed, offset, rng::kGumbelStream, first, count, out);
+      break;
+    case rng::NoiseDistribution::kGumbel:
+      fill_gumbel(seed, offset, first, count, out);
+      break;
+    case rng::NoiseDistribution::kGaussian:
+      fill_gaussian(seed, offset, first, count, out);
+      break;
+  }
 }
 
 #pragma GCC diagnostic pop

@@ -27,6 +27,10 @@
 
 #if defined(__CUDACC__)
 #define GMVQ_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host too: the CPU kernels vectorise loops over these
+// transforms, which a call would stop.
+#define GMVQ_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define GMVQ_HOST_DEVICE inline
 #endif
@@ -126,14 +130,15 @@ GMVQ_HOST_DEVICE float uniform_from_bits(uint32_t r) {
 GMVQ_HOST_DEVICE float log_canonical(float x) {
   const int32_t bits = float_bits(x);
   int32_t exponent = (bits >> 23) - 126;                       // x = m * 2^exponent
-  const float m = bits_float((bits & 0x007fffff) | 0x3f000000);  // m in [0.5, 1)
-  float t;
-  if (m < 0x1.6a09e6p-1f) {  // sqrt(1/2)
-    exponent -= 1;
-    t = add_rn(add_rn(m, m), -1.0f);
-  } else {
-    t = add_rn(m, -1.0f);
-  }
+  const int32_t m_bits = (bits & 0x007fffff) | 0x3f000000;  // m in [0.5, 1)
+  // Below sqrt(1/2), t = 2m - 1 and the exponent drops by one. 2m is formed
+  // exactly on the bits (exponent + 1) and the branch is an integer select:
+  // nothing that could trap sits under a condition, so compilers vectorise
+  // loops over this function even without masked instructions (AVX2). The
+  // bits are those of add_rn(add_rn(m, m), -1) (m + m is exact).
+  const int32_t small = m_bits < 0x3f3504f3 ? 1 : 0;  // 0x3f3504f3: sqrt(1/2) = 0x1.6a09e6p-1f
+  const float t = add_rn(bits_float(m_bits + (small << 23)), -1.0f);
+  exponent -= small;
   const float e = static_cast<float>(exponent);
   const float t2 = mul_rn(t, t);
   float y = 0x1.204376p-4f;
@@ -155,31 +160,31 @@ GMVQ_HOST_DEVICE float log_canonical(float x) {
 
 // erfinv on (-1, 1) (Giles 2010, single precision); |x| <= 1 - 2^-23 here.
 GMVQ_HOST_DEVICE float erfinv_canonical(float x) {
-  float w = -log_canonical(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));
-  float p;
-  if (w < 5.0f) {
-    w = add_rn(w, -2.5f);
-    p = 0x1.e2cb10p-26f;
-    p = add_rn(mul_rn(p, w), 0x1.70966cp-22f);
-    p = add_rn(mul_rn(p, w), -0x1.d8e6aep-19f);
-    p = add_rn(mul_rn(p, w), -0x1.26b582p-18f);
-    p = add_rn(mul_rn(p, w), 0x1.ca65b6p-13f);
-    p = add_rn(mul_rn(p, w), -0x1.48a810p-10f);
-    p = add_rn(mul_rn(p, w), -0x1.11c9dep-8f);
-    p = add_rn(mul_rn(p, w), 0x1.f91ec6p-3f);
-    p = add_rn(mul_rn(p, w), 0x1.805c5ep+0f);
-  } else {
-    w = add_rn(sqrt_rn(w), -3.0f);
-    p = -0x1.a3e136p-13f;
-    p = add_rn(mul_rn(p, w), 0x1.a76ad6p-14f);
-    p = add_rn(mul_rn(p, w), 0x1.61b8e4p-10f);
-    p = add_rn(mul_rn(p, w), -0x1.e17bcep-9f);
-    p = add_rn(mul_rn(p, w), 0x1.7824f6p-8f);
-    p = add_rn(mul_rn(p, w), -0x1.f38baep-8f);
-    p = add_rn(mul_rn(p, w), 0x1.354afcp-7f);
-    p = add_rn(mul_rn(p, w), 0x1.006db6p+0f);
-    p = add_rn(mul_rn(p, w), 0x1.6a9efcp+1f);
-  }
+  const float w = -log_canonical(mul_rn(add_rn(1.0f, -x), add_rn(1.0f, x)));  // w > 0
+  // Both of Giles' polynomials, then an integer select (as in log_canonical:
+  // no branch, so loops over this function vectorise).
+  const float wc = add_rn(w, -2.5f);
+  float central = 0x1.e2cb10p-26f;
+  central = add_rn(mul_rn(central, wc), 0x1.70966cp-22f);
+  central = add_rn(mul_rn(central, wc), -0x1.d8e6aep-19f);
+  central = add_rn(mul_rn(central, wc), -0x1.26b582p-18f);
+  central = add_rn(mul_rn(central, wc), 0x1.ca65b6p-13f);
+  central = add_rn(mul_rn(central, wc), -0x1.48a810p-10f);
+  central = add_rn(mul_rn(central, wc), -0x1.11c9dep-8f);
+  central = add_rn(mul_rn(central, wc), 0x1.f91ec6p-3f);
+  central = add_rn(mul_rn(central, wc), 0x1.805c5ep+0f);
+  const float wt = add_rn(sqrt_rn(w), -3.0f);
+  float tail = -0x1.a3e136p-13f;
+  tail = add_rn(mul_rn(tail, wt), 0x1.a76ad6p-14f);
+  tail = add_rn(mul_rn(tail, wt), 0x1.61b8e4p-10f);
+  tail = add_rn(mul_rn(tail, wt), -0x1.e17bcep-9f);
+  tail = add_rn(mul_rn(tail, wt), 0x1.7824f6p-8f);
+  tail = add_rn(mul_rn(tail, wt), -0x1.f38baep-8f);
+  tail = add_rn(mul_rn(tail, wt), 0x1.354afcp-7f);
+  tail = add_rn(mul_rn(tail, wt), 0x1.006db6p+0f);
+  tail = add_rn(mul_rn(tail, wt), 0x1.6a9efcp+1f);
+  const int32_t use_central = w < 5.0f ? -1 : 0;
+  const float p = bits_float((float_bits(central) & use_central) | (float_bits(tail) & ~use_central));
   return mul_rn(p, x);
 }
 
