@@ -8,8 +8,12 @@ execute_process(
   OUTPUT_VARIABLE _gmvq_probe OUTPUT_STRIP_TRAILING_WHITESPACE
   RESULT_VARIABLE _gmvq_probe_result)
 if(NOT _gmvq_probe_result EQUAL 0)
-  message(FATAL_ERROR "gmvq_ext: could not import torch and pybind11 with ${Python_EXECUTABLE}. "
-                      "Install them first: pip install torch==2.13.* pybind11 (then build with --no-build-isolation).")
+  message(FATAL_ERROR "gmvq_ext: no torch (or pybind11) to compile against in ${Python_EXECUTABLE}. "
+                      "The kernels must be built against the torch that will run them, in that environment "
+                      "and without build isolation:\n"
+                      "    pip install torch numpy scikit-build-core pybind11 ninja\n"
+                      "    pip install --no-build-isolation .\n"
+                      "(pin the torch you want, e.g. torch==2.13.0; an isolated build never sees it)")
 endif()
 string(REPLACE "\n" ";" _gmvq_probe "${_gmvq_probe}")
 list(GET _gmvq_probe 0 pybind11_DIR)

@@ -21,7 +21,7 @@ from .data import DataError, build_dataset
 from .training import checkpoint as ckpt
 from .training import distributed
 from .training.config import quantizer_options
-from .training.evaluation import evaluate
+from .training.evaluation import evaluate, test_results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,22 +62,10 @@ def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict 
 
     results = None
     if ctx.is_main:
-        results = {
-            "checkpoint": str(options.checkpoint),
-            "epoch": state["epoch"],
-            "pixel_range": "[-1, 1]",
-            "test_mse": metrics["mse"],
-            "test_mse_01": metrics["mse_01"],
-            "test_perplexity": metrics["perplexity"],
-            "test_perplexity_hard": metrics["perplexity_hard"],
-            "test_perplexity_hard_global": metrics["perplexity_hard_global"],
-            "codes_used": metrics["codes_used"],
-            "codebook_size": args.codebook_size,
-            "test_images": metrics["images"],
-            "quantizer": {"name": args.quantizer, "options": quantizer_options(args)},
-        }
+        results = {"checkpoint": str(options.checkpoint), "epoch": state["epoch"],
+                   **test_results(metrics, args, quantizer_options(args))}
         out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        ckpt.write_json_atomic(out, results)
         print(json.dumps(results, indent=2))
     return results
 

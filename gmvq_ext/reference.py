@@ -216,7 +216,7 @@ def _broadcast_weight(weight: Optional[Tensor], z: Tensor, dtype: torch.dtype) -
 def codebook_distance(z: Tensor, weight: Optional[Tensor], codebook: Tensor) -> Tensor:
     """d[n, k] = sum_d w[n, d] (z[n, d] - codebook[k, d])^2, (N, K).
 
-    Computed in the GEMM form of GMVQ_MATH.md, clamped at 0 in value only:
+    Computed in the GEMM form of docs/math.md#codebook_distance, clamped at 0 in value only:
     the gradient is that of the unclamped formula (the clamp only removes
     rounding below zero)."""
     acc = accumulation_dtype(z.dtype)

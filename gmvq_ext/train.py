@@ -36,8 +36,9 @@ from .download import ensure_dataset
 from .quantizers.backend import has_kernel
 from .training import checkpoint as ckpt
 from .training import distributed
-from .training.config import RUN_DEFINING, WARMUP_START_FACTOR, build_model, parse_args, quantizer_options
-from .training.evaluation import evaluate
+from .training.config import (RUN_DEFINING, RUN_DEFINING_BEFORE, WARMUP_START_FACTOR, build_model, parse_args,
+                              quantizer_options)
+from .training.evaluation import evaluate, test_results
 from .training.sampling import training_batches
 from .training.schedule import warmup_cosine
 from .training.visuals import save_code_histogram, save_reconstruction_grid, save_training_curves
@@ -74,8 +75,6 @@ def run(args, ctx: distributed.Context) -> dict | None:
         raise state
     if state is not None:
         check_same_run(args, state["args"], state["world_size"], ctx.world_size)
-    if ctx.is_main:
-        (out / "images").mkdir(parents=True, exist_ok=True)
 
     # ---- data: train, per-epoch evaluation (validation when held out, else test), test
     if args.download and ctx.local_rank == 0:  # one download per machine; the other ranks wait
@@ -106,7 +105,7 @@ def run(args, ctx: distributed.Context) -> dict | None:
         optimizer, warmup_cosine(total_steps, warmup_steps, WARMUP_START_FACTOR))
     start_epoch, step, train_seconds = 0, 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
+        ckpt.load_weights(model, state, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, train_seconds = state["epoch"], state["step"], state["train_seconds"]
@@ -118,11 +117,16 @@ def run(args, ctx: distributed.Context) -> dict | None:
     if ctx.distributed:
         distributed.keep_gradient_strides(model)
         model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    # --compile: the whole training forward (the quantizer's fused op included) as compiled graphs;
+    # --precision bf16-mixed: autocast (the quantizers compute in float32 inside).
+    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
     writer = metrics_file = None
-    if ctx.is_main:
+    if ctx.is_main:  # the run folder appears once data and model are ready
         from torch.utils.tensorboard import SummaryWriter
 
+        (out / "images").mkdir(parents=True, exist_ok=True)
         writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if state is not None else None)
         metrics_file = open_metrics(out / "metrics.jsonl", keep_epochs=start_epoch)
     fixed_images = torch.stack([eval_set[i] for i in range(min(RECONSTRUCTION_IMAGES, len(eval_set)))])
@@ -141,9 +145,10 @@ def run(args, ctx: distributed.Context) -> dict | None:
         for images in bar:
             images = images.to(ctx.device, non_blocking=True)
             bare.quantizer.set_progress(step, total_steps)
-            reconstruction, indices, quantizer_loss, info = model(images)
-            mse = F.mse_loss(reconstruction, images)
-            loss = mse + quantizer_loss
+            with autocast:
+                reconstruction, indices, quantizer_loss, info = forward(images)
+                mse = F.mse_loss(reconstruction, images)
+                loss = mse + quantizer_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -212,15 +217,7 @@ def run(args, ctx: distributed.Context) -> dict | None:
     results = None
     if ctx.is_main:
         results = {
-            "pixel_range": "[-1, 1]",
-            "test_mse": test_metrics["mse"],
-            "test_mse_01": test_metrics["mse_01"],
-            "test_perplexity": test_metrics["perplexity"],
-            "test_perplexity_hard": test_metrics["perplexity_hard"],
-            "test_perplexity_hard_global": test_metrics["perplexity_hard_global"],
-            "codes_used": test_metrics["codes_used"],
-            "codebook_size": args.codebook_size,
-            "test_images": test_metrics["images"],
+            **test_results(test_metrics, args, options),
             "train_images": len(train_set),
             "epochs": args.epochs,
             "steps": step,
@@ -229,10 +226,9 @@ def run(args, ctx: distributed.Context) -> dict | None:
             "world_size": ctx.world_size,
             "rank_parameter_checksums": checksums,
             "device": str(ctx.device),
-            "quantizer": {"name": args.quantizer, "options": options},
             "args": vars(args),
         }
-        write_json(out / "results.json", results)
+        ckpt.write_json_atomic(out / "results.json", results)
         metrics_file.close()
         writer.close()
         log(f"test mse {results['test_mse']:.5f} ([-1,1] pixels; {results['test_mse_01']:.5f} in [0,1]), "
@@ -274,8 +270,11 @@ def starting_state(args, checkpoint_path: Path):
 def check_same_run(args, saved: dict, saved_world_size: int, world_size: int) -> None:
     """A resumed run must describe the run it continues (only --epochs and the
     machinery such as --device or --num-workers may change)."""
-    different = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {saved.get(name)!r})"
-                 for name in RUN_DEFINING if getattr(args, name) != saved.get(name)]
+    def saved_value(name):
+        return saved.get(name, RUN_DEFINING_BEFORE.get(name))
+
+    different = [f"--{name.replace('_', '-')} {getattr(args, name)!r} (checkpoint: {saved_value(name)!r})"
+                 for name in RUN_DEFINING if getattr(args, name) != saved_value(name)]
     if different:
         raise ValueError("resuming with settings that differ from the checkpoint's: " + ", ".join(different))
     if args.epochs != saved["epochs"]:
@@ -335,12 +334,6 @@ def open_metrics(path: Path, keep_epochs: int):
                 if line.strip() and json.loads(line)["epoch"] <= keep_epochs]
     path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
-
-
-def write_json(path: Path, obj) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    temporary.replace(path)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ resume, bad input (torchrun runs: test_train_distributed.py)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,6 +158,20 @@ def test_quantizer_options_from_the_command_line():
                        "--quantizer-option", "hard=False", "--out", "x"])
     assert quantizer_options(args) == {
         "beta": 2.0, "gamma": 0.1, "sigma_z2": 0.25, "weight": "scalar", "hard": False, "seed": 3}
+
+
+def test_compile_and_bf16_mixed_precision(tmp_path):
+    eager = train.main([*SMALL, "--epochs", "1", "--out", str(tmp_path / "eager")])
+    compiled = train.main([*SMALL, "--epochs", "1", "--compile", "--out", str(tmp_path / "compiled")])
+    mixed = train.main([*SMALL, "--epochs", "1", "--precision", "bf16-mixed", "--out", str(tmp_path / "mixed")])
+    # The compiled step computes what the eager one does (up to inductor's float reassociation).
+    assert compiled["test_mse"] == pytest.approx(eager["test_mse"], rel=1e-3)
+    assert compiled["codes_used"] == eager["codes_used"]
+    # bfloat16 encoder and decoder: another rounding, the same training.
+    assert math.isfinite(mixed["test_mse"]) and mixed["test_mse"] == pytest.approx(eager["test_mse"], rel=0.2)
+    assert mixed["args"]["precision"] == "bf16-mixed"
+    with pytest.raises(SystemExit, match="--precision 'fp32'"):  # a resume may not change the precision
+        train.main([*SMALL, "--epochs", "2", "--resume", "--out", str(tmp_path / "mixed")])
 
 
 def test_celeba_folder_of_crops_runs_at_128_pixels(tmp_path):

@@ -154,7 +154,7 @@ def _build_dir(name: str) -> Path:
 # The math, in plain PyTorch (float64 autograd), with explicit noise
 # --------------------------------------------------------------------------
 def reference(z, w, e, temperature, sigma_z2, hard, training, gumbel, eps):
-    """(z_out, indices, q_bar, latent_reg, row_lse, z_soft) of GMVQ_MATH.md."""
+    """(z_out, indices, q_bar, latent_reg, row_lse, z_soft) of docs/math.md#quantize."""
     import torch
     import torch.nn.functional as F
     n, d = z.shape

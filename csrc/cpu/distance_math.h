@@ -1,5 +1,5 @@
 // The weighted codebook distance and its gradient, shared by the CPU
-// codebook_distance and weighted_softmax kernels. GEMM form of GMVQ_MATH.md
+// codebook_distance and weighted_softmax kernels. GEMM form of docs/math.md#codebook_distance
 // ("Distance logits"), written for d = -l:
 //   d = a 1^T - 2 (w*z) E^T + w (E*E)^T,   a[n] = sum_d w z^2
 // Both functions take inputs that already passed check_codebook_inputs and

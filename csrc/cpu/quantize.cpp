@@ -55,18 +55,23 @@ namespace row = cpu::row;
 constexpr int64_t kTargetBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
 constexpr int64_t kStripes = 16;
+// Every stripe keeps a partial sum until the end (q_bar's columns, the codebook
+// gradient): with a large codebook, fewer stripes keep that memory bounded.
+constexpr int64_t kPartialBytes = int64_t{16} << 20;
 
 // Rows [row_begin, row_end) of a stripe: whole blocks of rows_per_block rows.
 struct Blocking {
   int64_t rows = 0, rows_per_block = 1, blocks = 0, stripes = 0;
 
-  Blocking(int64_t n, int64_t k) : rows(n) {
+  // partial_bytes: what one stripe keeps until the end.
+  Blocking(int64_t n, int64_t k, int64_t partial_bytes) : rows(n) {
     rows_per_block = std::max<int64_t>(1, kTargetBlockElements / k);
     // Huge K: still a few rows per GEMM, within the hard cap on B * K.
     rows_per_block = std::max(rows_per_block, std::min<int64_t>(16, std::max<int64_t>(1, kMaxBlockElements / k)));
     rows_per_block = std::max<int64_t>(1, std::min(rows_per_block, n));
     blocks = (n + rows_per_block - 1) / rows_per_block;
-    stripes = std::min(kStripes, blocks);
+    const int64_t affordable = std::max<int64_t>(2, kPartialBytes / std::max<int64_t>(1, partial_bytes));
+    stripes = std::min({kStripes, blocks, affordable});
   }
   int64_t row_begin(int64_t stripe) const { return std::min(rows, stripe * blocks / stripes * rows_per_block); }
   int64_t row_end(int64_t stripe) const { return row_begin(stripe + 1); }
@@ -269,7 +274,7 @@ void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* lo
 template <typename acc_t>
 void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs& out) {
   const int64_t n = op.n, k = op.k, d = op.d;
-  const Blocking blocking(n, k);
+  const Blocking blocking(n, k, k * static_cast<int64_t>(sizeof(double)));
   const auto options = op.z.options();
   // q_bar: each block's column sums of pi (acc_t, rows in order), added into
   // a float64 sum per stripe, the stripes added in order.
@@ -536,7 +541,7 @@ void distance_gradients(const Operands& op, int64_t n0, int64_t rows, const Stri
 template <typename acc_t>
 void quantize_backward_impl(const Operands& op, const Scalars& s, const BackwardInputs& in, BackwardOutputs& out) {
   const int64_t k = op.k, d = op.d;
-  const Blocking blocking(op.n, k);
+  const Blocking blocking(op.n, k, k * d * static_cast<int64_t>(sizeof(acc_t)));
   // Each stripe's contribution to G_E, added in stripe order at the end.
   std::vector<at::Tensor> codebook_partials(blocking.stripes);
   const int64_t* idx = in.indices.data_ptr<int64_t>();

@@ -1,4 +1,4 @@
-// quantize on CUDA: the fused GM-VQ bottleneck (GMVQ_MATH.md). No N x K
+// quantize on CUDA: the fused GM-VQ bottleneck (docs/math.md#quantize). No N x K
 // tensor is allocated in either direction (unless the caller passes
 // gumbel_noise, whose gradient is N x K): logits, noise and probabilities are
 // recomputed tile by tile, as flash attention does, from z, w, E, the noise

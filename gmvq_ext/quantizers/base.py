@@ -38,7 +38,7 @@ def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
 
 
 def usage_statistics(mean_probs: Tensor, indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Perplexities and used-code count of one batch (GMVQ_MATH.md, Metrics).
+    """Perplexities and used-code count of one batch (docs/math.md#metrics).
 
     mean_probs: the batch's aggregated soft posterior q_bar (K,); indices: the
     chosen codes. Returned detached, as float tensors."""
@@ -124,7 +124,7 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ schedule and noise
     def set_progress(self, step: int, total_steps: int) -> None:
-        """tau_t = max(end, start * exp(-ln(start/end) t / total)) (GMVQ_MATH.md)."""
+        """tau_t = max(end, start * exp(-ln(start/end) t / total)) (docs/math.md#temperature-schedule)."""
         self.temperature.fill_(exponential_temperature(step, total_steps, self.temperature_start,
                                                        self.temperature_end))
 

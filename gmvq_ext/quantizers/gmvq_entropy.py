@@ -2,10 +2,11 @@
 
 The paper trains "GM-VQ" with the weight beta of KL(q_bar || U) fixed at 1,
 tuning gamma, and "GM-VQ + Entropy" with "higher entropy regularization"
-(a larger beta) and gamma fixed; it gives neither number (GMVQ_MATH.md). The
-only difference is therefore the default of beta: 5.0, the largest value of
-the sweep GMVQ_MATH.md proposes and the one this repository's earlier Table 1
-runs used (``experiments/table1.py``: ``gmvq --beta 5``). Every option of
+(a larger beta) and gamma fixed; it gives neither number
+(docs/math.md#beta-and-gamma-gm-vq-vs-gm-vq--entropy). The only difference is
+therefore the default of beta: 5.0, the largest value of the sweep proposed
+there and the one this repository's earlier Table 1 runs used (``gmvq --beta
+5``); experiments/investigate.py tunes it on validation. Every option of
 ``GaussianMixtureVQ`` applies, ``beta`` (``--beta``) included: ``gmvq-entropy
 --beta 2`` and ``gmvq --beta 2`` build the same quantizer.
 """

@@ -8,7 +8,7 @@ import math
 def exponential_temperature(step: int, total_steps: int, start: float = 2.0, end: float = 0.1) -> float:
     """tau_t = max(end, start * exp(-r t)) with r = ln(start / end) / total_steps.
 
-    With the defaults this is GMVQ_MATH.md's max(0.1, 2 exp(-r t)), r = ln(20) / T:
+    With the defaults this is docs/math.md's max(0.1, 2 exp(-r t)), r = ln(20) / T:
     tau falls from 2.0 at step 0 to 0.1 at the last step and stays there.
     start == end gives a constant temperature."""
     if not (start > 0 and end > 0 and math.isfinite(start) and math.isfinite(end)):

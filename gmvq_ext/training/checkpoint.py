@@ -21,6 +21,7 @@ message names the file.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -117,6 +118,14 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """JSON to a temporary file beside ``path``, then os.replace (as save_atomic)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
 
 
 def first_non_plain(obj, where: str = "") -> str | None:
@@ -236,10 +245,16 @@ def restore_model(state: dict, path: str | os.PathLike, device: torch.device) ->
     except (ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} describes a model this gmvq_ext cannot build: "
                               f"{error}") from None
+    load_weights(model, state, path)
+    return model.to(device).eval(), args
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """model.load_state_dict(state["model"]); weights that do not fit raise a
+    one-line CheckpointError naming ``path``."""
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:  # missing, unexpected or mis-shaped weights
         first_line = next((line for line in str(error).splitlines() if line.strip()), "")
         raise CheckpointError(f"checkpoint {str(path)!r}: its weights do not fit the model its arguments "
                               f"describe ({first_line.strip()[:300]})") from None
-    return model.to(device).eval(), args

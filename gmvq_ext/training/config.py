@@ -27,7 +27,10 @@ QUANTIZER_OPTIONS = {"beta": ("beta", "commitment"), "gamma": ("gamma",), "sigma
 # Arguments that define a run: a --resume with different values would not continue it.
 RUN_DEFINING = ("dataset", "quantizer", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
                 "codebook_size", "dim", "beta", "gamma", "sigma_z2", "quantizer_option", "max_train_images",
-                "val_fraction")
+                "val_fraction", "precision")
+# The value of a run-defining argument in checkpoints written before it existed.
+RUN_DEFINING_BEFORE = {"precision": "fp32"}
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on CUDA too (always on for CPU runs)")
+    p.add_argument("--compile", action="store_true",
+                   help="train the model (quantizer included) under torch.compile: the fused GM-VQ kernel runs "
+                        "inside the compiled graph (evaluation stays eager)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16-mixed: encoder and decoder under bfloat16 autocast; the quantizers keep their "
+                        "statistics in float32")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a collective may wait for the other processes before this "

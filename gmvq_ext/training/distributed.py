@@ -68,7 +68,7 @@ def setup(device: str | None, timeout_seconds: float = 300.0) -> Context:
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} was asked for but no CUDA device is available")
+            raise ValueError(f"--device {device} was asked for but no CUDA device is available")
         if resolved.index is None:
             resolved = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(resolved)

@@ -78,3 +78,20 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num
         "images": len(dataset),
         "code_counts": counts.cpu(),
     }
+
+
+def test_results(metrics: dict, args, options: dict) -> dict:
+    """The test metrics as results.json (gmvq_ext.train) and evaluation.json
+    (gmvq_ext.evaluate) both record them: one definition of the keys."""
+    return {
+        "pixel_range": "[-1, 1]",
+        "test_mse": metrics["mse"],
+        "test_mse_01": metrics["mse_01"],
+        "test_perplexity": metrics["perplexity"],
+        "test_perplexity_hard": metrics["perplexity_hard"],
+        "test_perplexity_hard_global": metrics["perplexity_hard_global"],
+        "codes_used": metrics["codes_used"],
+        "codebook_size": args.codebook_size,
+        "test_images": metrics["images"],
+        "quantizer": {"name": args.quantizer, "options": options},
+    }

@@ -1,4 +1,4 @@
-// The weighted squared distance in GEMM form (GMVQ_MATH.md),
+// The weighted squared distance in GEMM form (docs/math.md#codebook_distance),
 //   d[n, k] = row[n] - 2 (w z)[n] . e_k + code(n, k),
 //   code(n, k) = w[n] . (e_k * e_k)       (weight (N, D): a second product)
 //              = wscale[n] * |e_k|^2      (no weight: wscale = 1; weight (N, 1))

@@ -1,5 +1,5 @@
 // Gradients of the weighted squared distance from G_l = dL/d(logits), where
-// logits = -distance (GMVQ_MATH.md), with S = rowsum G_l, P = G_l E,
+// logits = -distance (docs/math.md#codebook_distance), with S = rowsum G_l, P = G_l E,
 // Q = G_l (E * E):
 //   G_z = -2 w (z S - P),   G_w = -(z^2 S - 2 z P + Q)  (summed over D for (N, 1)),
 //   G_E = 2 (G_l^T (w z) - E * (G_l^T w)).
