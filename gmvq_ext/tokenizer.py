@@ -5,14 +5,11 @@
     images = tokenizer.decode(codes)      # -> (B, 3, H, W) float32
 
 ``decode(encode(x))`` is exactly the reconstruction of the model's evaluation
-forward (``model.eval(); model(x)[0]``) for GM-VQ, Gumbel-VQ and SQ-VAE. The
-VQ-VAE family applies its straight-through sum ``z + (e - z)`` in evaluation
-too, which can differ from the code ``e`` that ``decode`` uses by float
-rounding (about 1e-7). Decoded pixels are not clamped (use
-``gmvq_ext.data.to_uint8`` for pictures). Encoding is per image: a batch gives
-the codes of its images one by one. Under an initialised ``torch.distributed``
-process group GM-VQ all-reduces batch statistics inside its forward, so every
-rank would have to call ``encode`` together: tokenize in a single process.
+forward (``model.eval(); model(x)[0]``), bit for bit, for every quantizer.
+Decoded pixels are not clamped (use ``gmvq_ext.data.to_uint8`` for pictures).
+Encoding is per image: a batch gives the codes of its images one by one. The
+quantizers never communicate in evaluation, so each rank of a torch.distributed
+job may tokenize its own images.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ namespace row = cpu::row;
 // B * K of one block: large enough for efficient GEMMs, small enough that the
 // block's (B, K) buffers stay in cache. Nothing here depends on the thread count.
 constexpr int64_t kTargetBlockElements = int64_t{1} << 16;
-constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
+constexpr int64_t kMaxBlockElements = int64_t{1} << 21;
+constexpr int64_t kMinBlockRows = 128;
 constexpr int64_t kStripes = 16;
 // Every stripe keeps a partial sum until the end (q_bar's columns, the codebook
 // gradient): with a large codebook, fewer stripes keep that memory bounded.
@@ -66,8 +67,11 @@ struct Blocking {
   // partial_bytes: what one stripe keeps until the end.
   Blocking(int64_t n, int64_t k, int64_t partial_bytes) : rows(n) {
     rows_per_block = std::max<int64_t>(1, kTargetBlockElements / k);
-    // Huge K: still a few rows per GEMM, within the hard cap on B * K.
-    rows_per_block = std::max(rows_per_block, std::min<int64_t>(16, std::max<int64_t>(1, kMaxBlockElements / k)));
+    // Large K: at least kMinBlockRows rows per GEMM, within the hard cap on B * K. Each
+    // block streams the whole codebook through the cache: with 16 rows a code cost
+    // 1.4x as much at K = 8192 as at K = 1024, with 128 rows 1.1x (2 Zen 3 cores).
+    rows_per_block = std::max(rows_per_block,
+                              std::min<int64_t>(kMinBlockRows, std::max<int64_t>(1, kMaxBlockElements / k)));
     rows_per_block = std::max<int64_t>(1, std::min(rows_per_block, n));
     blocks = (n + rows_per_block - 1) / rows_per_block;
     const int64_t affordable = std::max<int64_t>(2, kPartialBytes / std::max<int64_t>(1, partial_bytes));
