@@ -57,16 +57,19 @@ def op_cases(n, k, d, dtype, device):
     asz = 8 if dtype == torch.float64 else 4
     nk, nd, kd = n * k, n * d, k * d
     codebook_in = (2 * nd + kd) * isz
+    temperature = torch.tensor(0.5, device=device)
+    key = ops.noise_state(1, 2, device=device)
     return [
         ("codebook_distance", lambda a, b, c: (ops.codebook_distance(a, b, c),),
          lambda a, b, c: (reference.codebook_distance(a, b, c),), (z, w, e),
          # forward: (wz) E^T and w (E*E)^T; backward: G E, G (E*E), G^T (wz), G^T w
          12 * nk * d, codebook_in + nk * asz + nk * asz + codebook_in * 2),
-        ("weighted_softmax", lambda a, b, c: ops.weighted_softmax(a, b, c, 0.5),
-         lambda a, b, c: reference.weighted_softmax(a, b, c, 0.5), (z, w, e),
+        ("weighted_softmax", lambda a, b, c: ops.weighted_softmax(a, b, c, temperature),
+         lambda a, b, c: reference.weighted_softmax(a, b, c, temperature), (z, w, e),
          12 * nk * d, codebook_in + nk * asz + 3 * nk * asz + codebook_in * 2),
-        ("gumbel_argmax", lambda a: ops.gumbel_argmax(a, 0.5, True, 1, 2, None)[:1],
-         lambda a: reference.gumbel_argmax(a, 0.5, True, 1, 2, None)[:1], (logits,),
+        # The ops' schema: temperature a 0-dim tensor, the noise key an int64 [seed, offset].
+        ("gumbel_argmax", lambda a: ops.gumbel_argmax(a, temperature, True, key, None)[:1],
+         lambda a: reference.gumbel_argmax(a, temperature, True, key, None)[:1], (logits,),
          0, nk * isz + nk * asz + n * 8 + nk * asz + nk * isz),
         ("aggregated_posterior_entropy", lambda a: ops.aggregated_posterior_entropy(a),
          lambda a: reference.aggregated_posterior_entropy(a), (logits,),
@@ -115,7 +118,8 @@ def max_relative_error(fn, ref_fn, inputs):
         return max(errs)
 
 
-def run(args):
+def run(args, write=lambda results: None):
+    """Every op x shape x dtype; write(results) after each row (a run cut short keeps its rows)."""
     device = args.device
     results = []
     for shape_text in args.shapes.split(","):
@@ -145,6 +149,7 @@ def run(args):
                     row["speedup"] = row["reference"]["median_s"] / row["kernel"]["median_s"]
                 results.append(row)
                 print(format_row(row), flush=True)
+                write(results)
     return results
 
 
@@ -170,13 +175,16 @@ def main():
     args = parser.parse_args()
     if args.shapes is None:
         args.shapes = "65536x1024x64,16384x8192x64" if args.device.startswith("cuda") else "2048x256x32"
-    results = run(args)
     meta = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
             or platform.machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "torch": torch.__version__, "build": gmvq_ext.build_info(), "repeats": args.repeats}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+    def write(results):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=2)
+
+    write(run(args, write))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ else()
 endif()
 
 set(GMVQ_NVCC_FLAGS --expt-relaxed-constexpr -O3 -lineinfo)
+if(GMVQ_PTXAS_VERBOSE)
+  list(APPEND GMVQ_NVCC_FLAGS -Xptxas=-v)
+endif()
 
 function(gmvq_configure_cuda_target target)
   # find_package(Torch) resets CMAKE_CUDA_ARCHITECTURES: set them per target.

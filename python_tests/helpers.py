@@ -1,8 +1,17 @@
 """The test vocabulary shared by every test file: devices, dtypes, tolerances,
-input builders. CUDA appears only where a CUDA device and CUDA kernels exist."""
+input builders. CUDA appears only where a CUDA device and CUDA kernels exist.
+
+A test's CUDA rows carry "cuda" in their id (the DEVICES parameter) or the
+`cuda` mark (requires_cuda, CUDA_KERNEL_DEVICES), so `pytest -k cuda` is the
+GPU suite and a failure names its op's file.
+
+Under tools/emulate_cuda.sh the CUDA kernels' code, compiled for the CPU,
+serves CPU tensors (EMULATED): the CPU rows then run the CUDA kernels, and
+the rows over CUDA_KERNEL_DEVICES run there as "cuda_emulated"."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,9 +20,22 @@ import torch
 
 import gmvq_ext
 
-HAS_CUDA = torch.cuda.is_available() and gmvq_ext.build_info()["with_cuda"]
+BUILD_INFO = gmvq_ext.build_info()
+HAS_CUDA = torch.cuda.is_available() and BUILD_INFO["with_cuda"]
+# The loaded kernels are the CUDA kernels emulated on CPU threads (tools/emulate_cuda.sh).
+EMULATED = BUILD_INFO["cuda_architectures"] == "emulated"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and gmvq_ext built with CUDA")
+# Where the CUDA kernels run: a CUDA device, or the CPU under the emulation
+# (there the package has no CPU kernels to compare with: such rows compare
+# with the reference alone). Empty, so skipped, on a CPU-only build.
+CUDA_KERNEL_DEVICES = ([pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)] if HAS_CUDA else
+                       [pytest.param("cpu", id="cuda_emulated", marks=pytest.mark.cuda)] if EMULATED else [])
+_skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and gmvq_ext built with CUDA")
+
+
+def requires_cuda(test):
+    """A test that needs a real CUDA device (marked `cuda`, so `pytest -k cuda` selects it)."""
+    return pytest.mark.cuda(_skip_without_cuda(test))
 
 FLOAT_DTYPES = [torch.float32, torch.float64]
 LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]
@@ -32,6 +54,21 @@ TOLERANCES = {
 
 def tolerance(dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
+
+
+@contextlib.contextmanager
+def cuda_tiles(path: str):
+    """GMVQ_CUDA_TILES for the calls inside: "tensor" (3xTF32 tensor cores) or
+    "simt" (FP32 FFMA); the CUDA quantize reads it at each call."""
+    old = os.environ.get("GMVQ_CUDA_TILES")
+    os.environ["GMVQ_CUDA_TILES"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GMVQ_CUDA_TILES"]
+        else:
+            os.environ["GMVQ_CUDA_TILES"] = old
 
 
 def make_codebook_inputs(n=37, k=19, d=5, dtype=torch.float32, device="cpu", weight="full", seed=0,
@@ -78,7 +115,13 @@ def _sample_data_dir() -> Path:
     raise FileNotFoundError(f"sample data (shared/data) not found in any of {[str(c) for c in candidates]}")
 
 
-SAMPLE_DATA = _sample_data_dir()
+def __getattr__(name: str):
+    # SAMPLE_DATA is looked up when a test module imports it, not when helpers
+    # loads: a file that needs the data fails to collect where it is missing
+    # (never skips), and the other files still run (the GPU machine has no data).
+    if name == "SAMPLE_DATA":
+        return _sample_data_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # The folder holding the gmvq_ext this test run imports (site-packages after

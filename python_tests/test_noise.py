@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 
 from gmvq_ext import ops, reference
-from helpers import DEVICES
+from helpers import DEVICES, requires_cuda
 
 # Known answers of Philox4x32-10 (Random123's kat_vectors): counter, key -> output.
 KNOWN_ANSWERS = [
@@ -86,6 +86,20 @@ def test_noise_state_may_live_on_the_device(device):
     for distribution in DISTRIBUTIONS:
         on_device = ops.philox_noise(like, ops.noise_state(31, 2**41 + 3, device=device), distribution)
         assert_same_bits(on_device, ops.philox_noise(like, (31, 2**41 + 3), distribution))
+
+
+@requires_cuda
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 19), (129, 1023)], ids=str)
+@pytest.mark.parametrize("state_device", ["cpu", "cuda"])
+def test_cuda_noise_is_bitwise_the_cpu_ops_noise(distribution, shape, state_device):
+    # The CUDA op against the package's CPU op (not only the reference), with the
+    # key on the host or on the device; both words of seed and offset in use.
+    state = torch.tensor([2**40 + 17, 2**33 + 5], device=state_device)
+    cuda = torch.ops.gmvq.philox_noise(torch.empty(shape, device="cuda"), state, distribution)
+    cpu = torch.ops.gmvq.philox_noise(torch.empty(shape), state.cpu(), distribution)
+    assert cuda.device.type == "cuda"
+    assert_same_bits(cuda, cpu)
 
 
 @pytest.mark.parametrize("device", DEVICES)

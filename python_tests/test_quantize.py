@@ -18,8 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import (DEVICES, FLOAT_DTYPES, LOW_PRECISION_DTYPES, PACKAGE_PARENT, make_codebook_inputs,
-                     requires_cuda, subprocess_env, tolerance, upcast)
+from helpers import (CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA, LOW_PRECISION_DTYPES,
+                     PACKAGE_PARENT, cuda_tiles, make_codebook_inputs, requires_cuda, subprocess_env, tolerance,
+                     upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -243,31 +244,40 @@ def test_opcheck_quantize_backward(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_matches_eager(device):
     # The forward is compiled as one graph; AOTAutograd traces quantize_backward
-    # into the compiled backward.
+    # into the compiled backward. The temperature and noise state are tensors on
+    # the inputs' device: new values in the same tensors (an annealed
+    # temperature, the next step's offset) are read by the same compiled graph.
     n, k, d = 33, 12, 6
     z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full", requires_grad=True)
 
     temperature = torch.tensor(TEMPERATURE, device=device)
     state = ops.noise_state(SEED, OFFSET, device=device)
 
-    def model_loss(z, w, e):
+    def model_loss(z, w, e, temperature, state):
         z_out, indices, q_bar, latent_reg = ops.quantize(z, torch.nn.functional.softplus(w), e, temperature,
                                                          SIGMA_Z2, True, True, state)
         entropy = -(q_bar * q_bar.clamp_min(1e-30).log()).sum()
         return (z_out * z_out).mean() + 0.1 * latent_reg.mean() - entropy, indices
 
-    results = []
-    for fn in (model_loss, torch.compile(model_loss, fullgraph=True)):
-        loss, indices = fn(z, w, e)
-        loss.backward()
-        results.append((loss.detach(), indices, [t.grad.clone() for t in (z, w, e)]))
-        for t in (z, w, e):
-            t.grad = None
-    (eager_loss, eager_indices, eager_grads), (loss, indices, grads) = results
-    torch.testing.assert_close(loss, eager_loss)
-    assert torch.equal(indices, eager_indices)
-    for g, g_eager in zip(grads, eager_grads):
-        torch.testing.assert_close(g, g_eager)
+    compiled = torch.compile(model_loss, fullgraph=True)
+    steps = []
+    for value, offset in [(TEMPERATURE, OFFSET), (0.3, OFFSET + 1)]:
+        temperature.fill_(value)
+        state[1] = offset
+        results = []
+        for fn in (model_loss, compiled):
+            loss, indices = fn(z, w, e, temperature, state)
+            loss.backward()
+            results.append((loss.detach(), indices, [t.grad.clone() for t in (z, w, e)]))
+            for t in (z, w, e):
+                t.grad = None
+        (eager_loss, eager_indices, eager_grads), (loss, indices, grads) = results
+        torch.testing.assert_close(loss, eager_loss)
+        assert torch.equal(indices, eager_indices)
+        for g, g_eager in zip(grads, eager_grads):
+            torch.testing.assert_close(g, g_eager)
+        steps.append(loss)
+    assert not torch.equal(steps[0], steps[1])  # the second step did see the new values
 
 
 # ---------------------------------------------------------------------------
@@ -466,3 +476,231 @@ def test_cuda_peak_memory_stays_far_below_n_by_k(mode):
     scalar_loss(run(kernel, z, w, e, mode), grads).backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < n * k * 4 // 4
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernels: both tile paths, bitwise determinism, device-resident
+# scalars without a host sync (sync debug mode, CUDA graph capture), the
+# device-side index check, a size whose N x K matrix would not fit. The rows
+# over CUDA_KERNEL_DEVICES also run on the emulated kernels (helpers.EMULATED).
+# ---------------------------------------------------------------------------
+# (N, K, D): no multiple of any tile; several row blocks, code tiles and D
+# slices. The smallest top-2 gap of the perturbed logits (about 100) over these
+# inputs and keys is 1.7e-4 in float64, ~10x the float32 rounding: the indices
+# must agree exactly. Emulated: one row block, two code tiles, D not a multiple of 8.
+TILE_SHAPE = (45, 70, 13) if EMULATED else (517, 131, 61)
+# float32 on both tile paths; float64 always takes the SIMT path.
+TILE_PATHS = [(torch.float32, "tensor"), (torch.float32, "simt"), (torch.float64, "simt")]
+OP_MODES = {"hard": (True, True), "soft": (False, True), "eval": (True, False)}
+OP_KEY = (2**33 + 11, 3)
+
+
+def op_scalars(temperature=0.7, key=OP_KEY, device="cpu"):
+    """The ops' temperature (0-dim float32) and noise state tensors."""
+    return (torch.tensor(temperature, dtype=torch.float32, device=device),
+            torch.tensor(list(key), dtype=torch.int64, device=device))
+
+
+def op_forward_backward(z, w, e, hard, training, temperature, state, gumbel=None, eps=None, sigma_z2=0.4,
+                        upstream=None):
+    """torch.ops.gmvq.quantize, then quantize_backward of random upstream gradients (made
+    beforehand, since a host-to-device copy syncs); outputs and gradients as lists."""
+    out = torch.ops.gmvq.quantize(z, w, e, temperature, sigma_z2, hard, training, state, gumbel, eps)
+    if upstream is None:
+        upstream = upstream_grads(z.shape[0], e.shape[0], z.shape[1], z.dtype, z.device)
+    grads = torch.ops.gmvq.quantize_backward(*upstream, z, w, e, out[1], out[4], out[5], temperature, sigma_z2,
+                                             hard, training, state, gumbel, eps)
+    return list(out), list(grads)
+
+
+def to_cpu(tensors):
+    return [t if t is None else t.cpu() for t in tensors]
+
+
+def assert_close_scaled(actual, expected, dtype, scale):
+    tol = tolerance(dtype)
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
+                               rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
+
+
+def float64_reference(z, w, e, hard, training, temperature, state, upstream, gumbel=None, eps=None,
+                      sigma_z2=0.4):
+    """Outputs and gradients (z, weight, codebook, gumbel, eps) of reference.quantize in float64 on
+    the CPU, given the same inputs (rounded as the op sees them) and upstream gradients."""
+    leaves = [t if t is None else t.detach().cpu().double().requires_grad_() for t in (z, w, e, gumbel, eps)]
+    out = reference.quantize(*leaves[:3], temperature.item(), sigma_z2, hard, training, to_cpu([state])[0],
+                             *leaves[3:])
+    g_z, g_q, g_l = (g.detach().cpu().double() for g in upstream)
+    loss = (out[0] * g_z).sum() + (out[2] * g_q).sum() + (out[3] * g_l).sum()
+    present = [t for t in leaves if t is not None]
+    found = iter(torch.autograd.grad(loss, present, allow_unused=True))
+    grads = []
+    for t in leaves:
+        g = None if t is None else next(found)
+        grads.append(None if t is None else torch.zeros_like(t) if g is None else g)
+    return [o.detach() for o in out], grads
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("dtype,path", TILE_PATHS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("mode", list(OP_MODES))
+@pytest.mark.parametrize("given_noise", [False, True], ids=["philox", "given"])
+def test_tile_paths_match_the_cpu_op_and_the_reference(device, dtype, path, weight, mode, given_noise):
+    hard, training = OP_MODES[mode]
+    n, k, d = TILE_SHAPE
+    z, w, e = make_codebook_inputs(n, k, d, dtype=dtype, device=device, weight=weight)
+    temperature, state = op_scalars()
+    gumbel = eps = None
+    if given_noise:  # another key than the op's: generating instead of reading would show
+        gumbel = reference.gumbel_noise((5, 9), n, k).to(device, dtype)
+        eps = reference.gaussian_noise((5, 9), n, d).to(device, dtype)
+    upstream = upstream_grads(n, k, d, dtype, device)
+    with cuda_tiles(path):
+        out, grads = op_forward_backward(z, w, e, hard, training, temperature, state, gumbel, eps,
+                                         upstream=upstream)
+    scale = max(1.0, d / 8)  # the distance cancels terms of size ~ 2 D
+    names = ["z_out", "indices", "q_bar", "latent_reg", "row_lse", "z_soft"]
+    expected = []
+    if HAS_CUDA:  # the package's CPU op (absent under the emulation)
+        expected.append(op_forward_backward(*to_cpu([z, w, e]), hard, training, temperature, state,
+                                            *to_cpu([gumbel, eps]), upstream=to_cpu(upstream)))
+    ref_out, ref_grads = float64_reference(z, w, e, hard, training, temperature, state, upstream, gumbel, eps)
+    expected.append((ref_out, [g if g is not None else torch.zeros(0, dtype=torch.float64) for g in ref_grads]))
+    for want_out, want_grads in expected:
+        assert torch.equal(out[1].cpu(), want_out[1])
+        for name, a, b in zip(names, out, want_out):
+            if name == "indices":
+                continue
+            assert a.shape == b.shape, name
+            if name == "row_lse" and not training:  # eval has no y: only lse_pi is specified
+                a, b = a[:, 0], b[:, 0]
+            assert_close_scaled(a, b, dtype, scale)
+        for a, b, source in zip(grads, want_grads, [z, w, e, gumbel, eps]):
+            if source is None:
+                assert a.numel() == 0
+                continue
+            assert a.shape == source.shape and a.dtype == source.dtype
+            magnitude = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+            assert_close_scaled(a, b, dtype, scale * magnitude)
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("path", ["tensor", "simt"])
+@pytest.mark.parametrize("mode", list(OP_MODES))
+def test_both_tile_paths_are_bitwise_deterministic(device, path, mode):
+    shape = (60, 70, 12) if EMULATED else (5000, 1000, 64)
+    z, w, e = make_codebook_inputs(*shape, device=device, weight="full", seed=3)
+    temperature, state = op_scalars(device=device)
+    upstream = upstream_grads(shape[0], shape[1], shape[2], z.dtype, device)
+    with cuda_tiles(path):
+        first = op_forward_backward(z, w, e, *OP_MODES[mode], temperature, state, upstream=upstream)
+        second = op_forward_backward(z, w, e, *OP_MODES[mode], temperature, state, upstream=upstream)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(OP_MODES))
+def test_cuda_device_scalars_without_a_host_sync(mode):
+    z, w, e = make_codebook_inputs(300, 70, 16, device="cuda", weight="full")
+    upstream = upstream_grads(300, 70, 16, z.dtype, "cuda")
+    host = op_forward_backward(z, w, e, *OP_MODES[mode], *op_scalars(), upstream=upstream)
+    device_scalars = op_scalars(device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        device = op_forward_backward(z, w, e, *OP_MODES[mode], *device_scalars, upstream=upstream)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(host[0] + host[1], device[0] + device[1]):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_cuda_forward_and_backward_capture_in_a_cuda_graph():
+    z, w, e = make_codebook_inputs(300, 70, 16, device="cuda", weight="full")
+    temperature, state = op_scalars(device="cuda")
+    upstream = upstream_grads(300, 70, 16, z.dtype, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: allocator, kernel attributes
+        op_forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op_forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
+    # New values in the same device tensors: the replay reads them.
+    temperature.fill_(0.3)
+    state[1] += 1
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = op_forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
+    for a, b in zip(captured[0] + captured[1], eager[0] + eager[1]):
+        assert torch.equal(a, b)
+    # The replay did use the new values: the old ones give other indices.
+    old = op_forward_backward(z, w, e, True, True, *op_scalars(), upstream=upstream)
+    assert not torch.equal(old[0][1], captured[0][1])
+
+
+_BAD_INDEX_SCRIPT = textwrap.dedent("""
+    import sys, torch, gmvq_ext
+    device = sys.argv[1]
+    gen = torch.Generator().manual_seed(0)
+    z, w, e = (torch.randn(10, 4, generator=gen), torch.rand(10, 4, generator=gen) + 0.5,
+               torch.randn(6, 4, generator=gen))
+    z, w, e = z.to(device), w.to(device), e.to(device)
+    t, s = torch.tensor(1.0), torch.tensor([1, 2])
+    out = torch.ops.gmvq.quantize(z, w, e, t, 0.5, True, False, s, None, None)
+    index = out[1].clone()
+    index[3] = 6
+    torch.ops.gmvq.quantize_backward(torch.ones(10, 4, device=device), torch.ones(6, device=device),
+                                     torch.ones(10, device=device), z, w, e, index, out[4], out[5], t, 0.5,
+                                     True, False, s, None, None)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print("no assertion")
+""")
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_out_of_range_index_is_a_device_side_assertion(device):
+    # The CUDA backward checks the indices where it reads them (no host sync): an
+    # asynchronous assert that poisons the context, hence a subprocess.
+    result = subprocess.run([sys.executable, "-c", _BAD_INDEX_SCRIPT, device], cwd=PACKAGE_PARENT,
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode != 0, result.stdout
+    assert "no assertion" not in result.stdout
+    assert "indices must lie in [0, K)" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+
+
+@requires_cuda
+@pytest.mark.slow
+def test_cuda_large_shape_without_n_by_k_memory():
+    n, k, d = 262144, 16384, 64
+    n_by_k = n * k * 4  # 16 GiB of float32 logits
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(n, d, device="cuda", generator=gen)
+    w = torch.nn.functional.softplus(torch.randn(n, d, device="cuda", generator=gen))
+    e = torch.randn(k, d, device="cuda", generator=gen)
+    temperature, state = op_scalars(1.0, (7, 0), device="cuda")
+    upstream = upstream_grads(n, k, d, z.dtype, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, grads = op_forward_backward(z, w, e, True, True, temperature, state, upstream=upstream)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f"peak {peak / 2**30:.2f} GiB above the inputs; N x K float32 is {n_by_k / 2**30:.0f} GiB")
+    # Correct first: finite, q_bar a distribution, sampled rows' eval indices those of the CPU op.
+    for t in out[:1] + grads[:3]:
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(out[2].sum().item(), 1.0, rtol=1e-4, atol=1e-4)
+    rows = torch.arange(0, n, n // 64, device="cuda")
+    small = torch.ops.gmvq.quantize(z[rows], w[rows], e, temperature, 0.4, True, False, state, None, None)
+    cpu = torch.ops.gmvq.quantize(*to_cpu([z[rows], w[rows], e, temperature]), 0.4, True, False, state.cpu(),
+                                  None, None)
+    assert torch.equal(small[1].cpu(), cpu[1])
+    # Then the memory: (N, D) temporaries only (the forward holds about six of
+    # 64 MiB, ~400 MB; the backward ~1 GB), well below one N x K buffer.
+    assert peak < n_by_k / 4, f"peak {peak / 2**30:.2f} GiB: an N x K buffer was allocated"

@@ -1,109 +1,211 @@
 #!/usr/bin/env bash
-# One call on the GPU machine does everything: build with CUDA, the tests, the
-# benchmarks and the device's measured ceilings. Run from the repository root:
-#   tools/gpu_session.sh                  (writes under $OUT, else ./gpu_session_out)
-# Carry build/wheels (tools/fetch_bench_wheels.sh) for the vector-quantize-pytorch
-# baseline. Each step has its own time limit, and all of them together stay
-# within GPU_SESSION_BUDGET seconds (default 540, 9 minutes).
-# At most 7 files are written (the device tool returns 8 at most), in one folder
-# named after the device and the date.
+# One call on the GPU machine yields all the evidence, written under $OUT as it
+# goes (a step cut short leaves what it wrote). Run from anywhere:
+#   bash tools/gpu_session.sh
+#   GMVQ_GPU_REHEARSAL=1 OUT=/tmp/rehearsal bash tools/gpu_session.sh   (no GPU: see below)
+# Steps, each with its own time limit inside GPU_SESSION_BUDGET seconds (default
+# 540: the device allows 600 a call), each logged, none stopping the rest:
+#   1. environment and versions (nvidia-smi, python, torch, CUDA, nvcc)
+#   2. build and install: CUDA architecture pinned (GMVQ_CUDA_ARCH, default 90),
+#      nvcc -Xptxas=-v (GMVQ_PTXAS_VERBOSE) so build.log has every kernel's
+#      registers, shared memory and spills; then vector-quantize-pytorch's
+#      wheels from build/wheels (tools/fetch_bench_wheels.sh), --no-deps
+#      --no-index into a folder of their own, never torch
+#   3. tools/gpu_smoke.py: every op against the CPU op and the float64
+#      reference, both tile paths, bitwise repeats, the headline timings
+#   4. the CUDA rows of the test suite, `pytest -k cuda`, in parallel
+#   5. compute-sanitizer memcheck and racecheck on small cases of every kernel
+#   6. with the time left: benchmarks/bench_unfused.py, benchmarks/bench_quantize.py
+# Files, in one folder $OUT/<gpu>_<date>/ (the device returns 8 files at most,
+# 2 folders deep): session.log build.log smoke.jsonl pytest.log junit.xml
+# sanitizer.log bench_unfused.json bench_quantize.json. smoke.jsonl also gets a
+# line per step ("step/<name>", ok when it exited 0). Exit status: 0 when every
+# step did.
+#
+# Rehearsal (GMVQ_GPU_REHEARSAL=1), on a machine without a GPU: the same script
+# and the same files, on the CUDA kernels emulated on CPU threads
+# (tools/emulate_cuda.sh --build-only instead of pip install), tiny shapes, the
+# CUDA test rows that run there (cuda_emulated; GMVQ_REHEARSAL_PYTEST_K picks
+# them), a recorded skip instead of compute-sanitizer, tiny benchmarks; the
+# wheels go to a scratch folder, never into the running environment.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cd "$repo"
 python=${PYTHON:-python3}
+rehearsal=${GMVQ_GPU_REHEARSAL:-0}
 export PYTHONUNBUFFERED=1
-device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9.\n' '_' )
+budget=${GPU_SESSION_BUDGET:-540}
+start=$SECONDS
+
+if [[ $rehearsal == 1 ]]; then
+  device=rehearsal
+else
+  device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -c 'A-Za-z0-9.\n' '_')
+fi
 stamp=$(date -u +%Y%m%dT%H%MZ)
 dir="${OUT:-$repo/gpu_session_out}/${device:-nogpu}_${stamp}"
 mkdir -p "$dir"
 log="$dir/session.log"
-start=$SECONDS
-budget=${GPU_SESSION_BUDGET:-540}  # seconds for the whole session (the device allows 600 a call)
+smoke="$dir/smoke.jsonl"
+# Scratch outside $OUT (nothing there may come back as a 9th file): the wheels'
+# install folder, the working directory of the tests (so that `import
+# gmvq_ext` finds the installed package, not the source tree).
+work=$(mktemp -d "${TMPDIR:-/tmp}/gmvq_gpu_session.XXXXXX")
+failed=0
 
 say() { echo "[$((SECONDS - start))s] $*" | tee -a "$log"; }
-# step NAME SECONDS LOGFILE COMMAND...: run with a time limit, log, report status.
+record() {  # record NAME OK(true|false) EXIT SECONDS [NOTE]: one line in smoke.jsonl
+  printf '{"name": "step/%s", "ok": %s, "exit": %s, "seconds": %s, "note": "%s"}\n' "$1" "$2" "$3" "$4" "${5:-}" \
+    >>"$smoke"
+}
+# step NAME SECONDS LOGFILE COMMAND...: run with a time limit (SIGINT first, so that
+# pytest still writes its report; KILL 15 s later), log and record the status.
 step() {
   local name=$1 limit=$2 out=$3
   shift 3
-  local left=$((budget - (SECONDS - start)))
+  local left=$((budget - (SECONDS - start) - 15))
   ((limit > left)) && limit=$left
-  if ((limit < 10)); then say "== $name: skipped, the session budget is spent"; return 125; fi
+  if ((limit < 10)); then
+    say "== $name: skipped, the session budget is spent"
+    record "$name" false 125 0 "skipped: budget spent"
+    failed=1
+    return 125
+  fi
   say "== $name (limit ${limit}s)"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" >>"$out" 2>&1
+  local began=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$out" 2>&1
   local rc=$?
-  say "== $name: exit $rc$([[ $rc == 124 ]] && echo ' (timed out)')"
+  local note=""
+  ((rc == 124 || rc == 130 || rc == 137)) && note="timed out after ${limit}s"
+  say "== $name: exit $rc ${note:+($note)} in $((SECONDS - began))s"
+  if ((rc == 0)); then record "$name" true 0 $((SECONDS - began)); else record "$name" false $rc $((SECONDS - began)) "$note"; failed=1; fi
   return $rc
 }
 
-say "device: ${device:-none}; date: $stamp; repo: $repo"
-{ nvidia-smi; echo; "$python" -c 'import torch, sys; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'; nvcc --version | tail -2; } >>"$log" 2>&1
+say "gpu session: device ${device:-none}; date $stamp; repo $repo; budget ${budget}s; rehearsal $rehearsal"
 
-# 1. Build and install (CUDA is detected from the CUDA torch; no isolation:
-#    the build must use the torch that runs the tests).
+# 1. Environment and versions.
+{
+  echo "--- nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+  echo "--- host"; uname -a; nproc; free -g 2>/dev/null | head -2; df -h "$work" 2>/dev/null | tail -1
+  echo "--- python, torch"
+  "$python" -c 'import sys, torch; print("python", sys.version.split()[0], sys.executable); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "available", torch.cuda.is_available()); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch.cuda.get_device_capability() if torch.cuda.is_available() else None)' 2>&1
+  echo "--- nvcc"; nvcc --version 2>&1 | tail -2 || echo "nvcc: not available"
+  echo "--- cmake"; cmake --version 2>&1 | head -1
+  echo "--- compute-sanitizer"; compute-sanitizer --version 2>&1 | tail -1 || true
+  echo "--- packages"
+  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|scikit-build-core|pybind11|ninja|cmake|pytest|pytest-xdist|pytest-timeout|einops|scipy) ' || true
+} >>"$log" 2>&1
+record environment true 0 $((SECONDS - start))
+
+# 2. Build and install.
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-step build 210 "$dir/build.log" "$python" -m pip install --no-build-isolation --no-deps -v "$repo" || {
-  say "build failed: see build.log"; tail -40 "$dir/build.log" | tee -a "$log"; exit 1; }
-# Tests run from outside the tree so that `import gmvq_ext` finds the installed package.
-cd /tmp
-"$python" -c 'import gmvq_ext, json; print("build_info", json.dumps(gmvq_ext.build_info()))' 2>&1 | tee -a "$log"
+if [[ $rehearsal == 1 ]]; then
+  # The CUDA kernels compiled as C++ for the CPU (incremental, in build/emulation).
+  if step build 600 "$dir/build.log" bash "$repo/tools/emulate_cuda.sh" --build-only; then
+    export PYTHONPATH="$repo/build/emulation/pkg${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  # No isolation: the build must use the torch that runs the tests.
+  step build 240 "$dir/build.log" "$python" -m pip install --no-build-isolation --no-deps -v \
+    -Ccmake.define.GMVQ_CUDA=ON -Ccmake.define.GMVQ_CUDA_ARCHITECTURES="${GMVQ_CUDA_ARCH:-90}" \
+    -Ccmake.define.GMVQ_PTXAS_VERBOSE=ON "$repo"
+  say "ptxas: $(grep -c 'ptxas info *: Used' "$dir/build.log") kernel reports, $(grep -E 'bytes spill' "$dir/build.log" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills, $(grep -E 'bytes stack frame' "$dir/build.log" | grep -vEc '(^|[^0-9])0 bytes stack frame') with a stack frame (full lines in build.log)"
+fi
+cd "$work"
+"$python" -c 'import gmvq_ext, json; print("build_info", json.dumps(gmvq_ext.build_info()), gmvq_ext.__file__)' 2>&1 | tee -a "$log"
 
-# 2. Baseline wheels, if carried: never torch, never a package already installed.
+# Baseline wheels, if carried: into a folder of their own, never torch, never a
+# package the environment already has.
+site="$work/site"
 if compgen -G "$repo/build/wheels/*.whl" >/dev/null; then
+  wheels=()
   for wheel in "$repo"/build/wheels/*.whl; do
     name=$(basename "$wheel" | cut -d- -f1)
-    if "$python" -m pip show "$name" >/dev/null 2>&1 || [[ $name == torch ]]; then
-      say "wheel $name: already installed, kept"
+    version=$(basename "$wheel" | cut -d- -f2)
+    installed=$("$python" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
+    if [[ ${name,,} == torch || ${name,,} == numpy ]]; then
+      say "wheel $name: never installed here"
+    elif [[ -n $installed ]] && "$python" -c '
+import sys
+try:
+    from packaging.version import Version
+except ImportError:
+    from pip._vendor.packaging.version import Version
+sys.exit(Version(sys.argv[1]) < Version(sys.argv[2]))' "$installed" "$version"; then
+      say "wheel $name: $installed already installed, kept"
     else
-      "$python" -m pip install -q --no-deps --no-index "$wheel" >>"$log" 2>&1 && say "wheel $name: installed"
+      wheels+=("$wheel")
     fi
+  done
+  if ((${#wheels[@]})); then
+    if "$python" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --target "$site" "${wheels[@]}" >>"$log" 2>&1; then
+      say "wheels installed in $site: $(for w in "${wheels[@]}"; do basename "$w" | cut -d- -f1; done | tr '\n' ' ')"
+      export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$site"
+    else
+      say "wheels: install failed (see above); vector-quantize-pytorch will be skipped"
+    fi
+  fi
+else
+  say "no wheels in build/wheels (tools/fetch_bench_wheels.sh): vector-quantize-pytorch is skipped unless installed"
+fi
+
+# 3. Smoke: every op, both tile paths, the headline timings (one process).
+step smoke 170 "$log" "$python" "$repo/tools/gpu_smoke.py" --out "$smoke"
+say "smoke: $(grep -c '"ok": true' "$smoke") ok lines, $(grep -c '"ok": false' "$smoke") failed lines in smoke.jsonl"
+
+# 4. The CUDA rows of every op's test file. Files that need the sample data
+#    (shared/data, absent on the device) hold no CUDA test: not collected.
+ignores=()
+for f in "$repo"/python_tests/test_*.py; do
+  grep -q SAMPLE_DATA "$f" && ignores+=(--ignore "$f")
+done
+if [[ $rehearsal == 1 ]]; then
+  select=${GMVQ_REHEARSAL_PYTEST_K:-cuda_emulated and not tile_paths}
+  workers=2
+else
+  select=cuda
+  workers=4
+fi
+timeout_args=()
+"$python" -c 'import pytest_timeout' 2>/dev/null && timeout_args=(--timeout 60)
+step pytest 120 "$dir/pytest.log" "$python" -m pytest "$repo/python_tests" -k "$select" -n $workers "${timeout_args[@]}" \
+  -p no:cacheprovider -rfE --rootdir "$repo" --junitxml="$dir/junit.xml" "${ignores[@]}"
+tail -3 "$dir/pytest.log" | tee -a "$log"
+
+# 5. compute-sanitizer on small cases of every kernel (no caching allocator:
+#    each tensor its own allocation, so an overrun past it is seen).
+if [[ $rehearsal == 1 ]]; then
+  echo "rehearsal: compute-sanitizer skipped (no device)" >>"$dir/sanitizer.log"
+  printf '{"name": "sanitizer", "ok": true, "skipped": "rehearsal: no device"}\n' >>"$smoke"
+elif ! command -v compute-sanitizer >/dev/null; then
+  echo "compute-sanitizer not found" >>"$dir/sanitizer.log"
+  record sanitizer false 127 0 "compute-sanitizer not found"
+  failed=1
+else
+  for tool in memcheck racecheck; do
+    echo "=== $tool" >>"$dir/sanitizer.log"
+    step "sanitizer_$tool" 75 "$dir/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool \
+      --error-exitcode 3 --print-limit 20 "$python" "$repo/tools/gpu_smoke.py" --sanitizer-cases
   done
 fi
 
-# 3. Tests: every CUDA test (no -x: one session should show every failure),
-#    then the whole suite as CI runs it.
-step "pytest test_cuda.py" 100 "$dir/pytest.log" "$python" -m pytest "$repo/python_tests/test_cuda.py" -q -rs \
-  -p no:cacheprovider --junitxml="$dir/junit_cuda.xml"
-step "pytest python_tests -x" 70 "$dir/pytest.log" "$python" -m pytest "$repo/python_tests" -x -q -rs \
-  -p no:cacheprovider -m "not slow" --deselect "$repo/python_tests/test_cuda.py"
-tail -5 "$dir/pytest.log" | tee -a "$log"
-
-# 4. Measured ceilings (METHOD.md): device-to-device copy bandwidth and
-#    matrix-product rates through torch (cuBLAS), on random data.
-step ceilings 30 "$dir/ceilings.json" "$python" - <<'PY'
-import json, torch
-def bench(fn, reps=10):
-    fn(); torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record(); torch.cuda.synchronize()
-    return start.elapsed_time(stop) / 1e3 / reps
-out = {"device": torch.cuda.get_device_name(), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
-src = torch.randn(2**28, device="cuda")  # 1 GiB
-dst = torch.empty_like(src)
-out["copy_bytes_per_s"] = 2 * src.numel() * 4 / bench(lambda: dst.copy_(src))
-del src, dst
-for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32", torch.float32, False), ("tf32", torch.float32, True)):
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    out[f"gemm_{name}_flop_per_s"] = 2 * 8192**3 / bench(lambda: a @ b, reps=5)
-torch.backends.cuda.matmul.allow_tf32 = False
-print(json.dumps(out, indent=2))
-PY
-cat "$dir/ceilings.json" >>"$log"
-
-# 5. Benchmarks.
-if [[ -f $repo/benchmarks/bench_quantize.py ]]; then
-  step bench_quantize 80 "$log" "$python" "$repo/benchmarks/bench_quantize.py" --device cuda \
-    --shapes 65536x1024x64,65536x8192x64,262144x16384x64 --dtypes float32,bfloat16 --repeats 5 \
-    --out "$dir/bench_quantize.json"
+# 6. With the time left: the unfused ops, then the rest of bench_quantize (the
+#    headline shape's baselines are in smoke.jsonl). Both write their JSON after
+#    every row or case.
+if [[ $rehearsal == 1 ]]; then
+  step bench_unfused 120 "$log" "$python" "$repo/benchmarks/bench_unfused.py" --device cpu --shapes 24x16x8 \
+    --dtypes float32 --repeats 1 --out "$dir/bench_unfused.json"
+  step bench_quantize 180 "$log" "$python" "$repo/benchmarks/bench_quantize.py" --device cpu --shapes 32x16x8 \
+    --dtypes float32 --cases fused,reference_noise --repeats 1 --timeout 120 --out "$dir/bench_quantize.json"
 else
-  say "benchmarks/bench_quantize.py not in this tree: skipped"
+  step bench_unfused 60 "$log" "$python" "$repo/benchmarks/bench_unfused.py" --device cuda \
+    --shapes 65536x1024x64,16384x8192x64 --dtypes float32,bfloat16 --repeats 5 --out "$dir/bench_unfused.json"
+  step bench_quantize 600 "$log" "$python" "$repo/benchmarks/bench_quantize.py" --device cuda \
+    --shapes 65536x8192x64,262144x16384x64 --dtypes float32,bfloat16 \
+    --cases fused,reference_noise,reference_compiled,vqtorch --repeats 5 --timeout 60 --out "$dir/bench_quantize.json"
 fi
-step bench_unfused 50 "$log" "$python" "$repo/benchmarks/bench_unfused.py" --device cuda \
-  --shapes 65536x1024x64,16384x8192x64 --dtypes float32,bfloat16 --repeats 5 --out "$dir/bench_unfused.json"
 
-say "done in $((SECONDS - start))s; files in $dir:"
+say "done in $((SECONDS - start))s (exit $failed); files in $dir:"
 ls -l "$dir" | tee -a "$log"
+rm -rf "$work"
+exit $failed
