@@ -1,16 +1,14 @@
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
-import gmvq_ext
-
 
 def _build_fingerprint() -> str:
-    """The compiled library and the fake kernels: what inductor's caches do not key on."""
-    package = Path(gmvq_ext.__file__).parent
+    """The compiled library and the fake kernels: what inductor's caches do not key on.
+    Found without importing gmvq_ext: importing it (and torch) fixes inductor's cache
+    directory, so the variable below must be set first."""
+    package = Path(importlib.util.find_spec("gmvq_ext").origin).parent
     digest = hashlib.sha1()
     for path in sorted(package.glob("_C*")) + [package / "ops.py"]:
         digest.update(path.read_bytes())
@@ -22,6 +20,9 @@ def _build_fingerprint() -> str:
 # "shape '[94016217451600, ...]' is invalid" in a compiled training step).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).parent.parent / "build" / "inductor-cache" /
                                                      _build_fingerprint()))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
