@@ -671,7 +671,8 @@ def test_out_of_range_index_is_a_device_side_assertion(device):
                             capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert result.returncode != 0, result.stdout
     assert "no assertion" not in result.stdout
-    assert "indices must lie in [0, K)" in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
+    # CUDA: a device-side assert; the emulation (no asynchronous assert) raises the message.
+    assert "indices must lie in [0, " in result.stderr or "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
 @requires_cuda
