@@ -1,9 +1,14 @@
 """The build records the torch it was compiled against and refuses another."""
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
+import pytest
 import torch
 
 import gmvq_ext
@@ -46,3 +51,31 @@ def test_torch_version_mismatch_is_a_clear_import_error():
                          cwd=str(__import__("pathlib").Path(gmvq_ext.__file__).parent.parent))
     assert "built against torch 1.0.0" in out.stdout
     assert torch.__version__ in out.stdout
+
+
+def test_a_source_tree_without_kernels_says_it_shadows_the_installed_package(tmp_path):
+    # A checkout's gmvq_ext (no _C) in the current directory, the working package on
+    # PYTHONPATH: what `python -m gmvq_ext.train` meets in a clone after `pip install .`.
+    package = Path(gmvq_ext.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "gmvq_ext", ignore=shutil.ignore_patterns("_C*", "_build_info*", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(package.parent)}
+    out = subprocess.run([sys.executable, "-c", "import gmvq_ext"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()[-1]
+    assert str(tmp_path / "gmvq_ext") in message and str(package) in message and "gmvq-train" in message
+
+
+def test_console_scripts_run_the_modules(monkeypatch, capsys):
+    from gmvq_ext import cli
+
+    for command, module in [(cli.train, "train"), (cli.evaluate, "evaluate"), (cli.tokenize, "tokenize")]:
+        monkeypatch.setattr(sys, "argv", [f"gmvq-{module}", "--help"])
+        with pytest.raises(SystemExit) as done:
+            command()
+        assert done.value.code == 0
+        assert "--" in capsys.readouterr().out
+    # The entry points pyproject declares are these functions.
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == {"gmvq-train": "gmvq_ext.cli:train", "gmvq-evaluate": "gmvq_ext.cli:evaluate",
+                        "gmvq-tokenize": "gmvq_ext.cli:tokenize"}
