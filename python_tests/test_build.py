@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -76,6 +75,7 @@ def test_console_scripts_run_the_modules(monkeypatch, capsys):
         assert done.value.code == 0
         assert "--" in capsys.readouterr().out
     # The entry points pyproject declares are these functions.
-    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
-    assert declared == {"gmvq-train": "gmvq_ext.cli:train", "gmvq-evaluate": "gmvq_ext.cli:evaluate",
-                        "gmvq-tokenize": "gmvq_ext.cli:tokenize"}
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    for line in ['gmvq-train = "gmvq_ext.cli:train"', 'gmvq-evaluate = "gmvq_ext.cli:evaluate"',
+                 'gmvq-tokenize = "gmvq_ext.cli:tokenize"']:
+        assert line in pyproject
