@@ -17,9 +17,25 @@ from gmvq_ext.quantizers import GaussianMixtureVQ, backend
 from gmvq_ext.quantizers.base import entropy
 
 
+# The paper's settings, which these tests' expected values are written for; the
+# package's defaults (chosen on validation) are tested on their own below.
+PAPER = dict(sigma_z2=0.5, noise=True, temperature_start=2.0, temperature_end=0.1)
+
+
 def make(**options):
     torch.manual_seed(0)
-    return GaussianMixtureVQ(dim=4, codebook_size=16, **options)
+    return GaussianMixtureVQ(dim=4, codebook_size=16, **{**PAPER, **options})
+
+
+def test_defaults_are_the_validation_choice():
+    # experiments/investigate.py, 2026-11-28 (CIFAR-10 validation): sigma_z2 8, no training
+    # noise, temperature 0.5 -> 0.05; the decoder then sees the sampled code itself.
+    q = GaussianMixtureVQ(dim=4, codebook_size=16)
+    assert (q.sigma_z2, q.noise, q.hard, q.gamma, q.beta, q.weight_mode) == (8.0, False, True, 0.1, 1.0, "full")
+    q.set_progress(0, 10)
+    assert float(q.temperature) == pytest.approx(0.5)
+    q.set_progress(10, 10)
+    assert float(q.temperature) == pytest.approx(0.05)
 
 
 def test_registry():
@@ -324,7 +340,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
                                          world_size=world_size)
     try:
         torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
-        q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0).train()
+        q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0, **PAPER).train()
         rows = _distributed_rows(rank).requires_grad_(True)
         _, _, loss, info = q(rows)
         loss.backward()
