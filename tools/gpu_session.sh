@@ -160,7 +160,9 @@ for f in "$repo"/python_tests/test_*.py; do
   grep -q SAMPLE_DATA "$f" && ignores+=(--ignore "$f")
 done
 if [[ $rehearsal == 1 ]]; then
-  select=${GMVQ_REHEARSAL_PYTEST_K:-cuda_emulated and not tile_paths}
+  # The bitwise-repeat rows (the others are the smoke's checks again, or the device-side
+  # assert, which failed once in a CI rehearsal for a reason not yet found).
+  select=${GMVQ_REHEARSAL_PYTEST_K:-cuda_emulated and bitwise}
   workers=2
 else
   select=cuda
