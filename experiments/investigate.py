@@ -384,6 +384,13 @@ def fmt(stat: dict, digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def test_row(doc: dict, system: str, row: dict) -> str:
+    """A seeded test table's row: mean ± std over seeds, and the system's chosen settings."""
+    settings = ", ".join(f"{k}={v}" for k, v in doc["tuning"][system]["settings"].items())
+    return (f"| {system} | {fmt(row['test_mse_1e3'])} | {fmt(row['test_perplexity'], 1)} | "
+            f"{fmt(row['codes_used'], 0)} | {len(row['seeds'])} | {settings} |")
+
+
 def markdown(args, doc: dict) -> str:
     lines = ["# Does GM-VQ reconstruct better than VQ-VAE? (CPU, the data samples)", "",
              f"Command: `python experiments/investigate.py {shlex.join(sys.argv[1:])}`; every run's exact command is "
@@ -397,10 +404,7 @@ def markdown(args, doc: dict) -> str:
              "## CIFAR-10 sample (5169 training, 1017 test images)", "",
              "| Method | test MSE (1e-3) | perplexity | codes used | seeds | chosen settings |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for system, row in doc["cifar10"].items():
-        settings = ", ".join(f"{k}={v}" for k, v in doc["tuning"][system]["settings"].items())
-        lines.append(f"| {system} | {fmt(row['test_mse_1e3'])} | {fmt(row['test_perplexity'], 1)} | "
-                     f"{fmt(row['codes_used'], 0)} | {len(row['seeds'])} | {settings} |")
+    lines += [test_row(doc, system, row) for system, row in doc["cifar10"].items()]
     lines += ["", "![CIFAR-10 curves](investigation_cifar10_curves.png)", ""]
     if doc["celeba"]:
         lines += ["## CelebA sample (2000 face crops at 128 x 128: 1600 train, 200 validation, 200 test)", "",
@@ -408,10 +412,7 @@ def markdown(args, doc: dict) -> str:
                   "settings (learning rate included).", "",
                   "| Method | test MSE (1e-3) | perplexity | codes used | seeds | settings |",
                   "| --- | ---: | ---: | ---: | ---: | --- |"]
-        for system, row in doc["celeba"].items():
-            settings = ", ".join(f"{k}={v}" for k, v in doc["tuning"][system]["settings"].items())
-            lines.append(f"| {system} | {fmt(row['test_mse_1e3'])} | {fmt(row['test_perplexity'], 1)} | "
-                         f"{fmt(row['codes_used'], 0)} | {len(row['seeds'])} | {settings} |")
+        lines += [test_row(doc, system, row) for system, row in doc["celeba"].items()]
         lines += ["", "![CelebA curves](investigation_celeba_curves.png)", ""]
     lines += ["## Every system on validation (seed 0, the tuning runs)", "",
               f"Validation MSE (1e-3) after {args.tune_epochs} epochs with each system's chosen settings: the only "
