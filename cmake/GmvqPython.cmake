@@ -45,7 +45,10 @@ function(gmvq_configure_torch_target target)
   # -ffp-contract=off: the noise transforms must round step by step (philox.h).
   # -fno-math-errno: sqrt sets no errno, so loops calling it vectorise (no result
   # changes: sqrt is correctly rounded either way, and nothing reads errno).
-  target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:${_torch_flags} -ffp-contract=off -fno-math-errno -O3>)
+  # -Wno-psabi: the AVX2 noise code (row_math.h) passes vectors only between
+  # inlined, internal functions; GCC still notes the ABI change once per file.
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CXX>:${_torch_flags} -ffp-contract=off -fno-math-errno -O3 -Wno-psabi>)
   target_compile_features(${target} PRIVATE cxx_std_20)
   # torch's libraries sit in site-packages/torch/lib beside site-packages/gmvq_ext.
   set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN/../torch/lib" BUILD_WITH_INSTALL_RPATH OFF)

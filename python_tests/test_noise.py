@@ -5,13 +5,15 @@ generator itself checked on the Random123 known-answer vectors, and the
 noise checked against its distribution."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import scipy.stats
 import torch
 
 from gmvq_ext import ops, reference
-from helpers import DEVICES, requires_cuda
+from helpers import DEVICES, PACKAGE_PARENT, requires_cuda, subprocess_env
 
 # Known answers of Philox4x32-10 (Random123's kat_vectors): counter, key -> output.
 KNOWN_ANSWERS = [
@@ -141,6 +143,39 @@ def test_seed_offset_and_stream_change_the_noise(device):
                   ops.philox_noise(like, (1, 2**32))]:
         # Independent draws: no element in common (a coincidence has probability ~64 / 2^23).
         assert not torch.eq(base, other).any()
+
+
+# Rows long enough for the vector paths, with starts off the 4-word Philox blocks
+# and lengths that end in a partial group of 8 blocks.
+PORTABLE_CASES = [((3, 1023), 5, 7), ((2, 4099), 2**33 + 5, 2**32 + 1), ((1024, 1024), 7, 3)]
+PORTABLE_SCRIPT = """
+import sys, torch
+from gmvq_ext import ops
+for shape, seed, offset in eval(sys.argv[1]):
+    for distribution in ("uniform", "gumbel", "gaussian"):
+        noise = ops.philox_noise(torch.empty(shape), (seed, offset), distribution)
+        sys.stdout.buffer.write(noise.view(torch.int32).numpy().tobytes())
+"""
+
+
+def test_cpu_noise_paths_give_the_same_bits():
+    # The CPU noise has an AVX2-intrinsics path (AVX2 machines without AVX-512)
+    # and the portable, auto-vectorised one; GMVQ_CPU_PORTABLE_NOISE=1 forces
+    # the latter. Both must give these (reference-checked) bits.
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, repr(PORTABLE_CASES)], capture_output=True,
+                              cwd=PACKAGE_PARENT, env=subprocess_env(**env), check=True, timeout=120)
+        return done.stdout
+
+    expected = b"".join(
+        ops.philox_noise(torch.empty(shape), (seed, offset), distribution).view(torch.int32).numpy().tobytes()
+        for shape, seed, offset in PORTABLE_CASES for distribution in DISTRIBUTIONS)
+    assert run() == expected
+    assert run(GMVQ_CPU_PORTABLE_NOISE="1") == expected
+    for shape, seed, offset in PORTABLE_CASES[:2]:
+        for distribution in DISTRIBUTIONS:
+            assert_same_bits(ops.philox_noise(torch.empty(shape), (seed, offset), distribution),
+                             reference_noise(seed, offset, shape, distribution))
 
 
 def test_uniform_distribution():

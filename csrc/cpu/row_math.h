@@ -19,15 +19,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "gmvq/philox.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GMVQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define GMVQ_AVX2_PHILOX 1
+#include <immintrin.h>
 #else
 #define GMVQ_CLONES
+#define GMVQ_AVX2_PHILOX 0
 #endif
 
 namespace gmvq::cpu::row {
@@ -410,6 +415,138 @@ GMVQ_CLONES static void fill_aligned(int64_t seed, int64_t offset, uint64_t stre
   }
 }
 
+#if GMVQ_AVX2_PHILOX
+// rng::log_canonical on kChains independent vectors at once, operation by
+// operation in step: the polynomial is one long chain of dependent multiplies
+// and adds, and one vector at a time leaves the out-of-order window too few
+// independent operations (the Gumbel transform ran 1.8x slower).
+constexpr int kChains = 4;
+#define GMVQ_EACH_CHAIN _Pragma("GCC unroll 4") for (int s = 0; s < kChains; ++s)
+
+GMVQ_VECTOR_INLINE void log_canonical_chains(vfloat (&x)[kChains]) {
+  vfloat t[kChains], t2[kChains], e[kChains], y[kChains];
+  GMVQ_EACH_CHAIN {
+    vint bits;
+    std::memcpy(&bits, &x[s], sizeof bits);
+    const vint m_bits = (bits & 0x007fffff) | 0x3f000000;
+    const vint small = (m_bits < 0x3f3504f3) & 1;  // the comparison gives -1 (true) or 0
+    const vint t_bits = m_bits + (small << 23);
+    std::memcpy(&t[s], &t_bits, sizeof t_bits);
+    t[s] = t[s] + -1.0f;
+    e[s] = __builtin_convertvector((bits >> 23) - 126 - small, vfloat);
+    t2[s] = t[s] * t[s];
+    y[s] = splat(0x1.204376p-4f);
+  }
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + -0x1.d7a370p-4f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + 0x1.de4a34p-4f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + -0x1.fcba9ep-4f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + 0x1.23d37ep-3f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + -0x1.555ca0p-3f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + 0x1.999d58p-3f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + -0x1.fffff8p-3f;
+  GMVQ_EACH_CHAIN y[s] = y[s] * t[s] + 0x1.555554p-2f;
+  GMVQ_EACH_CHAIN {
+    vfloat r = (y[s] * t[s]) * t2[s];
+    r = r + -0x1.bd0106p-13f * e[s];
+    r = r + -0.5f * t2[s];
+    x[s] = (t[s] + r) + 0x1.63p-1f * e[s];
+  }
+}
+
+// GumbelWord on 8 * kChains words: -log(-log(u)), u from uniform_from_word.
+GMVQ_VECTOR_INLINE void gumbel_chains(const uint32_t* words, float* out) {
+  vfloat x[kChains];
+  GMVQ_EACH_CHAIN {
+    vint r;
+    std::memcpy(&r, words + kVector * s, sizeof r);
+    // r >> 9 as int32 (the logical shift of uniform_from_word: the top 9 bits masked off).
+    x[s] = (__builtin_convertvector((r >> 9) & 0x7fffff, vfloat) + 0.5f) * 0x1p-23f;
+  }
+  log_canonical_chains(x);
+  GMVQ_EACH_CHAIN x[s] = -x[s];
+  log_canonical_chains(x);
+  GMVQ_EACH_CHAIN store_vector(out + kVector * s, -x[s]);
+}
+#undef GMVQ_EACH_CHAIN
+
+// fill_aligned for AVX2 machines without AVX-512 (Zen 3 and older): the Philox
+// rounds on 8 blocks at a time in intrinsics, and the Gumbel transform on four
+// vectors in step. GCC lowers the vector form of the 32 x 32 -> 64-bit
+// products above to a full 64-bit multiply (three vpmuludq and shuffles per
+// product); here each round is four vpmuludq and blends. Gumbel noise: 5.0 ->
+// 3.0 ns per element on one Zen 3 core (the bits alone 2.1 -> 1.2). Same words,
+// same operations, same bits.
+template <typename Transform>
+__attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t offset, uint64_t stream,
+                                                       uint64_t first_block, int64_t blocks, float* __restrict out) {
+  constexpr int64_t kChunk = 64;  // blocks per transform pass (a multiple of 8)
+  const Transform transform;
+  const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
+  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  alignas(32) uint32_t words[4 * kChunk];
+  alignas(32) uint32_t counter_lo[8], counter_hi[8];
+  for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
+    const int64_t count = std::min(kChunk, blocks - j0);
+    for (int64_t v = 0; v < count; v += 8) {  // the last group may run past count: its words go unused
+      for (int j = 0; j < 8; ++j) {
+        const uint64_t counter = first_block + static_cast<uint64_t>(j0 + v + j) + (stream << 62);
+        counter_lo[j] = static_cast<uint32_t>(counter);
+        counter_hi[j] = static_cast<uint32_t>(counter >> 32);
+      }
+      __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_lo));
+      __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_hi));
+      __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
+      __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
+      uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+      for (int round = 0; round < 10; ++round) {
+        // 64-bit products of the even lanes, and of the odd lanes shifted down;
+        // blend 0xAA takes the odd 32-bit lanes from the second operand.
+        const __m256i even0 = _mm256_mul_epu32(c0, mul0);
+        const __m256i odd0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), mul0);
+        const __m256i even1 = _mm256_mul_epu32(c2, mul1);
+        const __m256i odd1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), mul1);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(even0, 32), odd0, 0xAA);
+        const __m256i lo0 = _mm256_blend_epi32(even0, _mm256_slli_epi64(odd0, 32), 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(even1, 32), odd1, 0xAA);
+        const __m256i lo1 = _mm256_blend_epi32(even1, _mm256_slli_epi64(odd1, 32), 0xAA);
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+        c1 = lo1;
+        c3 = lo0;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+      }
+      // 4 words x 8 blocks -> 8 blocks of 4 consecutive words.
+      const __m256i w01_lo = _mm256_unpacklo_epi32(c0, c1), w01_hi = _mm256_unpackhi_epi32(c0, c1);
+      const __m256i w23_lo = _mm256_unpacklo_epi32(c2, c3), w23_hi = _mm256_unpackhi_epi32(c2, c3);
+      const __m256i b04 = _mm256_unpacklo_epi64(w01_lo, w23_lo), b15 = _mm256_unpackhi_epi64(w01_lo, w23_lo);
+      const __m256i b26 = _mm256_unpacklo_epi64(w01_hi, w23_hi), b37 = _mm256_unpackhi_epi64(w01_hi, w23_hi);
+      __m256i* dst = reinterpret_cast<__m256i*>(words + 4 * v);
+      _mm256_store_si256(dst + 0, _mm256_permute2x128_si256(b04, b15, 0x20));
+      _mm256_store_si256(dst + 1, _mm256_permute2x128_si256(b26, b37, 0x20));
+      _mm256_store_si256(dst + 2, _mm256_permute2x128_si256(b04, b15, 0x31));
+      _mm256_store_si256(dst + 3, _mm256_permute2x128_si256(b26, b37, 0x31));
+    }
+    float* o = out + 4 * j0;
+    int64_t i = 0;
+    if constexpr (std::is_same_v<Transform, GumbelWord>) {
+      for (; i + kVector * kChains <= 4 * count; i += kVector * kChains) gumbel_chains(words + i, o + i);
+    }
+    for (; i < 4 * count; ++i) o[i] = transform(words[i]);
+  }
+}
+
+// AVX-512 machines keep the cloned loop (16 lanes); AVX2-only ones take the
+// intrinsics. GMVQ_CPU_PORTABLE_NOISE=1 forces the cloned loop, so that the
+// tests check both paths' bits on one machine.
+inline bool avx2_philox() {
+  static const bool use = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512f") &&
+                          std::getenv("GMVQ_CPU_PORTABLE_NOISE") == nullptr;
+  return use;
+}
+#endif
+
 // Elements [first, first + count) of `stream` through `transform`: the
 // 4-aligned middle vectorised, the unaligned ends one word at a time.
 template <typename Transform>
@@ -418,7 +555,15 @@ void fill_noise(int64_t seed, int64_t offset, uint64_t stream, uint64_t first, i
   const int64_t head = std::min<int64_t>(count, static_cast<int64_t>((4 - (first & 3)) & 3));
   rng::fill_range(seed, offset, stream, first, head, out, transform);
   const int64_t blocks = (count - head) / 4;
+#if GMVQ_AVX2_PHILOX
+  if (avx2_philox()) {
+    fill_aligned_avx2<Transform>(seed, offset, stream, (first + head) / 4, blocks, out + head);
+  } else {
+    fill_aligned<Transform>(seed, offset, stream, (first + head) / 4, blocks, out + head);
+  }
+#else
   fill_aligned<Transform>(seed, offset, stream, (first + head) / 4, blocks, out + head);
+#endif
   const int64_t done = head + 4 * blocks;
   rng::fill_range(seed, offset, stream, first + done, count - done, out + done, transform);
 }
