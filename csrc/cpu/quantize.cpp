@@ -31,6 +31,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -163,13 +164,19 @@ Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, c
 }
 
 // Logits of rows [n0, n0 + B) into logits (B, K): l = -max(a + lhs rhs^T, 0);
-// each row's largest logit into row_max (B).
+// each row's largest logit into row_max (B) unless it is null.
 template <typename acc_t>
 void block_logits(const Operands& op, int64_t n0, at::Tensor& logits, acc_t* row_max) {
   at::mm_out(logits, op.lhs.narrow(0, n0, logits.size(0)), op.rhs.t());
   const acc_t* a = op.row_term.data_ptr<acc_t>() + n0;
   acc_t* l = logits.data_ptr<acc_t>();
-  for (int64_t b = 0; b < logits.size(0); ++b) row_max[b] = row::clamped_logits_row(l + b * op.k, a[b], op.k);
+  for (int64_t b = 0; b < logits.size(0); ++b) {
+    if (row_max != nullptr) {
+      row_max[b] = row::clamped_logits_row(l + b * op.k, a[b], op.k);
+    } else {
+      row::clamp_logits_row(l + b * op.k, a[b], op.k);
+    }
+  }
 }
 
 // Explicit Gumbel noise of the block as a (B, K) acc tensor (undefined if absent).
@@ -191,22 +198,21 @@ struct RowScratch {
   RowScratch(int64_t k, int64_t d) : noise(k), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
 };
 
-// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k).
+// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k);
+// returns max_k v (NaN if the row holds one).
 template <typename acc_t>
-void perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
+acc_t perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
+                  const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
   const int64_t k = op.k;
-  if (explicit_noise != nullptr) {
-    row::add_rows(logits, explicit_noise, perturbed, k);
-    return;
-  }
+  if (explicit_noise != nullptr) return row::add_rows_max(logits, explicit_noise, perturbed, k);
   row::fill_gumbel(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, k, scratch.noise.data());
   if constexpr (std::is_same_v<acc_t, float>) {
-    row::add_rows(logits, scratch.noise.data(), perturbed, k);
+    return row::add_rows_max(logits, scratch.noise.data(), perturbed, k);
   } else {
     // float32 noise, then one rounding in acc_t: what the reference does.
     const float* g = scratch.noise.data();
     for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + static_cast<acc_t>(g[j]);
+    return row::row_max(perturbed, k);
   }
 }
 
@@ -260,8 +266,7 @@ void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* lo
                 RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
   const int64_t k = op.k;
   acc_t* v = scratch.perturbed.data();
-  perturb_row(op, s, n, logits, explicit_noise, scratch, v);
-  const acc_t v_max = row::row_max(v, k);
+  const acc_t v_max = perturb_row(op, s, n, logits, explicit_noise, scratch, v);
   *index = row::index_of_max(v, v_max, k);
   const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
   const acc_t shift = v_max * inverse_temperature;
@@ -320,10 +325,21 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
         } else {
           idx[r] = row::index_of_max(lrow, row_max[b], k);
         }
-        acc_t* pi = scratch.posterior.data();
-        lse[0] = row::softmax_from_max(lrow, row_max[b], pi, k);
+        // pi = e / sum(e), e = exp(l - max l), summed into the block's columns
+        // without being stored normalised (the same products e * (1 / sum)).
+        acc_t* e = scratch.posterior.data();
+        acc_t inverse_total;
+        if (std::abs(row_max[b]) < std::numeric_limits<acc_t>::infinity()) {
+          const acc_t total = row::exp_affine_row(lrow, acc_t(1), row_max[b], e, k);
+          lse[0] = row_max[b] + std::log(total);
+          inverse_total = acc_t(1) / total;
+        } else {  // NaN or +-inf: the row's verdict, everywhere
+          std::fill(e, e + k, std::numeric_limits<acc_t>::quiet_NaN());
+          lse[0] = row_max[b];
+          inverse_total = acc_t(1);
+        }
         if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
-        row::accumulate_scaled(block_sums.data(), pi, acc_t(1), k);
+        row::accumulate_scaled(block_sums.data(), e, inverse_total, k);
       }
       for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(block_sums[j]);
 
@@ -409,7 +425,7 @@ struct StripeBuffers {
   at::Tensor logits, grad_sample, sample, grad_zq, pq;
   at::Tensor direct;          // (K, D): c^T G_zq, the codebook gradient through z_q = c E
   at::Tensor distance_terms;  // (K, D + W): G_l^T [w z, w]
-  std::vector<acc_t> row_sums, row_max;
+  std::vector<acc_t> row_sums;
 
   StripeBuffers(const Operands& op, const Scalars& s, int64_t block) {
     const auto options = op.z.options();
@@ -421,7 +437,6 @@ struct StripeBuffers {
     direct = at::zeros({op.k, op.d}, options);
     distance_terms = at::zeros({op.k, op.width()}, options);
     row_sums.resize(block);
-    row_max.resize(block);
   }
 };
 
@@ -486,22 +501,20 @@ void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs&
   for (int64_t b = 0; b < rows; ++b) {
     const int64_t r = n0 + b;
     acc_t* lrow = l + b * k;
-    row::exp_affine_row(lrow, acc_t(1), row_lse[2 * r], pi, k);
-    const acc_t b_pi = row::row_dot(pi, grad_pi, k);
+    const acc_t b_pi = row::exp_affine_dot(lrow, acc_t(1), row_lse[2 * r], grad_pi, pi, k);
     if (s.training) {
       // y = exp(v / T - lse_y) with v = l + g, before G_l overwrites the logits.
       acc_t* y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
       const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
       perturb_row(op, s, r, lrow, g, scratch, y);
-      row::exp_affine_row(y, inverse_temperature, row_lse[2 * r + 1], y, k);
       const acc_t* gyrow = gy + b * k;
-      const acc_t beta = row::row_dot(y, gyrow, k);
+      const acc_t beta = row::exp_affine_dot(y, inverse_temperature, row_lse[2 * r + 1], gyrow, y, k);
       acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + r * k : nullptr;
-      row::logit_gradient_row(pi, grad_pi, b_pi, y, gyrow, beta, inverse_temperature, lrow, gg, k);
+      buffers.row_sums[b] =
+          row::logit_gradient_row(pi, grad_pi, b_pi, y, gyrow, beta, inverse_temperature, lrow, gg, k);
     } else {
-      row::posterior_gradient_row(pi, grad_pi, b_pi, lrow, k);
+      buffers.row_sums[b] = row::posterior_gradient_row(pi, grad_pi, b_pi, lrow, k);
     }
-    buffers.row_sums[b] = row::row_sum(lrow, k);
   }
 }
 
@@ -558,7 +571,7 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = buffers.logits.narrow(0, 0, rows);
-      block_logits<acc_t>(op, n0, logits, buffers.row_max.data());
+      block_logits<acc_t>(op, n0, logits, static_cast<acc_t*>(nullptr));
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
 
       at::Tensor grad_zq = buffers.grad_zq.narrow(0, 0, rows);
