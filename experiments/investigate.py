@@ -79,7 +79,11 @@ SYSTEMS: dict[str, tuple[str, list]] = {
         ("sigma_z2", (0.5, 8.0)),
         ("noise", (True, False)),
         ("temperature", ((2.0, 0.1), (0.5, 0.05))),
-        # Not searched at this budget (two CPU cores): gamma (0.1), hard (True), weight ("full").
+        # The latent term's weight, soft samples (z_q = y E) instead of hard ones, and
+        # the precision weight per dimension, per vector or none (plain distances).
+        ("gamma", (0.1, 1.0, 0.01)),
+        ("hard", (True, False)),
+        ("weight", ("full", "scalar", None)),
     ]),
     # GM-VQ + Entropy: GM-VQ's chosen settings, then the larger entropy weight.
     "GM-VQ + Entropy": ("gmvq-entropy", [("beta", (5.0, 10.0))]),
@@ -110,7 +114,20 @@ class Run:
         return runs_dir / self.name
 
     def finished(self, runs_dir: Path) -> bool:
-        return (self.folder(runs_dir) / "results.json").exists()
+        results = self.folder(runs_dir) / "results.json"
+        if not results.exists():
+            return False
+        if self.phase == "tune":  # named by its settings (those at their default left out)
+            return True
+        # Final and CelebA runs are named by system and seed only: a run made with
+        # other settings (before a later lever changed the choice) must not pass for this one.
+        recorded = json.loads(results.read_text())["args"]
+        expected = train_settings(self.settings)
+        same_lr = expected["lr"] is None or recorded["lr"] == expected["lr"]
+        if not same_lr or sorted(recorded["quantizer_option"]) != sorted(expected["options"]):
+            raise RuntimeError(f"{results.parent} was trained with other settings than {self.settings}; "
+                               "move it away to train it again")
+        return True
 
 
 def parse_args(argv=None):
@@ -152,17 +169,28 @@ def train_command(args, run: Run, out: Path) -> list[str]:
                "--device", "cpu", "--out", str(out), "--auto-resume"]
     if run.val:
         command += ["--val-fraction", "0.1"]
-    for lever, value in run.settings.items():
-        if lever == "lr":
-            command += ["--lr", repr(value)]
-        elif lever == "weight_decay":
-            command += ["--weight-decay", repr(value)]
-        elif lever == "temperature":
-            command += ["--quantizer-option", f"temperature_start={value[0]!r}",
-                        "--quantizer-option", f"temperature_end={value[1]!r}"]
-        else:
-            command += ["--quantizer-option", f"{lever}={value!r}"]
+    settings = train_settings(run.settings)
+    if settings["lr"] is not None:
+        command += ["--lr", repr(settings["lr"])]
+    if settings["weight_decay"] is not None:
+        command += ["--weight-decay", repr(settings["weight_decay"])]
+    for option in settings["options"]:
+        command += ["--quantizer-option", option]
     return command
+
+
+def train_settings(settings: dict) -> dict:
+    """A run's levers as the training CLI takes them: lr, weight_decay and the
+    --quantizer-option NAME=VALUE strings, in the levers' order."""
+    out = {"lr": None, "weight_decay": None, "options": []}
+    for lever, value in settings.items():
+        if lever in TRAINING_LEVERS:
+            out[lever] = value
+        elif lever == "temperature":
+            out["options"] += [f"temperature_start={value[0]!r}", f"temperature_end={value[1]!r}"]
+        else:
+            out["options"].append(f"{lever}={value!r}")
+    return out
 
 
 def execute(args, run: Run) -> None:

@@ -655,19 +655,30 @@ __attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t off
   const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   alignas(32) uint32_t words[4 * kChunk];
   alignas(32) uint32_t counter_lo[8], counter_hi[8];
+  __m256i round_key0[10], round_key1[10];
+  for (int round = 0; round < 10; ++round) {
+    round_key0[round] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key) + round * 0x9E3779B9u));
+    round_key1[round] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key >> 32) + round * 0xBB67AE85u));
+  }
+  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
     const int64_t count = std::min(kChunk, blocks - j0);
     for (int64_t v = 0; v < count; v += 8) {  // the last group may run past count: its words go unused
-      for (int j = 0; j < 8; ++j) {
-        const uint64_t counter = first_block + static_cast<uint64_t>(j0 + v + j) + (stream << 62);
-        counter_lo[j] = static_cast<uint32_t>(counter);
-        counter_hi[j] = static_cast<uint32_t>(counter >> 32);
+      const uint64_t counter = first_block + static_cast<uint64_t>(j0 + v) + (stream << 62);
+      __m256i c0, c1;
+      if (static_cast<uint32_t>(counter) <= 0xFFFFFFFFu - 7) {  // no carry into the high word
+        c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))), lane_index);
+        c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          counter_lo[j] = static_cast<uint32_t>(counter + j);
+          counter_hi[j] = static_cast<uint32_t>((counter + j) >> 32);
+        }
+        c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_lo));
+        c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_hi));
       }
-      __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_lo));
-      __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_hi));
       __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
       __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
-      uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
       for (int round = 0; round < 10; ++round) {
         // 64-bit products of the even lanes, and of the odd lanes shifted down;
         // blend 0xAA takes the odd 32-bit lanes from the second operand.
@@ -679,12 +690,10 @@ __attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t off
         const __m256i lo0 = _mm256_blend_epi32(even0, _mm256_slli_epi64(odd0, 32), 0xAA);
         const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(even1, 32), odd1, 0xAA);
         const __m256i lo1 = _mm256_blend_epi32(even1, _mm256_slli_epi64(odd1, 32), 0xAA);
-        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), round_key0[round]);
+        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), round_key1[round]);
         c1 = lo1;
         c3 = lo0;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
       }
       // 4 words x 8 blocks -> 8 blocks of 4 consecutive words.
       const __m256i w01_lo = _mm256_unpacklo_epi32(c0, c1), w01_hi = _mm256_unpackhi_epi32(c0, c1);
