@@ -56,7 +56,10 @@ namespace row = cpu::row;
 constexpr int64_t kTargetBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlockElements = int64_t{1} << 21;
 constexpr int64_t kMinBlockRows = 128;
-constexpr int64_t kStripes = 16;
+// Many stripes: threads that finish early take the last ones, so the tail where
+// one thread works alone is short (64 rather than 16: 5% faster at (16384, 1024, 64)
+// on 2 cores, for 12 MiB more of partial sums).
+constexpr int64_t kStripes = 64;
 // Every stripe keeps a partial sum until the end (q_bar's columns, the codebook
 // gradient): with a large codebook, fewer stripes keep that memory bounded.
 constexpr int64_t kPartialBytes = int64_t{16} << 20;
