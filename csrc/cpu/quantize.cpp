@@ -201,21 +201,22 @@ struct RowScratch {
   RowScratch(int64_t k, int64_t d) : noise(k), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
 };
 
-// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k);
-// returns max_k v (NaN if the row holds one).
+// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k).
 template <typename acc_t>
-acc_t perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                  const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
+void perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
+                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
   const int64_t k = op.k;
-  if (explicit_noise != nullptr) return row::add_rows_max(logits, explicit_noise, perturbed, k);
+  if (explicit_noise != nullptr) {
+    row::add_rows(logits, explicit_noise, perturbed, k);
+    return;
+  }
   row::fill_gumbel(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, k, scratch.noise.data());
   if constexpr (std::is_same_v<acc_t, float>) {
-    return row::add_rows_max(logits, scratch.noise.data(), perturbed, k);
+    row::add_rows(logits, scratch.noise.data(), perturbed, k);
   } else {
     // float32 noise, then one rounding in acc_t: what the reference does.
     const float* g = scratch.noise.data();
     for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + static_cast<acc_t>(g[j]);
-    return row::row_max(perturbed, k);
   }
 }
 
@@ -269,7 +270,8 @@ void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* lo
                 RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
   const int64_t k = op.k;
   acc_t* v = scratch.perturbed.data();
-  const acc_t v_max = perturb_row(op, s, n, logits, explicit_noise, scratch, v);
+  perturb_row(op, s, n, logits, explicit_noise, scratch, v);
+  const acc_t v_max = row::row_max(v, k);
   *index = row::index_of_max(v, v_max, k);
   const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
   const acc_t shift = v_max * inverse_temperature;

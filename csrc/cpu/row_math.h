@@ -233,7 +233,7 @@ int64_t index_of_max(const T* x, T m, int64_t n) {
 
 // --- elementwise ------------------------------------------------------------------------
 // The logits epilogue: x[i] = -max(row_term + x[i], 0) (x holds the GEMM's
-// cross terms); returns the row's maximum logit (NaN if one is NaN).
+// cross terms).
 GMVQ_CLONES static void clamp_logits_row(float* x, float row_term, int64_t n) {
   int64_t i = 0;
   const vfloat zero = splat(0.0f);
@@ -254,25 +254,10 @@ inline void clamp_logits_row(double* x, double row_term, int64_t n) {
   }
 }
 
-GMVQ_CLONES static float clamped_logits_row(float* x, float row_term, int64_t n) {
-  int64_t i = 0;
-  const vfloat zero = splat(0.0f);
-  for (; i + kVector <= n; i += kVector) {
-    const vfloat d = load_vector(x + i) + row_term;
-    store_vector(x + i, -(d > zero ? d : zero));
-  }
-  for (; i < n; ++i) {
-    const float d = row_term + x[i];
-    x[i] = -(d > 0.0f ? d : 0.0f);
-  }
-  return row_max(x, n);
-}
-
-inline double clamped_logits_row(double* x, double row_term, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = row_term + x[i];
-    x[i] = -(d > 0.0 ? d : 0.0);
-  }
+// The epilogue, then the row's maximum logit (NaN if one is NaN).
+template <typename T>
+T clamped_logits_row(T* x, T row_term, int64_t n) {
+  clamp_logits_row(x, row_term, n);
   return row_max(x, n);
 }
 
@@ -283,36 +268,6 @@ GMVQ_CLONES static void add_rows(const float* a, const float* b, float* out, int
 
 inline void add_rows(const double* a, const double* b, double* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-}
-
-// out[i] = a[i] + b[i] (out may alias a); returns max_i out[i] (NaN if one is NaN), as row_max.
-GMVQ_CLONES static float add_rows_max(const float* a, const float* b, float* out, int64_t n) {
-  const float inf = std::numeric_limits<float>::infinity();
-  vfloat m = splat(-inf);
-  vfloat nan = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kVector <= n; i += kVector) {
-    const vfloat v = load_vector(a + i) + load_vector(b + i);
-    store_vector(out + i, v);
-    m = v > m ? v : m;
-    nan = v != v ? v : nan;
-  }
-  float best = -inf, any_nan = 0.0f;
-  for (int j = 0; j < kVector; ++j) {
-    best = m[j] > best ? m[j] : best;
-    any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
-  }
-  for (; i < n; ++i) {
-    out[i] = a[i] + b[i];
-    best = out[i] > best ? out[i] : best;
-    any_nan = out[i] != out[i] ? out[i] : any_nan;
-  }
-  return any_nan != any_nan ? any_nan : best;
-}
-
-inline double add_rows_max(const double* a, const double* b, double* out, int64_t n) {
-  add_rows(a, b, out, n);
-  return row_max(out, n);
 }
 
 // sums[i] += x[i] * scale.
@@ -331,25 +286,16 @@ inline void accumulate_scaled(double* sums, const double* x, double scale, int64
 GMVQ_CLONES static float logit_gradient_row(const float* pi, const float* g_pi, float b_pi, const float* y,
                                             const float* g_y, float beta, float s, float* out,
                                             float* through_sample, int64_t n) {
-  // The same sums with and without through_sample (the bits may not depend on it).
+  // One loop with and without through_sample: the bits may not depend on it.
   float lane[kLanes] = {};
   int64_t i = 0;
-  if (through_sample == nullptr) {
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const int64_t q = i + j;
-        out[q] = pi[q] * (g_pi[q] - b_pi) + s * y[q] * (g_y[q] - beta);
-        lane[j] += out[q];
-      }
-    }
-  } else {
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const int64_t q = i + j;
-        through_sample[q] = s * y[q] * (g_y[q] - beta);
-        out[q] = pi[q] * (g_pi[q] - b_pi) + through_sample[q];
-        lane[j] += out[q];
-      }
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const int64_t q = i + j;
+      const float sample_part = s * y[q] * (g_y[q] - beta);
+      if (through_sample != nullptr) through_sample[q] = sample_part;
+      out[q] = pi[q] * (g_pi[q] - b_pi) + sample_part;
+      lane[j] += out[q];
     }
   }
   float total = 0.0f;
