@@ -71,7 +71,7 @@ class GaussianMixtureVQ(Quantizer):
     2026-11-28: 58.9e-3 against 90.1e-3 for the paper's sigma_z2 = 0.5, noise,
     2 -> 0.1 with hard samples, all at lr 1e-2; hard samples with the other
     defaults: 59.6e-3). gamma 0.1 and the full weight were kept on validation.
-    Soft samples cost the fused op ~15% more time than hard ones. The paper's
+    Soft samples cost the fused op ~5% more time than hard ones. The paper's
     settings: ``sigma_z2=0.5, noise=True, temperature_start=2.0,
     temperature_end=0.1`` (it leaves hard or soft open).
     """
