@@ -12,6 +12,12 @@ memory is measured from a clean process:
 Times are medians of --repeats runs after --warmup runs (CUDA: events around
 each run, synchronised).
 
+--rounds R runs every case R times, in rounds (each round starts at the next
+case): on a shared machine whose speed drifts over minutes, a case and the
+fused op measured seconds apart are compared, not minutes apart. A case's
+time is the median of its per-round medians, its speed-up the median of the
+per-round ratios (their range is reported too), its peak memory the largest.
+
 Cases, all training mode with weight (N, D), temperature 1, sigma_z2 0.5,
 random upstream gradients on z_out, q_bar and latent_reg:
   fused               torch.ops.gmvq.quantize + its backward, hard straight-through
@@ -229,6 +235,27 @@ def spawn_case(case, shape, dtype, args) -> dict:
     return {"status": "oom" if out_of_memory else "error", "returncode": done.returncode, "error": " | ".join(tail)}
 
 
+def combine_rounds(rounds: list) -> dict:
+    """One case's per-round results as one: median time, largest peak, every round kept."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return dict(rounds[-1], rounds=rounds)
+    cpu = [r["median_cpu_s"] for r in ok if r.get("median_cpu_s") is not None]
+    return {"status": "ok", "median_s": statistics.median(r["median_s"] for r in ok),
+            "times_s": [t for r in ok for t in r["times_s"]],
+            "median_cpu_s": statistics.median(cpu) if cpu else None,
+            "peak_bytes": max(r["peak_bytes"] for r in ok), "rounds": rounds}
+
+
+def speedups(row: dict, case: str) -> list:
+    """case time / fused time, per round where both ran."""
+    fused, other = row["cases"].get("fused"), row["cases"].get(case)
+    if not fused or not other:
+        return []
+    pairs = zip(fused.get("rounds", [fused]), other.get("rounds", [other]))
+    return [o["median_s"] / f["median_s"] for f, o in pairs if f["status"] == "ok" and o["status"] == "ok"]
+
+
 def _fmt_time(r):
     return f"{r['median_s'] * 1e3:.1f}" if r["status"] == "ok" else r["status"].upper()
 
@@ -245,7 +272,9 @@ def markdown_table(results, info) -> str:
         "",
         "Forward + backward, training, hard, weight (N, D). Time: median wall ms (CUDA: events); process CPU: "
         "median CPU ms of all the process's threads (CPU runs only); memory: peak MiB above the inputs. "
-        "Speed-up = case time / fused time; memory ratio = fused peak / case peak (same run).",
+        "Speed-up = case time / fused time, the median over rounds of the ratio within a round (range in "
+        "brackets); memory ratio = fused peak / case peak (same run). Rounds: "
+        f"{max((len(c.get('rounds', [c])) for row in results for c in row['cases'].values()), default=1)}.",
         "",
         "| N x K x D | dtype | case | time ms | process CPU ms | peak MiB | fused speed-up | fused memory ratio |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -257,8 +286,12 @@ def markdown_table(results, info) -> str:
             if r is None:
                 continue
             speed = mem = "-"
+            ratios = speedups(row, case) if case != "fused" else []
+            if ratios:
+                speed = f"{statistics.median(ratios):.2f}x"
+                if len(ratios) > 1:
+                    speed += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
             if case != "fused" and r["status"] == "ok" and fused["status"] == "ok":
-                speed = f"{r['median_s'] / fused['median_s']:.2f}x"
                 if r["peak_bytes"] > 0:
                     mem = f"{fused['peak_bytes'] / r['peak_bytes']:.3f}"
             cpu = f"{r['median_cpu_s'] * 1e3:.0f}" if r.get("median_cpu_s") is not None else "-"
@@ -275,6 +308,7 @@ def main(argv=None):
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case (its whole subprocess)")
     parser.add_argument("--memory-limit-gb", type=float, help="CPU: address-space limit per case (RLIMIT_AS)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
@@ -297,12 +331,18 @@ def main(argv=None):
         for dtype in args.dtypes.split(","):
             row = {"shape": shape_text, "dtype": dtype, "cases": {}}
             results.append(row)
-            for case in args.cases.split(","):
-                row["cases"][case] = spawn_case(case, shape, dtype, args)
-                r = row["cases"][case]
-                print(f"{shape_text} {dtype} {case}: {_fmt_time(r)} ms, {_fmt_mem(r)} MiB"
-                      + ("" if r["status"] == "ok" else f"  ({r.get('error', '')})"), file=sys.stderr, flush=True)
-                write_outputs(args, info, results)  # after every case: a run cut short keeps what it measured
+            cases = args.cases.split(",")
+            rounds: dict = {case: [] for case in cases}
+            for round_index in range(args.rounds):
+                for position in range(len(cases)):
+                    case = cases[(round_index + position) % len(cases)]
+                    rounds[case].append(spawn_case(case, shape, dtype, args))
+                    r = rounds[case][-1]
+                    print(f"{shape_text} {dtype} round {round_index + 1}/{args.rounds} {case}: {_fmt_time(r)} ms, "
+                          f"{_fmt_mem(r)} MiB" + ("" if r["status"] == "ok" else f"  ({r.get('error', '')})"),
+                          file=sys.stderr, flush=True)
+                    row["cases"] = {c: combine_rounds(rounds[c]) for c in cases if rounds[c]}
+                    write_outputs(args, info, results)  # after every case: a run cut short keeps what it measured
     info["load_average_1_5_15_at_end"] = list(os.getloadavg())
     print(write_outputs(args, info, results))
 
