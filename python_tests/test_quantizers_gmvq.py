@@ -17,9 +17,9 @@ from gmvq_ext.quantizers import GaussianMixtureVQ, backend
 from gmvq_ext.quantizers.base import entropy
 
 
-# The paper's settings, which these tests' expected values are written for; the
-# package's defaults (chosen on validation) are tested on their own below.
-# The paper's settings, with the straight-through hard sample these tests were written for.
+# The paper's settings, with the straight-through hard sample: what these tests'
+# expected values are written for. The package's defaults (chosen on validation)
+# are tested on their own below.
 PAPER = dict(sigma_z2=0.5, noise=True, temperature_start=2.0, temperature_end=0.1, hard=True)
 
 

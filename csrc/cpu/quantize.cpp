@@ -507,19 +507,21 @@ void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs&
     const int64_t r = n0 + b;
     acc_t* lrow = l + b * k;
     const acc_t b_pi = row::exp_affine_dot(lrow, acc_t(1), row_lse[2 * r], grad_pi, pi, k);
+    // Evaluation: no tempered sample, so no y part (y stays null).
+    acc_t* y = nullptr;
+    const acc_t* gyrow = nullptr;
+    acc_t beta = 0;
     if (s.training) {
       // y = exp(v / T - lse_y) with v = l + g, before G_l overwrites the logits.
-      acc_t* y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
+      y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
       const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
       perturb_row(op, s, r, lrow, g, scratch, y);
-      const acc_t* gyrow = gy + b * k;
-      const acc_t beta = row::exp_affine_dot(y, inverse_temperature, row_lse[2 * r + 1], gyrow, y, k);
-      acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + r * k : nullptr;
-      buffers.row_sums[b] =
-          row::logit_gradient_row(pi, grad_pi, b_pi, y, gyrow, beta, inverse_temperature, lrow, gg, k);
-    } else {
-      buffers.row_sums[b] = row::posterior_gradient_row(pi, grad_pi, b_pi, lrow, k);
+      gyrow = gy + b * k;
+      beta = row::exp_affine_dot(y, inverse_temperature, row_lse[2 * r + 1], gyrow, y, k);
     }
+    acc_t* gg = grad_gumbel != nullptr ? grad_gumbel + r * k : nullptr;
+    buffers.row_sums[b] =
+        row::logit_gradient_row(pi, grad_pi, b_pi, y, gyrow, beta, inverse_temperature, lrow, gg, k);
   }
 }
 

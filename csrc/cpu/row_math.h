@@ -49,6 +49,8 @@ constexpr int kVector = 8;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define GMVQ_VECTOR_INLINE inline __attribute__((always_inline))
+// Lambdas handed to the row loops below, inlined like the helpers.
+#define GMVQ_SINK __attribute__((always_inline))
 typedef float vfloat __attribute__((vector_size(32)));
 typedef int32_t vint __attribute__((vector_size(32)));
 
@@ -284,31 +286,28 @@ inline void accumulate_scaled(double* sums, const double* x, double scale, int64
 
 // The fused quantize's logit gradient of one row (docs/math.md, quantize):
 //   out = pi (g_pi - b_pi) + s y (g_y - beta),  s = 1/T,
-// and the y part alone in through_sample when asked (the Gumbel noise's gradient).
+// without the y part when y is null (evaluation: no tempered sample), and the
+// y part alone in through_sample when asked (the Gumbel noise's gradient).
 // Returns sum_i out[i] (the distance backward's row sum), in kLanes partial sums.
 GMVQ_CLONES static float logit_gradient_row(const float* pi, const float* g_pi, float b_pi, const float* y,
                                             const float* g_y, float beta, float s, float* out,
                                             float* through_sample, int64_t n) {
-  // One loop with and without through_sample: the bits may not depend on it.
+  // One loop for every case: the bits may not depend on through_sample.
+  const auto element = [&](int64_t q) GMVQ_SINK {
+    const float posterior_part = pi[q] * (g_pi[q] - b_pi);
+    if (y == nullptr) return out[q] = posterior_part;
+    const float sample_part = s * y[q] * (g_y[q] - beta);
+    if (through_sample != nullptr) through_sample[q] = sample_part;
+    return out[q] = posterior_part + sample_part;
+  };
   float lane[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const int64_t q = i + j;
-      const float sample_part = s * y[q] * (g_y[q] - beta);
-      if (through_sample != nullptr) through_sample[q] = sample_part;
-      out[q] = pi[q] * (g_pi[q] - b_pi) + sample_part;
-      lane[j] += out[q];
-    }
+    for (int j = 0; j < kLanes; ++j) lane[j] += element(i + j);
   }
   float total = 0.0f;
   for (int j = 0; j < kLanes; ++j) total += lane[j];
-  for (; i < n; ++i) {
-    const float sample_part = s * y[i] * (g_y[i] - beta);
-    if (through_sample != nullptr) through_sample[i] = sample_part;
-    out[i] = pi[i] * (g_pi[i] - b_pi) + sample_part;
-    total += out[i];
-  }
+  for (; i < n; ++i) total += element(i);
   return total;
 }
 
@@ -317,56 +316,48 @@ inline double logit_gradient_row(const double* pi, const double* g_pi, double b_
                                  int64_t n) {
   double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double sample_part = s * y[i] * (g_y[i] - beta);
-    if (through_sample != nullptr) through_sample[i] = sample_part;
-    out[i] = pi[i] * (g_pi[i] - b_pi) + sample_part;
-    total += out[i];
-  }
-  return total;
-}
-
-// out = pi (g_pi - b_pi): the evaluation-mode logit gradient; returns sum_i out[i].
-GMVQ_CLONES static float posterior_gradient_row(const float* pi, const float* g_pi, float b_pi, float* out,
-                                                int64_t n) {
-  float lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      out[i + j] = pi[i + j] * (g_pi[i + j] - b_pi);
-      lane[j] += out[i + j];
+    out[i] = pi[i] * (g_pi[i] - b_pi);
+    if (y != nullptr) {
+      const double sample_part = s * y[i] * (g_y[i] - beta);
+      if (through_sample != nullptr) through_sample[i] = sample_part;
+      out[i] += sample_part;
     }
-  }
-  float total = 0.0f;
-  for (int j = 0; j < kLanes; ++j) total += lane[j];
-  for (; i < n; ++i) {
-    out[i] = pi[i] * (g_pi[i] - b_pi);
-    total += out[i];
-  }
-  return total;
-}
-
-inline double posterior_gradient_row(const double* pi, const double* g_pi, double b_pi, double* out, int64_t n) {
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = pi[i] * (g_pi[i] - b_pi);
     total += out[i];
   }
   return total;
 }
 
 // --- exponentials -------------------------------------------------------------------
-// out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i].
-GMVQ_CLONES static float exp_affine_row(const float* x, float scale, float shift, float* out, int64_t n) {
+// exp(x[i] * scale - shift) for the whole vectors of a row, handed in element
+// order to sink(i, e) (e: elements i .. i + kVector - 1): kChains vectors in
+// step, then one at a time. Returns where the whole vectors end; the caller
+// takes the rest with exp_affine_tail.
+template <typename Sink>
+GMVQ_VECTOR_INLINE int64_t exp_affine_vectors(const float* x, float scale, float shift, int64_t n,
+                                              const Sink& sink) {
   int64_t i = 0;
   for (; i + kVector * kChains <= n; i += kVector * kChains) {
     vfloat v[kChains];
     GMVQ_EACH_CHAIN v[s] = load_vector(x + i + kVector * s) * scale - shift;
     exp_chains(v);
-    GMVQ_EACH_CHAIN store_vector(out + i + kVector * s, v[s]);
+    GMVQ_EACH_CHAIN sink(i + kVector * s, v[s]);
   }
-  for (; i + kVector <= n; i += kVector) store_vector(out + i, exp_vector(load_vector(x + i) * scale - shift));
+  for (; i + kVector <= n; i += kVector) sink(i, exp_vector(load_vector(x + i) * scale - shift));
+  return i;
+}
+
+// exp(x[j] * scale - shift) for the n < kVector elements from x, in lanes 0 .. n - 1.
+GMVQ_VECTOR_INLINE vfloat exp_affine_tail(const float* x, float scale, float shift, int64_t n) {
+  return exp_vector(load_tail(x, n, 0.0f) * scale - shift);
+}
+
+// out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i].
+GMVQ_CLONES static float exp_affine_row(const float* x, float scale, float shift, float* out, int64_t n) {
+  const int64_t i = exp_affine_vectors(x, scale, shift, n, [&](int64_t j, vfloat e) GMVQ_SINK {
+    store_vector(out + j, e);
+  });
   if (i < n) {
-    const vfloat e = exp_vector(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    const vfloat e = exp_affine_tail(x + i, scale, shift, n - i);
     for (int64_t j = i; j < n; ++j) out[j] = e[j - i];
   }
   return row_sum(out, n);
@@ -385,25 +376,14 @@ inline double exp_affine_row(const double* x, double scale, double shift, double
 GMVQ_CLONES static float exp_affine_dot(const float* x, float scale, float shift, const float* w, float* out,
                                         int64_t n) {
   vfloat total = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kVector * kChains <= n; i += kVector * kChains) {
-    vfloat v[kChains];
-    GMVQ_EACH_CHAIN v[s] = load_vector(x + i + kVector * s) * scale - shift;
-    exp_chains(v);
-    GMVQ_EACH_CHAIN {
-      store_vector(out + i + kVector * s, v[s]);
-      total += v[s] * load_vector(w + i + kVector * s);
-    }
-  }
-  for (; i + kVector <= n; i += kVector) {
-    const vfloat e = exp_vector(load_vector(x + i) * scale - shift);
-    store_vector(out + i, e);
-    total += e * load_vector(w + i);
-  }
+  const int64_t i = exp_affine_vectors(x, scale, shift, n, [&](int64_t j, vfloat e) GMVQ_SINK {
+    store_vector(out + j, e);
+    total += e * load_vector(w + j);
+  });
   float sum = 0.0f;
   for (int j = 0; j < kVector; ++j) sum += total[j];
   if (i < n) {
-    const vfloat e = exp_vector(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    const vfloat e = exp_affine_tail(x + i, scale, shift, n - i);
     for (int64_t j = i; j < n; ++j) {
       out[j] = e[j - i];
       sum += out[j] * w[j];
@@ -424,18 +404,11 @@ inline double exp_affine_dot(const double* x, double scale, double shift, const 
 // sum_i exp(x[i] * scale - shift), nothing stored.
 GMVQ_CLONES static float exp_affine_sum(const float* x, float scale, float shift, int64_t n) {
   vfloat total = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kVector * kChains <= n; i += kVector * kChains) {
-    vfloat v[kChains];
-    GMVQ_EACH_CHAIN v[s] = load_vector(x + i + kVector * s) * scale - shift;
-    exp_chains(v);
-    GMVQ_EACH_CHAIN total += v[s];  // in element order, as one vector at a time
-  }
-  for (; i + kVector <= n; i += kVector) total += exp_vector(load_vector(x + i) * scale - shift);
+  const int64_t i = exp_affine_vectors(x, scale, shift, n, [&](int64_t, vfloat e) GMVQ_SINK { total += e; });
   float sum = 0.0f;
   for (int j = 0; j < kVector; ++j) sum += total[j];
   if (i < n) {
-    const vfloat e = exp_vector(load_tail(x + i, n - i, 0.0f) * scale - shift);
+    const vfloat e = exp_affine_tail(x + i, scale, shift, n - i);
     for (int64_t j = 0; j < n - i; ++j) sum += e[j];
   }
   return sum;
@@ -776,6 +749,7 @@ inline void fill_noise(rng::NoiseDistribution kind, int64_t seed, int64_t offset
 }
 
 #undef GMVQ_EACH_CHAIN
+#undef GMVQ_SINK
 #pragma GCC diagnostic pop
 
 }  // namespace gmvq::cpu::row
