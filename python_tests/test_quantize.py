@@ -179,6 +179,30 @@ def test_explicit_reference_noise_equals_generated_noise(device, mode):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_matches_reference_when_stripes_hold_several_blocks(weight, mode):
+    # The CPU kernel takes at least 128 rows per block and makes at most 64
+    # stripes: 9000 rows make 71 blocks, so some stripes run two (the codebook
+    # gradient's per-stripe sums then span blocks). Sums over
+    # K = 512 codes lose more than the default float32 tolerance allows, so
+    # the check is against the float64 reference (same noise), to 1e-5 of the
+    # largest value: the float32 reference's own error is about 1e-6 of it.
+    n, k, d = 9000, 512, 4
+    z, w, e = make_codebook_inputs(n, k, d, weight=weight, requires_grad=True, seed=7)
+    exact = [t if t is None else t.detach().double().requires_grad_() for t in (z, w, e)]
+    grads = upstream_grads(n, k, d, torch.float32, "cpu")
+    got = run(kernel, z, w, e, mode)
+    want = run(reference.quantize, *exact, mode)
+    torch.testing.assert_close(got[1], want[1])
+    got_grads = grads_of(got, grads, [z, w, e])
+    want_grads = grads_of(want, [g.double() for g in grads], exact)
+    for a, b in zip(list(got[:1] + got[2:]) + got_grads, list(want[:1] + want[2:]) + want_grads):
+        if a is not None:
+            largest = b.abs().max().item() if b.numel() else 0.0
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * largest)
+
+
 def test_reference_gaussian_noise_is_bit_identical_to_the_kernels():
     n, k, d = 700, 203, 7
     z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float32, weight="full")

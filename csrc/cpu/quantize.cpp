@@ -7,6 +7,8 @@
 //   l = -max(a + [w z, w] [-2 E, E*E]^T, 0),   a[n] = sum_d w z^2,
 // (with weight None or (N, 1) the second factor is [-2 E, ||e_k||^2]), and
 // everything else is done row by row with the whole row of K values at hand.
+// The left factor [w z, w] and a are formed per block too: as (N, D + W)
+// tensors they would cost a pass and fresh pages (and their faults) each call.
 //
 // The forward saves per row the two log-sum-exps (row_lse: of the posterior's
 // logits and of the tempered perturbed logits) and, for soft samples, z_soft;
@@ -119,21 +121,19 @@ Scalars read_scalars(const at::Tensor& temperature, double sigma_z2, bool hard, 
   return {1.0 / host_temperature(temperature), sigma_z2, hard, training, host_noise_state(noise_state)};
 }
 
-// The inputs in the accumulation dtype (O(N D + K D) memory) and the two GEMM
-// factors of the logits.
+// The inputs in the accumulation dtype (O(N D + K D) memory) and the codebook's
+// GEMM factor of the logits (the rows' factor is formed per block: block_factor).
 struct Operands {
   int64_t n = 0, k = 0, d = 0;
   at::Tensor z;         // (N, D)
   at::Tensor weight;    // undefined, (N, D) or (N, 1)
   at::Tensor codebook;  // (K, D)
-  at::Tensor lhs;       // (N, D + W): [w z, w]; W = D (full weight) or 1 ([z, 1] when absent)
-  at::Tensor rhs;       // (K, D + W): [-2 E, E * E] or [-2 E, ||e_k||^2]
-  at::Tensor row_term;  // (N): a = sum_d w z^2
+  at::Tensor rhs;       // (K, D + W): [-2 E, E * E] or [-2 E, ||e_k||^2]; W = D (full weight) or 1
   at::Tensor gumbel;    // explicit Gumbel noise as given, or undefined
   at::Tensor eps;       // explicit Gaussian noise (N, D) in acc, or undefined
 
   bool full_weight() const { return weight.defined() && weight.size(1) == d; }
-  int64_t width() const { return lhs.size(1); }
+  int64_t width() const { return rhs.size(1); }
 };
 
 Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
@@ -145,17 +145,7 @@ Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, c
   op.k = codebook.size(0);
   op.z = z.to(acc).contiguous();
   op.codebook = codebook.to(acc).contiguous();
-  at::Tensor weighted_z = op.z;
-  at::Tensor w_column;  // the weight factor of the code term
-  if (weight.has_value()) {
-    op.weight = weight->to(acc).contiguous();
-    weighted_z = op.z * op.weight;
-    w_column = op.weight;
-  } else {
-    w_column = at::ones({op.n, 1}, op.z.options());
-  }
-  op.row_term = (weighted_z * op.z).sum(1);
-  op.lhs = at::cat({weighted_z, w_column}, 1).contiguous();
+  if (weight.has_value()) op.weight = weight->to(acc).contiguous();
   const at::Tensor squared = op.codebook * op.codebook;
   // A full weight pairs each w[n, d] with E[k, d]^2; a per-row weight (or none)
   // only needs ||e_k||^2.
@@ -166,12 +156,39 @@ Operands prepare(const at::Tensor& z, const std::optional<at::Tensor>& weight, c
   return op;
 }
 
-// Logits of rows [n0, n0 + B) into logits (B, K): l = -max(a + lhs rhs^T, 0);
-// each row's largest logit into row_max (B) unless it is null.
+// The rows' GEMM factor of rows [n0, n0 + B) into factor (B, D + W): [w z, w]
+// ([w z, w] with a per-row weight, [z, 1] without one), and a = sum_d w z^2
+// into row_term (B).
 template <typename acc_t>
-void block_logits(const Operands& op, int64_t n0, at::Tensor& logits, acc_t* row_max) {
-  at::mm_out(logits, op.lhs.narrow(0, n0, logits.size(0)), op.rhs.t());
-  const acc_t* a = op.row_term.data_ptr<acc_t>() + n0;
+void block_factor(const Operands& op, int64_t n0, at::Tensor& factor, acc_t* row_term) {
+  const int64_t d = op.d, width = op.width();
+  const bool full_weight = op.full_weight();
+  const acc_t* z = op.z.data_ptr<acc_t>() + n0 * d;
+  const acc_t* w = op.weight.defined() ? op.weight.data_ptr<acc_t>() + n0 * op.weight.size(1) : nullptr;
+  acc_t* f = factor.data_ptr<acc_t>();
+  for (int64_t b = 0; b < factor.size(0); ++b) {
+    const acc_t* zr = z + b * d;
+    acc_t* wz = f + b * width;
+    if (full_weight) {
+      const acc_t* wr = w + b * d;
+      for (int64_t j = 0; j < d; ++j) wz[j] = wr[j] * zr[j];
+      std::copy(wr, wr + d, wz + d);
+    } else {
+      const acc_t wr = w == nullptr ? acc_t(1) : w[b];
+      for (int64_t j = 0; j < d; ++j) wz[j] = wr * zr[j];
+      wz[d] = wr;
+    }
+    row_term[b] = row::row_dot(wz, zr, d);
+  }
+}
+
+// Logits of a block into logits (B, K): l = -max(a + factor rhs^T, 0), with
+// block_factor's factor and a; each row's largest logit into row_max (B)
+// unless it is null.
+template <typename acc_t>
+void block_logits(const Operands& op, const at::Tensor& factor, const acc_t* a, at::Tensor& logits,
+                  acc_t* row_max) {
+  at::mm_out(logits, factor, op.rhs.t());
   acc_t* l = logits.data_ptr<acc_t>();
   for (int64_t b = 0; b < logits.size(0); ++b) {
     if (row_max != nullptr) {
@@ -303,16 +320,19 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
 
   for_each_stripe(blocking, [&](int64_t stripe, int64_t row_begin, int64_t row_end) {
     at::Tensor logits_buffer = at::empty({blocking.rows_per_block, k}, options);
+    at::Tensor factor_buffer = at::empty({blocking.rows_per_block, op.width()}, options);
     at::Tensor sample_buffer = s.soft() ? at::empty({blocking.rows_per_block, k}, options) : at::Tensor();
     std::vector<double>& sums = column_sums[stripe];
     sums.assign(k, 0.0);
-    std::vector<acc_t> block_sums(k), row_max(blocking.rows_per_block);
+    std::vector<acc_t> block_sums(k), row_max(blocking.rows_per_block), row_term(blocking.rows_per_block);
     RowScratch<acc_t> scratch(k, d);
 
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = logits_buffer.narrow(0, 0, rows);
-      block_logits<acc_t>(op, n0, logits, row_max.data());
+      at::Tensor factor = factor_buffer.narrow(0, 0, rows);
+      block_factor<acc_t>(op, n0, factor, row_term.data());
+      block_logits<acc_t>(op, factor, row_term.data(), logits, row_max.data());
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
       const acc_t* l = logits.data_ptr<acc_t>();
       std::fill(block_sums.begin(), block_sums.end(), acc_t(0));
@@ -423,14 +443,14 @@ struct BackwardOutputs {
   at::Tensor grad_eps;      // (N, D) acc, or undefined
 };
 
-// One stripe's buffers: (B, K) logits then G_l, G_y, y (soft), G_zq, G_l rhs;
-// and its partial codebook gradients.
+// One stripe's buffers: (B, K) logits then G_l, G_y, y (soft), G_zq, G_l rhs,
+// the block's GEMM factor and a; and its partial codebook gradients.
 template <typename acc_t>
 struct StripeBuffers {
-  at::Tensor logits, grad_sample, sample, grad_zq, pq;
+  at::Tensor logits, grad_sample, sample, grad_zq, pq, factor;
   at::Tensor direct;          // (K, D): c^T G_zq, the codebook gradient through z_q = c E
   at::Tensor distance_terms;  // (K, D + W): G_l^T [w z, w]
-  std::vector<acc_t> row_sums;
+  std::vector<acc_t> row_sums, row_term;
 
   StripeBuffers(const Operands& op, const Scalars& s, int64_t block) {
     const auto options = op.z.options();
@@ -439,9 +459,11 @@ struct StripeBuffers {
     sample = s.soft() ? at::empty({block, op.k}, options) : at::Tensor();
     grad_zq = at::empty({block, op.d}, options);
     pq = at::empty({block, op.width()}, options);
+    factor = at::empty({block, op.width()}, options);
     direct = at::zeros({op.k, op.d}, options);
-    distance_terms = at::zeros({op.k, op.width()}, options);
+    distance_terms = at::empty({op.k, op.width()}, options);  // the first block writes it
     row_sums.resize(block);
+    row_term.resize(block);
   }
 };
 
@@ -562,6 +584,39 @@ void distance_gradients(const Operands& op, int64_t n0, int64_t rows, const Stri
   }
 }
 
+// A stripe's G_E: direct += 2 (G_l^T (w z) - E * (G_l^T w)), from
+// distance_terms = G_l^T [w z, w] (one pass; E * (G_l^T w) pairs E[k, d] with
+// column d of G_l^T w, or with its single column for a per-row weight).
+template <typename acc_t>
+void add_distance_codebook_gradient(const Operands& op, const at::Tensor& distance_terms, at::Tensor& direct) {
+  const int64_t d = op.d, width = op.width();
+  const int64_t weight_stride = op.full_weight() ? 1 : 0;
+  const acc_t* codebook = op.codebook.data_ptr<acc_t>();
+  const acc_t* terms = distance_terms.data_ptr<acc_t>();
+  acc_t* out = direct.data_ptr<acc_t>();
+  for (int64_t code = 0; code < op.k; ++code) {
+    const acc_t* cross = terms + code * width;
+    const acc_t* weight_sums = cross + d;
+    const acc_t* e = codebook + code * d;
+    acc_t* o = out + code * d;
+    for (int64_t j = 0; j < d; ++j) o[j] += acc_t(2) * (cross[j] - e[j] * weight_sums[j * weight_stride]);
+  }
+}
+
+// out = the partials' sum, added in their order (the same bits on any thread count).
+template <typename acc_t>
+void sum_in_order(const std::vector<at::Tensor>& partials, at::Tensor& out) {
+  std::vector<const acc_t*> sources;
+  for (const at::Tensor& partial : partials) sources.push_back(partial.data_ptr<acc_t>());
+  acc_t* o = out.data_ptr<acc_t>();
+  at::parallel_for(0, out.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    std::fill(o + begin, o + end, acc_t(0));
+    for (const acc_t* source : sources) {
+      for (int64_t i = begin; i < end; ++i) o[i] += source[i];
+    }
+  });
+}
+
 template <typename acc_t>
 void quantize_backward_impl(const Operands& op, const Scalars& s, const BackwardInputs& in, BackwardOutputs& out) {
   const int64_t k = op.k, d = op.d;
@@ -578,7 +633,9 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = buffers.logits.narrow(0, 0, rows);
-      block_logits<acc_t>(op, n0, logits, static_cast<acc_t*>(nullptr));
+      at::Tensor factor = buffers.factor.narrow(0, 0, rows);
+      block_factor<acc_t>(op, n0, factor, buffers.row_term.data());
+      block_logits<acc_t>(op, factor, buffers.row_term.data(), logits, static_cast<acc_t*>(nullptr));
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
 
       at::Tensor grad_zq = buffers.grad_zq.narrow(0, 0, rows);
@@ -600,18 +657,20 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
         }
       }
 
-      // Distance backward: [-2 P, Q] = G_l rhs; G_l^T lhs for the codebook.
+      // Distance backward: [-2 P, Q] = G_l rhs; G_l^T [w z, w] for the codebook.
       at::Tensor pq = buffers.pq.narrow(0, 0, rows);
       at::mm_out(pq, logits, op.rhs);
-      buffers.distance_terms.addmm_(logits.t(), op.lhs.narrow(0, n0, rows));
+      if (n0 == row_begin) {
+        at::mm_out(buffers.distance_terms, logits.t(), factor);
+      } else {
+        buffers.distance_terms.addmm_(logits.t(), factor);
+      }
       distance_gradients(op, n0, rows, buffers, out);
     }
-    // G_E of the stripe: c^T G_zq + 2 (G_l^T (w z) - E * (G_l^T w)).
-    const at::Tensor cross = buffers.distance_terms.narrow(1, 0, d);
-    const at::Tensor weight_sums = buffers.distance_terms.narrow(1, d, op.width() - d);
-    codebook_partials[stripe] = buffers.direct.add_((cross - op.codebook * weight_sums) * 2.0);
+    add_distance_codebook_gradient<acc_t>(op, buffers.distance_terms, buffers.direct);
+    codebook_partials[stripe] = buffers.direct;
   });
-  for (const at::Tensor& partial : codebook_partials) out.grad_codebook.add_(partial);
+  sum_in_order<acc_t>(codebook_partials, out.grad_codebook);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_backward_cpu(
@@ -641,7 +700,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   BackwardOutputs out;
   out.grad_z = at::empty({n, op.d}, op.z.options());
   out.grad_weight = op.weight.defined() ? at::empty(op.weight.sizes(), op.z.options()) : at::Tensor();
-  out.grad_codebook = at::zeros({k, op.d}, op.z.options());
+  out.grad_codebook = at::empty({k, op.d}, op.z.options());
   // Evaluation uses neither noise: their gradients are 0.
   if (gumbel_noise.has_value() && training) out.grad_gumbel = at::empty({n, k}, op.z.options());
   if (eps_noise.has_value() && training) out.grad_eps = at::empty({n, op.d}, op.z.options());
