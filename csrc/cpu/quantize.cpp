@@ -449,7 +449,8 @@ template <typename acc_t>
 struct StripeBuffers {
   at::Tensor logits, grad_sample, sample, grad_zq, pq, factor;
   at::Tensor direct;          // (K, D): c^T G_zq, the codebook gradient through z_q = c E
-  at::Tensor distance_terms;  // (K, D + W): G_l^T [w z, w]
+  at::Tensor distance_terms;  // (D + W, K): [w z, w]^T G_l, transposed: as (B, D + W)^T (B, K)
+                              // this GEMM ran 14-40% faster than G_l^T [w z, w] (one Zen 3 core)
   std::vector<acc_t> row_sums, row_term;
 
   StripeBuffers(const Operands& op, const Scalars& s, int64_t block) {
@@ -461,7 +462,7 @@ struct StripeBuffers {
     pq = at::empty({block, op.width()}, options);
     factor = at::empty({block, op.width()}, options);
     direct = at::zeros({op.k, op.d}, options);
-    distance_terms = at::empty({op.k, op.width()}, options);  // the first block writes it
+    distance_terms = at::empty({op.width(), op.k}, options);  // the first block writes it
     row_sums.resize(block);
     row_term.resize(block);
   }
@@ -584,22 +585,42 @@ void distance_gradients(const Operands& op, int64_t n0, int64_t rows, const Stri
   }
 }
 
-// A stripe's G_E: direct += 2 (G_l^T (w z) - E * (G_l^T w)), from
-// distance_terms = G_l^T [w z, w] (one pass; E * (G_l^T w) pairs E[k, d] with
-// column d of G_l^T w, or with its single column for a per-row weight).
+// A stripe's G_E: direct += 2 (G_l^T (w z) - E * (G_l^T w)), from the
+// transposed distance_terms = [w z, w]^T G_l (one pass; E * (G_l^T w) pairs
+// E[k, d] with row d of w^T G_l, or with its single row for a per-row weight).
 template <typename acc_t>
 void add_distance_codebook_gradient(const Operands& op, const at::Tensor& distance_terms, at::Tensor& direct) {
-  const int64_t d = op.d, width = op.width();
-  const int64_t weight_stride = op.full_weight() ? 1 : 0;
+  // Codes in tiles of kTile: the tile's columns of the terms are copied into
+  // code-major rows (a walk down a column, K apart, falls into one cache set),
+  // then each code's row of G_E is one contiguous pass.
+  constexpr int64_t kTile = 16;
+  const int64_t k = op.k, d = op.d;
+  const int64_t weight_rows = op.full_weight() ? d : 1;
   const acc_t* codebook = op.codebook.data_ptr<acc_t>();
   const acc_t* terms = distance_terms.data_ptr<acc_t>();
   acc_t* out = direct.data_ptr<acc_t>();
-  for (int64_t code = 0; code < op.k; ++code) {
-    const acc_t* cross = terms + code * width;
-    const acc_t* weight_sums = cross + d;
-    const acc_t* e = codebook + code * d;
-    acc_t* o = out + code * d;
-    for (int64_t j = 0; j < d; ++j) o[j] += acc_t(2) * (cross[j] - e[j] * weight_sums[j * weight_stride]);
+  std::vector<acc_t> cross(kTile * d), weight_sums(kTile * weight_rows);
+  for (int64_t code0 = 0; code0 < k; code0 += kTile) {
+    const int64_t tile = std::min(kTile, k - code0);
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t* row = terms + j * k + code0;
+      for (int64_t c = 0; c < tile; ++c) cross[c * d + j] = row[c];
+    }
+    for (int64_t j = 0; j < weight_rows; ++j) {
+      const acc_t* row = terms + (d + j) * k + code0;
+      for (int64_t c = 0; c < tile; ++c) weight_sums[c * weight_rows + j] = row[c];
+    }
+    for (int64_t c = 0; c < tile; ++c) {
+      const acc_t* e = codebook + (code0 + c) * d;
+      const acc_t* x = cross.data() + c * d;
+      const acc_t* ws = weight_sums.data() + c * weight_rows;
+      acc_t* o = out + (code0 + c) * d;
+      if (weight_rows == d) {
+        for (int64_t j = 0; j < d; ++j) o[j] += acc_t(2) * (x[j] - e[j] * ws[j]);
+      } else {
+        for (int64_t j = 0; j < d; ++j) o[j] += acc_t(2) * (x[j] - e[j] * ws[0]);
+      }
+    }
   }
 }
 
@@ -657,13 +678,13 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
         }
       }
 
-      // Distance backward: [-2 P, Q] = G_l rhs; G_l^T [w z, w] for the codebook.
+      // Distance backward: [-2 P, Q] = G_l rhs; [w z, w]^T G_l for the codebook.
       at::Tensor pq = buffers.pq.narrow(0, 0, rows);
       at::mm_out(pq, logits, op.rhs);
       if (n0 == row_begin) {
-        at::mm_out(buffers.distance_terms, logits.t(), factor);
+        at::mm_out(buffers.distance_terms, factor.t(), logits);
       } else {
-        buffers.distance_terms.addmm_(logits.t(), factor);
+        buffers.distance_terms.addmm_(factor.t(), logits);
       }
       distance_gradients(op, n0, rows, buffers, out);
     }
