@@ -203,6 +203,19 @@ def test_matches_reference_when_stripes_hold_several_blocks(weight, mode):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * largest)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_ties_go_to_the_lowest_index(device):
+    # Small integers: every distance is exact whatever the GEMM's order, so
+    # ties are exact too (repeated codes, equal distances); K = 67 spans several
+    # 8-wide vectors and a tail. torch.argmax takes the first maximum.
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randint(-4, 5, (300, 2), generator=gen).float()
+    codebook = torch.randint(-4, 5, (67, 2), generator=gen).float()
+    want = (-(z[:, None].double() - codebook.double()) ** 2).sum(-1).argmax(1)
+    got = run(kernel, z.to(device), None, codebook.to(device), "eval")[1]
+    assert torch.equal(got.cpu(), want)
+
+
 def test_reference_gaussian_noise_is_bit_identical_to_the_kernels():
     n, k, d = 700, 203, 7
     z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float32, weight="full")

@@ -236,6 +236,31 @@ int64_t index_of_max(const T* x, T m, int64_t n) {
   return 0;
 }
 
+#if GMVQ_AVX2_PHILOX
+// The first index holding m (not NaN), 8 elements a compare: the scalar scan
+// above reads half the row on average at about one element per 1.5 cycles.
+__attribute__((target("avx2"))) inline int64_t index_of_value_avx2(const float* x, float m, int64_t n) {
+  const __m256 target = _mm256_set1_ps(m);
+  int64_t i = 0;
+  for (; i + kVector <= n; i += kVector) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), target, _CMP_EQ_OQ));
+    if (hits != 0) return i + __builtin_ctz(static_cast<unsigned>(hits));
+  }
+  for (; i < n; ++i) {
+    if (x[i] == m) return i;
+  }
+  return 0;
+}
+#endif
+
+inline int64_t index_of_max(const float* x, float m, int64_t n) {
+#if GMVQ_AVX2_PHILOX
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2 && m == m) return index_of_value_avx2(x, m, n);
+#endif
+  return index_of_max<float>(x, m, n);
+}
+
 // --- elementwise ------------------------------------------------------------------------
 // The logits epilogue: x[i] = -max(row_term + x[i], 0) (x holds the GEMM's
 // cross terms).
