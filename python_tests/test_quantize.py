@@ -216,6 +216,25 @@ def test_evaluation_ties_go_to_the_lowest_index(device):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_nan_input_propagates_like_the_reference(device, mode):
+    # A NaN in z makes its row's distances NaN; the clamp at 0 must not turn
+    # them into perfect matches (a finite q_bar from a NaN input).
+    n, k, d = 37, 19, 5
+    z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full")
+    z[3, 1] = float("nan")
+    inputs = [t.requires_grad_() for t in (z, w, e)]
+    grads = upstream_grads(n, k, d, torch.float32, device)
+    got, want = run(kernel, *inputs, mode), run(reference.quantize, *inputs, mode)
+    assert torch.isnan(got[2]).all() and torch.isnan(got[3][3])
+    torch.testing.assert_close(got[1], want[1])
+    for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
+        torch.testing.assert_close(a, b, equal_nan=True, **tolerance(torch.float32))
+    for a, b in zip(grads_of(got, grads, inputs), grads_of(want, grads, inputs)):
+        torch.testing.assert_close(a, b, equal_nan=True, **tolerance(torch.float32))
+
+
 def test_reference_gaussian_noise_is_bit_identical_to_the_kernels():
     n, k, d = 700, 203, 7
     z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float32, weight="full")

@@ -263,24 +263,25 @@ inline int64_t index_of_max(const float* x, float m, int64_t n) {
 
 // --- elementwise ------------------------------------------------------------------------
 // The logits epilogue: x[i] = -max(row_term + x[i], 0) (x holds the GEMM's
-// cross terms).
+// cross terms); a NaN distance stays NaN (a select on d > 0 would turn it into
+// a perfect match).
 GMVQ_CLONES static void clamp_logits_row(float* x, float row_term, int64_t n) {
   int64_t i = 0;
   const vfloat zero = splat(0.0f);
   for (; i + kVector <= n; i += kVector) {
     const vfloat d = load_vector(x + i) + row_term;
-    store_vector(x + i, -(d > zero ? d : zero));
+    store_vector(x + i, -(d < zero ? zero : d));
   }
   for (; i < n; ++i) {
     const float d = row_term + x[i];
-    x[i] = -(d > 0.0f ? d : 0.0f);
+    x[i] = -(d < 0.0f ? 0.0f : d);
   }
 }
 
 inline void clamp_logits_row(double* x, double row_term, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const double d = row_term + x[i];
-    x[i] = -(d > 0.0 ? d : 0.0);
+    x[i] = -(d < 0.0 ? 0.0 : d);
   }
 }
 
@@ -289,6 +290,34 @@ template <typename T>
 T clamped_logits_row(T* x, T row_term, int64_t n) {
   clamp_logits_row(x, row_term, n);
   return row_max(x, n);
+}
+
+// The same in one pass (the block's logits have left L1 by the time a second
+// pass reads them).
+GMVQ_CLONES static float clamped_logits_row(float* x, float row_term, int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const vfloat zero = splat(0.0f);
+  vfloat m = splat(-inf), nan = zero;
+  int64_t i = 0;
+  for (; i + kVector <= n; i += kVector) {
+    const vfloat d = load_vector(x + i) + row_term;
+    const vfloat l = -(d < zero ? zero : d);
+    store_vector(x + i, l);
+    m = l > m ? l : m;
+    nan = l != l ? l : nan;
+  }
+  float best = -inf, any_nan = 0.0f;
+  for (int j = 0; j < kVector; ++j) {
+    best = m[j] > best ? m[j] : best;
+    any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
+  }
+  for (; i < n; ++i) {
+    const float d = row_term + x[i];
+    x[i] = -(d < 0.0f ? 0.0f : d);
+    best = x[i] > best ? x[i] : best;
+    any_nan = x[i] != x[i] ? x[i] : any_nan;
+  }
+  return any_nan != any_nan ? any_nan : best;
 }
 
 // out[i] = a[i] + b[i] (out may alias a).

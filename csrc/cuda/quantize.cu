@@ -138,10 +138,16 @@ void check_dimension(const Operands& ops) {
 }
 
 // Row segments of the column sweeps: about 4 waves of blocks on a large GPU,
-// decided by the shape alone so that the summation order never changes.
+// decided by the shape alone so that the summation order never changes. Each
+// segment holds ceil(row tiles / segments) tiles, so the count is the number of
+// segments that then hold rows: an empty one would leave its partial (from
+// at::empty) unwritten and add garbage to the sum (N = 9000, K = 512: 66
+// segments of 5 tiles, the last 9 empty).
 int64_t column_segments(int64_t n, int64_t k, int64_t row_tile) {
   const int64_t row_tiles = ceil_div(n, row_tile), code_tiles = ceil_div(k, fused::kCodeTile);
-  return std::max<int64_t>(1, std::min<int64_t>(row_tiles, ceil_div(528, code_tiles)));
+  if (row_tiles == 0) return 1;
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(row_tiles, ceil_div(528, code_tiles)));
+  return ceil_div(row_tiles, ceil_div(row_tiles, wanted));
 }
 
 template <typename Kernel, typename Args>

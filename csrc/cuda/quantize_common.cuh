@@ -117,11 +117,12 @@ __device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gz
   }
 }
 
-// The logit of one element from its product (-inf outside the matrix).
+// The logit of one element from its product (-inf outside the matrix); a NaN
+// distance stays NaN.
 template <typename T>
 __device__ __forceinline__ T logit(bool valid, T row_term, T product) {
   const T distance = row_term + product;
-  return valid ? -(distance > T(0) ? distance : T(0)) : neg_inf<T>();
+  return valid ? -(distance < T(0) ? T(0) : distance) : neg_inf<T>();
 }
 
 // Gumbel noise of row n, codes k0 .. k0 + 3 (k0 < K): given, or Philox stream

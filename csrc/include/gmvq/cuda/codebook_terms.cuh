@@ -58,11 +58,12 @@ struct DistanceView {
   bool full_weight;
 
   // d from c[0] = (w z) . e and, with a full weight, c[1] = w . e^2;
-  // clamped at 0 in value (rounding can go below).
+  // clamped at 0 in value (rounding can go below); NaN stays NaN, as in the
+  // CPU's clamp_min.
   __device__ __forceinline__ T distance(int64_t row_i, int64_t code_j, T cross, T weighted_sq) const {
     const T code = full_weight ? weighted_sq : wscale[row_i] * code_norm[code_j];
     const T dist = row[row_i] - T(2) * cross + code;
-    return dist > T(0) ? dist : T(0);
+    return dist < T(0) ? T(0) : dist;
   }
 };
 
