@@ -28,6 +28,8 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GMVQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// AVX2 intrinsics paths, each behind a run-time check: the Philox noise, the
+// index search.
 #define GMVQ_AVX2_PHILOX 1
 #include <immintrin.h>
 #else
@@ -183,26 +185,35 @@ inline double row_dot(const double* x, const double* y, int64_t n) {
 }
 
 // max_i x[i]; NaN if the row holds one.
-GMVQ_CLONES static float row_max(const float* x, int64_t n) {
-  const float inf = std::numeric_limits<float>::infinity();
-  vfloat m = splat(-inf);
+// The running maximum of row_max: per lane, the largest value and the last NaN.
+struct RunningMax {
+  vfloat m = splat(-std::numeric_limits<float>::infinity());
   vfloat nan = splat(0.0f);
-  int64_t i = 0;
-  for (; i + kVector <= n; i += kVector) {
-    const vfloat v = load_vector(x + i);
+
+  GMVQ_VECTOR_INLINE void take(vfloat v) {
     m = v > m ? v : m;
     nan = v != v ? v : nan;
   }
-  float best = -inf, any_nan = 0.0f;
-  for (int j = 0; j < kVector; ++j) {
-    best = m[j] > best ? m[j] : best;
-    any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
+  // The maximum over the lanes and the `count` values at rest; NaN if any was.
+  GMVQ_VECTOR_INLINE float finish(const float* rest, int64_t count) const {
+    float best = -std::numeric_limits<float>::infinity(), any_nan = 0.0f;
+    for (int j = 0; j < kVector; ++j) {
+      best = m[j] > best ? m[j] : best;
+      any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      best = rest[i] > best ? rest[i] : best;
+      any_nan = rest[i] != rest[i] ? rest[i] : any_nan;
+    }
+    return any_nan != any_nan ? any_nan : best;
   }
-  for (; i < n; ++i) {
-    best = x[i] > best ? x[i] : best;
-    any_nan = x[i] != x[i] ? x[i] : any_nan;
-  }
-  return any_nan != any_nan ? any_nan : best;
+};
+
+GMVQ_CLONES static float row_max(const float* x, int64_t n) {
+  RunningMax running;
+  int64_t i = 0;
+  for (; i + kVector <= n; i += kVector) running.take(load_vector(x + i));
+  return running.finish(x + i, n - i);
 }
 
 inline double row_max(const double* x, int64_t n) {
@@ -285,39 +296,25 @@ inline void clamp_logits_row(double* x, double row_term, int64_t n) {
   }
 }
 
-// The epilogue, then the row's maximum logit (NaN if one is NaN).
-template <typename T>
-T clamped_logits_row(T* x, T row_term, int64_t n) {
+// The epilogue, then the row's maximum logit (NaN if one is NaN); for float
+// in one pass (the block's logits have left L1 by the time a second pass reads them).
+inline double clamped_logits_row(double* x, double row_term, int64_t n) {
   clamp_logits_row(x, row_term, n);
   return row_max(x, n);
 }
 
-// The same in one pass (the block's logits have left L1 by the time a second
-// pass reads them).
 GMVQ_CLONES static float clamped_logits_row(float* x, float row_term, int64_t n) {
-  const float inf = std::numeric_limits<float>::infinity();
   const vfloat zero = splat(0.0f);
-  vfloat m = splat(-inf), nan = zero;
+  RunningMax running;
   int64_t i = 0;
   for (; i + kVector <= n; i += kVector) {
     const vfloat d = load_vector(x + i) + row_term;
     const vfloat l = -(d < zero ? zero : d);
     store_vector(x + i, l);
-    m = l > m ? l : m;
-    nan = l != l ? l : nan;
+    running.take(l);
   }
-  float best = -inf, any_nan = 0.0f;
-  for (int j = 0; j < kVector; ++j) {
-    best = m[j] > best ? m[j] : best;
-    any_nan = nan[j] != nan[j] ? nan[j] : any_nan;
-  }
-  for (; i < n; ++i) {
-    const float d = row_term + x[i];
-    x[i] = -(d < 0.0f ? 0.0f : d);
-    best = x[i] > best ? x[i] : best;
-    any_nan = x[i] != x[i] ? x[i] : any_nan;
-  }
-  return any_nan != any_nan ? any_nan : best;
+  clamp_logits_row(x + i, row_term, n - i);
+  return running.finish(x + i, n - i);
 }
 
 // out[i] = a[i] + b[i] (out may alias a).
