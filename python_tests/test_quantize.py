@@ -520,6 +520,62 @@ def test_peak_resident_memory_stays_far_below_n_by_k():
     assert peak < n * k * 4 // 4, f"peak resident memory grew by {peak / 2**20:.1f} MiB"
 
 
+_OUT_OF_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from gmvq_ext import ops
+
+    direction, headroom_mib = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(2)
+    n, k, d = 2048, 65536, 8
+    gen = torch.Generator().manual_seed(0)
+    z, e = torch.randn(n, d, generator=gen), torch.randn(k, d, generator=gen)
+    temperature, state = torch.tensor(0.7), ops.noise_state(1, 0)
+    args = (temperature, 0.5, True, True, state, None, None)
+    small = torch.ops.gmvq.quantize(z[:64], None, e[:64], *args)  # thread pool and allocator arenas exist
+    torch.ops.gmvq.quantize_backward(small[0], torch.ones(64), torch.ones(64), z[:64], None, e[:64], small[1],
+                                     small[4], small[5], *args)
+    out = torch.ops.gmvq.quantize(z, None, e, *args) if direction == "backward" else None
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom_mib * 2**20, hard))
+    try:
+        if direction == "forward":
+            torch.ops.gmvq.quantize(z, None, e, *args)
+        else:
+            torch.ops.gmvq.quantize_backward(out[0], torch.ones(k), torch.ones(n), z, None, e, out[1], out[4],
+                                             out[5], *args)
+        result = "no error"
+    except RuntimeError as error:
+        result = f"RuntimeError: {error}"
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    again = torch.ops.gmvq.quantize(z[:64], None, e[:64], *args)  # the op still works
+    assert torch.equal(again[1], small[1])
+    print(result)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux address-space limits")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_out_of_memory_inside_the_kernel_raises(direction):
+    # An allocation fails inside a worker thread (its block buffers or a stripe's
+    # partial sum, depending on the headroom): the call raises the allocator's
+    # error; no crash, no hang, and the process goes on.
+    env = subprocess_env()
+    raised = 0
+    for headroom_mib in (1, 4, 8, 16):
+        done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, direction, str(headroom_mib)],
+                              env=env, cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if done.stdout.startswith("RuntimeError:"):
+            assert "allocate" in done.stdout, done.stdout
+            raised += 1
+        else:
+            assert done.stdout.strip() == "no error", done.stdout
+    assert raised >= 2
+
+
 @requires_cuda
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cuda_peak_memory_stays_far_below_n_by_k(mode):

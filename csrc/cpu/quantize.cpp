@@ -62,17 +62,18 @@ constexpr int64_t kMaxBlockElements = int64_t{1} << 21;
 constexpr int64_t kMinBlockRows = 128;
 // Many stripes: threads that finish early take the last ones, so the tail where
 // one thread works alone is short (64 rather than 16: 5% faster at (16384, 1024, 64)
-// on 2 cores, for 12 MiB more of partial sums).
+// on 2 cores; at K = 8192 the backward ran 4-7% slower with 8 than with 32 or 64).
 constexpr int64_t kStripes = 64;
-// Every stripe keeps a partial sum until the end (q_bar's columns, the codebook
-// gradient): with a large codebook, fewer stripes keep that memory bounded.
-constexpr int64_t kPartialBytes = int64_t{16} << 20;
+// Every stripe has a partial sum (q_bar's columns, the codebook gradient) until
+// it is added in order (OrderedSum). Usually a few exist at a time, but all of
+// them if one thread stalls: with a large codebook, fewer stripes bound that.
+constexpr int64_t kPartialBytes = int64_t{64} << 20;
 
 // Rows [row_begin, row_end) of a stripe: whole blocks of rows_per_block rows.
 struct Blocking {
   int64_t rows = 0, rows_per_block = 1, blocks = 0, stripes = 0;
 
-  // partial_bytes: what one stripe keeps until the end.
+  // partial_bytes: one stripe's partial sums.
   Blocking(int64_t n, int64_t k, int64_t partial_bytes) : rows(n) {
     rows_per_block = std::max<int64_t>(1, kTargetBlockElements / k);
     // Large K: at least kMinBlockRows rows per GEMM, within the hard cap on B * K. Each
