@@ -116,7 +116,7 @@ void for_each_stripe(const Blocking& blocking, const MakeState& make_state, cons
 // only the few partials that arrive early alive at a time. (Keeping all 64 of
 // the codebook gradient's until the end cost 16 MiB of fresh pages per call at
 // K = 1024, D = 64: 4000 page faults, 10 ms of system time per thread.)
-template <typename acc_t>
+template <typename T>
 class OrderedSum {
  public:
   OrderedSum(at::Tensor total, int64_t parts) : total_(std::move(total)), parts_(parts) { total_.zero_(); }
@@ -140,8 +140,8 @@ class OrderedSum {
     arrived_.emplace(index, std::move(part));
     for (auto first = arrived_.begin(); first != arrived_.end() && first->first == added_;
          first = arrived_.begin()) {
-      const acc_t* source = first->second.template data_ptr<acc_t>();
-      acc_t* out = total_.template data_ptr<acc_t>();
+      const T* source = first->second.template data_ptr<T>();
+      T* out = total_.template data_ptr<T>();
       for (int64_t i = 0, n = total_.numel(); i < n; ++i) out[i] += source[i];
       spare_.push_back(std::move(first->second));
       arrived_.erase(first);
