@@ -62,7 +62,9 @@ constexpr int64_t kMaxBlockElements = int64_t{1} << 21;
 constexpr int64_t kMinBlockRows = 128;
 // Many stripes: threads that finish early take the last ones, so the tail where
 // one thread works alone is short (64 rather than 16: 5% faster at (16384, 1024, 64)
-// on 2 cores; at K = 8192 the backward ran 4-7% slower with 8 than with 32 or 64).
+// on 2 cores; the backward at K = 8192 ran 3-7% slower with 8 than with 32 or 64,
+// at K = 16384 4% faster with 4 than with 16: the stripes' own passes over the
+// (K, D) partial and (D + W, K) terms weigh more there).
 constexpr int64_t kStripes = 64;
 // Every stripe has a partial sum (q_bar's columns, the codebook gradient) until
 // it is added in order (OrderedSum). Usually a few exist at a time, but all of
