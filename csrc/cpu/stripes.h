@@ -4,7 +4,8 @@
 // stripes; threads take stripes from a shared counter. A stripe's result never
 // depends on which thread ran it or on the thread count, and the stripes'
 // partial sums are added in stripe order (OrderedSum), so the op gives the same
-// bits run after run and on any number of threads.
+// bits run after run and on any number of threads (as far as the BLAS does: a
+// lone stripe runs its GEMMs on the BLAS's own threads).
 #pragma once
 
 #include <ATen/ATen.h>
