@@ -562,11 +562,11 @@ def test_out_of_memory_inside_the_kernel_raises(direction):
     # An allocation fails inside a worker thread (its block buffers or a stripe's
     # partial sum, depending on the headroom): the call raises the allocator's
     # error; no crash, no hang, and the process goes on.
-    env = subprocess_env()
     raised = 0
     for headroom_mib in (1, 4, 8, 16):
         done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, direction, str(headroom_mib)],
-                              env=env, cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=120)
+                              env=subprocess_env(), cwd=PACKAGE_PARENT, capture_output=True, text=True,
+                              timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         if done.stdout.startswith("RuntimeError:"):
             assert "allocate" in done.stdout, done.stdout

@@ -40,7 +40,6 @@
 #include "row_math.h"
 #include "stripes.h"
 
-
 namespace gmvq {
 namespace {
 
@@ -472,8 +471,9 @@ void residual_gradients(const Operands& op, const Scalars& s, const BackwardInpu
 // sums S of G_l, and dL/dg = the y part (the noise enters as l + g).
 template <typename acc_t>
 void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs& in, int64_t n0,
-                     int64_t rows, const at::Tensor& gumbel, RowScratch<acc_t>& scratch,
-                     BackwardBuffers<acc_t>& buffers, BackwardOutputs& out) {
+                     int64_t rows, const at::Tensor& gumbel, BackwardBuffers<acc_t>& buffers,
+                     BackwardOutputs& out) {
+  RowScratch<acc_t>& scratch = buffers.scratch;
   const int64_t k = op.k;
   const acc_t inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
   const acc_t* grad_pi = in.grad_pi.data_ptr<acc_t>();
@@ -591,7 +591,6 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
   const auto make_buffers = [&] { return BackwardBuffers<acc_t>(op, s, blocking.rows_per_block); };
   for_each_stripe(blocking, make_buffers, [&](BackwardBuffers<acc_t>& buffers, int64_t stripe, int64_t row_begin,
                                               int64_t row_end) {
-    RowScratch<acc_t>& scratch = buffers.scratch;
     // The stripe's G_E: c^T G_zq, the codebook gradient through z_q = c E, then the distance part.
     at::Tensor direct_gradient = codebook_gradient.take();
     acc_t* direct = direct_gradient.data_ptr<acc_t>();
@@ -605,12 +604,12 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
 
       at::Tensor grad_zq = buffers.grad_zq.narrow(0, 0, rows);
-      residual_gradients(op, s, in, n0, rows, scratch, grad_zq.data_ptr<acc_t>(), out);
+      residual_gradients(op, s, in, n0, rows, buffers.scratch, grad_zq.data_ptr<acc_t>(), out);
       if (s.training) {  // G_y = G_zq E^T
         at::Tensor grad_sample = buffers.grad_sample.narrow(0, 0, rows);
         at::mm_out(grad_sample, grad_zq, op.codebook.t());
       }
-      logit_gradients(op, s, in, n0, rows, gumbel, scratch, buffers, out);
+      logit_gradients(op, s, in, n0, rows, gumbel, buffers, out);
 
       // Codebook gradient through z_q = c E: c^T G_zq (hard: a scatter-add in row order).
       if (s.soft()) {

@@ -276,24 +276,28 @@ inline int64_t index_of_max(const float* x, float m, int64_t n) {
 // The logits epilogue: x[i] = -max(row_term + x[i], 0) (x holds the GEMM's
 // cross terms); a NaN distance stays NaN (a select on d > 0 would turn it into
 // a perfect match).
+// One rule for every copy: the scalars and a vector.
+GMVQ_VECTOR_INLINE float clamped_logit(float cross, float row_term) {
+  const float d = cross + row_term;
+  return -(d < 0.0f ? 0.0f : d);
+}
+GMVQ_VECTOR_INLINE double clamped_logit(double cross, double row_term) {
+  const double d = cross + row_term;
+  return -(d < 0.0 ? 0.0 : d);
+}
+GMVQ_VECTOR_INLINE vfloat clamped_logit(vfloat cross, float row_term) {
+  const vfloat d = cross + row_term;
+  return -(d < splat(0.0f) ? splat(0.0f) : d);
+}
+
 GMVQ_CLONES static void clamp_logits_row(float* x, float row_term, int64_t n) {
   int64_t i = 0;
-  const vfloat zero = splat(0.0f);
-  for (; i + kVector <= n; i += kVector) {
-    const vfloat d = load_vector(x + i) + row_term;
-    store_vector(x + i, -(d < zero ? zero : d));
-  }
-  for (; i < n; ++i) {
-    const float d = row_term + x[i];
-    x[i] = -(d < 0.0f ? 0.0f : d);
-  }
+  for (; i + kVector <= n; i += kVector) store_vector(x + i, clamped_logit(load_vector(x + i), row_term));
+  for (; i < n; ++i) x[i] = clamped_logit(x[i], row_term);
 }
 
 inline void clamp_logits_row(double* x, double row_term, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = row_term + x[i];
-    x[i] = -(d < 0.0 ? 0.0 : d);
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = clamped_logit(x[i], row_term);
 }
 
 // The epilogue, then the row's maximum logit (NaN if one is NaN); for float
@@ -304,12 +308,10 @@ inline double clamped_logits_row(double* x, double row_term, int64_t n) {
 }
 
 GMVQ_CLONES static float clamped_logits_row(float* x, float row_term, int64_t n) {
-  const vfloat zero = splat(0.0f);
   RunningMax running;
   int64_t i = 0;
   for (; i + kVector <= n; i += kVector) {
-    const vfloat d = load_vector(x + i) + row_term;
-    const vfloat l = -(d < zero ? zero : d);
+    const vfloat l = clamped_logit(load_vector(x + i), row_term);
     store_vector(x + i, l);
     running.take(l);
   }
