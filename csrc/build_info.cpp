@@ -2,6 +2,8 @@
 // initialisers of the TORCH_LIBRARY blocks); build_info() says how it was built.
 #include <pybind11/pybind11.h>
 
+#include "cpu/x86_paths.h"
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gmvq_ext kernels (registered as torch.ops.gmvq.*)";
   m.def("build_info", [] {
@@ -9,6 +11,9 @@ PYBIND11_MODULE(_C, m) {
     info["torch_version"] = GMVQ_TORCH_VERSION;
     info["with_cuda"] = static_cast<bool>(GMVQ_WITH_CUDA);
     info["cuda_architectures"] = GMVQ_CUDA_ARCHS;
+    // The CPU kernels' x86 paths (AVX2 noise, AVX2 + FMA exponentials), each
+    // taken at run time when the CPU has the instructions.
+    info["cpu_x86_paths"] = static_cast<bool>(GMVQ_X86_PATHS);
     return info;
   });
 }

@@ -18,9 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import (CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA, LOW_PRECISION_DTYPES,
-                     PACKAGE_PARENT, cuda_tiles, make_codebook_inputs, requires_cuda, subprocess_env, tolerance,
-                     upcast)
+from helpers import (BUILD_INFO, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
+                     LOW_PRECISION_DTYPES, PACKAGE_PARENT, cuda_tiles, make_codebook_inputs, requires_cuda,
+                     subprocess_env, tolerance, upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -201,6 +201,56 @@ def test_matches_reference_when_stripes_hold_several_blocks(weight, mode):
         if a is not None:
             largest = b.abs().max().item() if b.numel() else 0.0
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * largest)
+
+
+_EXP_PATH_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from gmvq_ext import ops
+    z, w, e, (g_z, g_q, g_l), hard = torch.load(sys.argv[1])
+    inputs = [t.requires_grad_() for t in (z, w, e)]
+    z_out, indices, q_bar, latent_reg = ops.quantize(z, w, e, 0.7, 0.5, hard, True, (3, 4))
+    loss = (z_out * g_z).sum() + (q_bar * g_q).sum() + (latent_reg * g_l).sum()
+    torch.save([z_out, indices, q_bar, latent_reg, *torch.autograd.grad(loss, inputs)], sys.argv[2])
+""")
+
+
+def _cpu_has_avx2_and_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.parametrize("mode", ["train_hard", "train_soft"])
+def test_both_cpu_exponential_paths_match_the_reference(mode, tmp_path):
+    # The CPU exponentials have a fused-multiply-add copy (x86 with AVX2 and
+    # FMA) and a portable one (GMVQ_CPU_PORTABLE_EXP=1). Both must match the
+    # float64 reference; K = 300 runs their chained, single-vector and tail
+    # code. Where the build has the x86 paths and the CPU AVX2 and FMA, the
+    # two must differ in some bit, or the fused copy did not run.
+    n, k, d = 700, 300, 8
+    hard, _ = MODES[mode]
+    z, w, e = make_codebook_inputs(n, k, d, weight="full", seed=13)
+    grads = upstream_grads(n, k, d, torch.float32, "cpu")
+    torch.save([z, w, e, grads, hard], tmp_path / "inputs.pt")
+    results = {}
+    for path, env in (("default", {}), ("portable", {"GMVQ_CPU_PORTABLE_EXP": "1"})):
+        out = tmp_path / f"{path}.pt"
+        subprocess.run([sys.executable, "-c", _EXP_PATH_SCRIPT, str(tmp_path / "inputs.pt"), str(out)],
+                       env=subprocess_env(**env), cwd=PACKAGE_PARENT, check=True, timeout=120)
+        results[path] = torch.load(out)
+
+    exact = [t.detach().double().requires_grad_() for t in (z, w, e)]
+    want = run(reference.quantize, *exact, mode, seed=3, offset=4)
+    want = list(want[:4]) + grads_of(want, [g.double() for g in grads], exact)
+    for path, got in results.items():
+        assert torch.equal(got[1], want[1]), path
+        for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    differ = any(not torch.equal(a, b) for a, b in zip(results["default"], results["portable"]))
+    assert differ == (BUILD_INFO["cpu_x86_paths"] and _cpu_has_avx2_and_fma())
 
 
 @pytest.mark.parametrize("device", DEVICES)
