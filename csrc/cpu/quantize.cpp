@@ -151,33 +151,29 @@ at::Tensor block_gumbel(const Operands& op, int64_t n0, int64_t rows) {
 // Per-thread row scratch.
 template <typename acc_t>
 struct RowScratch {
-  std::vector<float> noise;       // K: one row of Philox Gumbel noise
+  std::vector<float> noise;       // min(K, kNoiseChunk): Philox Gumbel noise, a chunk of a row at a time
   std::vector<acc_t> perturbed;   // K: l + g, then y
   std::vector<acc_t> posterior;   // K: pi
   std::vector<float> gaussian;    // D: one row of Philox Gaussian noise
   std::vector<acc_t> eps;         // D
   std::vector<acc_t> residual;    // D
 
-  RowScratch(int64_t k, int64_t d) : noise(k), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
+  RowScratch(int64_t k, int64_t d)
+      : noise(std::min(k, row::kNoiseChunk)), perturbed(k), posterior(k), gaussian(d), eps(d), residual(d) {}
 };
 
-// v = l + g of row n into `perturbed` (explicit noise row, or Philox element n*K + k).
+// v = l + g of row n into `perturbed` (explicit noise row, or Philox element
+// n*K + k); returns max_k v when want_max (else anything).
 template <typename acc_t>
-void perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                 const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
+acc_t perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
+                  const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed, bool want_max) {
   const int64_t k = op.k;
   if (explicit_noise != nullptr) {
     row::add_rows(logits, explicit_noise, perturbed, k);
-    return;
+    return want_max ? row::row_max(perturbed, k) : acc_t(0);
   }
-  row::fill_gumbel(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, k, scratch.noise.data());
-  if constexpr (std::is_same_v<acc_t, float>) {
-    row::add_rows(logits, scratch.noise.data(), perturbed, k);
-  } else {
-    // float32 noise, then one rounding in acc_t: what the reference does.
-    const float* g = scratch.noise.data();
-    for (int64_t j = 0; j < k; ++j) perturbed[j] = logits[j] + static_cast<acc_t>(g[j]);
-  }
+  return row::perturb_row_max(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, logits, scratch.noise.data(),
+                              perturbed, k);
 }
 
 // eps[n] (D values) from eps_noise or Philox stream 1.
@@ -230,8 +226,7 @@ void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* lo
                 RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
   const int64_t k = op.k;
   acc_t* v = scratch.perturbed.data();
-  perturb_row(op, s, n, logits, explicit_noise, scratch, v);
-  const acc_t v_max = row::row_max(v, k);
+  const acc_t v_max = perturb_row(op, s, n, logits, explicit_noise, scratch, v, /*want_max=*/true);
   *index = row::index_of_max(v, v_max, k);
   const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
   const acc_t shift = v_max * inverse_temperature;
@@ -494,7 +489,7 @@ void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs&
       // y = exp(v / T - lse_y) with v = l + g, before G_l overwrites the logits.
       y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
       const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-      perturb_row(op, s, r, lrow, g, scratch, y);
+      perturb_row(op, s, r, lrow, g, scratch, y, /*want_max=*/false);
       gyrow = gy + b * k;
       beta = row::exp_affine_dot(y, inverse_temperature, row_lse[2 * r + 1], gyrow, y, k);
     }

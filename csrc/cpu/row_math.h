@@ -711,6 +711,43 @@ inline void fill_gaussian(int64_t seed, int64_t offset, uint64_t first, int64_t 
   fill_noise<GaussianWord>(seed, offset, rng::kGaussianStream, first, count, out);
 }
 
+// A row's Gumbel noise is made kNoiseChunk values at a time and used while
+// still in L1 (a whole row of it is 64 KiB at K = 16384).
+constexpr int64_t kNoiseChunk = 1024;
+
+// out[i] = l[i] + g[i], g the Gumbel noise of elements [first, first + n),
+// made through `noise` (min(n, kNoiseChunk) floats); returns max_i out[i]
+// (NaN if one is), as row_max(out) would (out may alias l).
+GMVQ_CLONES static float perturb_row_max(int64_t seed, int64_t offset, uint64_t first, const float* l, float* noise,
+                                         float* out, int64_t n) {
+  static_assert(kNoiseChunk % kVector == 0, "only the last chunk may end in a partial vector");
+  RunningMax running;
+  int64_t i = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kNoiseChunk) {
+    const int64_t count = std::min(kNoiseChunk, n - j0);
+    fill_gumbel(seed, offset, first + static_cast<uint64_t>(j0), count, noise);
+    for (i = j0; i + kVector <= j0 + count; i += kVector) {
+      const vfloat v = load_vector(l + i) + load_vector(noise + (i - j0));
+      store_vector(out + i, v);
+      running.take(v);
+    }
+    for (int64_t j = i; j < j0 + count; ++j) out[j] = l[j] + noise[j - j0];
+  }
+  return running.finish(out + i, n - i);
+}
+
+// The same for double logits: float noise, one rounding in double (what the
+// reference does).
+inline double perturb_row_max(int64_t seed, int64_t offset, uint64_t first, const double* l, float* noise,
+                              double* out, int64_t n) {
+  for (int64_t j0 = 0; j0 < n; j0 += kNoiseChunk) {
+    const int64_t count = std::min(kNoiseChunk, n - j0);
+    fill_gumbel(seed, offset, first + static_cast<uint64_t>(j0), count, noise);
+    for (int64_t j = 0; j < count; ++j) out[j0 + j] = l[j0 + j] + static_cast<double>(noise[j]);
+  }
+  return row_max(out, n);
+}
+
 // philox_noise's distributions.
 inline void fill_noise(rng::NoiseDistribution kind, int64_t seed, int64_t offset, uint64_t first, int64_t count,
                        float* out) {
