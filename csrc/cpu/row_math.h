@@ -353,27 +353,31 @@ inline bool avx2_fma_exp() {
                           std::getenv("GMVQ_CPU_PORTABLE_EXP") == nullptr;
   return use;
 }
-#define GMVQ_EXP_DISPATCH(name, ...) \
-  return avx2_fma_exp() ? avx2_fma::name(__VA_ARGS__) : portable::name(__VA_ARGS__)
-#else
-#define GMVQ_EXP_DISPATCH(name, ...) return portable::name(__VA_ARGS__)
 #endif
 
 // out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i].
 inline float exp_affine_row(const float* x, float scale, float shift, float* out, int64_t n) {
-  GMVQ_EXP_DISPATCH(exp_affine_row, x, scale, shift, out, n);
+#if GMVQ_X86_PATHS
+  if (avx2_fma_exp()) return avx2_fma::exp_affine_row(x, scale, shift, out, n);
+#endif
+  return portable::exp_affine_row(x, scale, shift, out, n);
 }
 
 // out[i] = exp(x[i] * scale - shift) (x and out may alias); returns sum_i out[i] * w[i].
 inline float exp_affine_dot(const float* x, float scale, float shift, const float* w, float* out, int64_t n) {
-  GMVQ_EXP_DISPATCH(exp_affine_dot, x, scale, shift, w, out, n);
+#if GMVQ_X86_PATHS
+  if (avx2_fma_exp()) return avx2_fma::exp_affine_dot(x, scale, shift, w, out, n);
+#endif
+  return portable::exp_affine_dot(x, scale, shift, w, out, n);
 }
 
 // sum_i exp(x[i] * scale - shift), nothing stored.
 inline float exp_affine_sum(const float* x, float scale, float shift, int64_t n) {
-  GMVQ_EXP_DISPATCH(exp_affine_sum, x, scale, shift, n);
+#if GMVQ_X86_PATHS
+  if (avx2_fma_exp()) return avx2_fma::exp_affine_sum(x, scale, shift, n);
+#endif
+  return portable::exp_affine_sum(x, scale, shift, n);
 }
-#undef GMVQ_EXP_DISPATCH
 
 inline double exp_affine_row(const double* x, double scale, double shift, double* out, int64_t n) {
   double total = 0.0;
