@@ -34,9 +34,7 @@ struct PerturbedRows {
       const acc_t* g = noise + n * k;
       for (int64_t j = 0; j < k; ++j) out[j] = l[j] + g[j];
     } else {
-      // float32 noise, then one rounding in acc_t: what the reference does.
-      cpu::row::fill_gumbel(key.seed, key.offset, static_cast<uint64_t>(n * k), k, philox_buffer);
-      for (int64_t j = 0; j < k; ++j) out[j] = l[j] + static_cast<acc_t>(philox_buffer[j]);
+      cpu::row::perturb_row_max(key.seed, key.offset, static_cast<uint64_t>(n * k), l, philox_buffer, out, k);
     }
   }
 };
@@ -79,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, c
     scalar_t* out = sample.data_ptr<scalar_t>();
     const auto inverse_temperature = static_cast<scalar_t>(1.0 / host_temperature(temperature));
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> philox_buffer(k);
+      std::vector<float> philox_buffer(std::min(k, cpu::row::kNoiseChunk));
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* y = out + row * k;
         rows.row(row, philox_buffer.data(), y);
@@ -114,7 +112,7 @@ at::Tensor gumbel_argmax_backward_cpu(const at::Tensor& grad_sample, const at::T
     scalar_t* out = grad_logits.data_ptr<scalar_t>();
     const auto inverse_temperature = static_cast<scalar_t>(1.0 / host_temperature(temperature));
     at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> philox_buffer(k);
+      std::vector<float> philox_buffer(std::min(k, cpu::row::kNoiseChunk));
       std::vector<scalar_t> y(k);
       for (int64_t row = begin; row < end; ++row) {
         rows.row(row, philox_buffer.data(), y.data());

@@ -32,7 +32,6 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "gmvq/checks.h"
@@ -163,14 +162,14 @@ struct RowScratch {
 };
 
 // v = l + g of row n into `perturbed` (explicit noise row, or Philox element
-// n*K + k); returns max_k v when want_max (else anything).
+// n*K + k); returns max_k v.
 template <typename acc_t>
 acc_t perturb_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* logits,
-                  const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed, bool want_max) {
+                  const acc_t* explicit_noise, RowScratch<acc_t>& scratch, acc_t* perturbed) {
   const int64_t k = op.k;
   if (explicit_noise != nullptr) {
     row::add_rows(logits, explicit_noise, perturbed, k);
-    return want_max ? row::row_max(perturbed, k) : acc_t(0);
+    return row::row_max(perturbed, k);
   }
   return row::perturb_row_max(s.key.seed, s.key.offset, static_cast<uint64_t>(n) * k, logits, scratch.noise.data(),
                               perturbed, k);
@@ -226,7 +225,7 @@ void sample_row(const Operands& op, const Scalars& s, int64_t n, const acc_t* lo
                 RowScratch<acc_t>& scratch, int64_t* index, acc_t* lse_y, acc_t* y) {
   const int64_t k = op.k;
   acc_t* v = scratch.perturbed.data();
-  const acc_t v_max = perturb_row(op, s, n, logits, explicit_noise, scratch, v, /*want_max=*/true);
+  const acc_t v_max = perturb_row(op, s, n, logits, explicit_noise, scratch, v);
   *index = row::index_of_max(v, v_max, k);
   const auto inverse_temperature = static_cast<acc_t>(s.inverse_temperature);
   const acc_t shift = v_max * inverse_temperature;
@@ -489,7 +488,7 @@ void logit_gradients(const Operands& op, const Scalars& s, const BackwardInputs&
       // y = exp(v / T - lse_y) with v = l + g, before G_l overwrites the logits.
       y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : scratch.perturbed.data();
       const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-      perturb_row(op, s, r, lrow, g, scratch, y, /*want_max=*/false);
+      perturb_row(op, s, r, lrow, g, scratch, y);  // the maximum is not needed here
       gyrow = gy + b * k;
       beta = row::exp_affine_dot(y, inverse_temperature, row_lse[2 * r + 1], gyrow, y, k);
     }
