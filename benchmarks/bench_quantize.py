@@ -18,8 +18,11 @@ fused op measured seconds apart are compared, not minutes apart. A case's
 time is the median of its per-round medians, its speed-up the median of the
 per-round ratios (their range is reported too), its peak memory the largest.
 
-Cases, all training mode with weight (N, D), temperature 1, sigma_z2 0.5,
-random upstream gradients on z_out, q_bar and latent_reg:
+Cases, all training mode with weight (N, D), sigma_z2 0.5, at each of
+--temperatures (1 and GM-VQ's final 0.05 by default: at a cold temperature far
+more of each row underflows), random upstream gradients on z_out, q_bar and
+latent_reg; every case in the process's default floating-point mode (no
+flush-to-zero set by the benchmark: what a library does itself is measured):
   fused               torch.ops.gmvq.quantize + its backward, hard straight-through
   reference           reference.quantize generating its own Philox noise (int64 tensor arithmetic)
   reference_noise     reference.quantize given precomputed noise: the fair eager baseline
@@ -30,7 +33,7 @@ random upstream gradients on z_out, q_bar and latent_reg:
 
 Usage:
   python benchmarks/bench_quantize.py --device cpu --shapes 16384x1024x64,16384x8192x64 \\
-      --dtypes float32 --repeats 5 --out benchmarks/results/cpu.json
+      --dtypes float32 --temperatures 1,0.05 --repeats 5 --out benchmarks/results/cpu.json
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASES = ["fused", "reference", "reference_noise", "reference_compiled", "vqtorch"]
-SEED, OFFSET, TEMPERATURE, SIGMA_Z2 = 1, 0, 1.0, 0.5
+SEED, OFFSET, SIGMA_Z2 = 1, 0, 0.5
+# The x86 features that decide the CPU kernels' speed, recorded with every result.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 
 
 # ---------------------------------------------------------------------------
@@ -91,7 +96,7 @@ def _build_inputs(torch, case, n, k, d, dtype, device):
     return z, weight, codebook, grads, noise
 
 
-def _make_step(torch, case, n, k, d, dtype, device):
+def _make_step(torch, case, n, k, d, dtype, device, temperature):
     """A closure running one forward + backward, and the tensors it keeps alive."""
     import gmvq_ext
     from gmvq_ext import reference
@@ -117,7 +122,7 @@ def _make_step(torch, case, n, k, d, dtype, device):
         "reference_compiled": torch.compile(reference.quantize, dynamic=False),
     }[case]
     # The scalars as the module passes them: tensors on the inputs' device.
-    temperature = torch.tensor(TEMPERATURE, device=device)
+    temperature = torch.tensor(temperature, device=device)
     noise_state = gmvq_ext.ops.noise_state(SEED, OFFSET, device=device)
 
     def step():
@@ -130,7 +135,7 @@ def _make_step(torch, case, n, k, d, dtype, device):
     return step, (z, weight, codebook, grads, noise)
 
 
-def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb=None) -> dict:
+def run_case(case, n, k, d, dtype_name, device, warmup, repeats, temperature=1.0, memory_limit_gb=None) -> dict:
     if memory_limit_gb:  # a shared machine: fail this case (reported as OOM) rather than the machine
         import resource
 
@@ -139,7 +144,7 @@ def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb
     import torch
 
     dtype = getattr(torch, dtype_name)
-    step, keep_alive = _make_step(torch, case, n, k, d, dtype, device)
+    step, keep_alive = _make_step(torch, case, n, k, d, dtype, device, temperature)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -176,15 +181,29 @@ def run_case(case, n, k, d, dtype_name, device, warmup, repeats, memory_limit_gb
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-def _cpu_model() -> str:
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return fields
+
+
+def cpu_description() -> dict:
+    """Vendor, model and the flags in CPU_FLAGS: Intel and AMD cores differ in
+    what costs time (subnormal operands, for one), so every figure names its CPU."""
+    fields = _cpuinfo()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_vendor": fields.get("vendor_id", platform.machine()),
+            "cpu_model": fields.get("model name", platform.processor() or "unknown"),
+            "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS}}
 
 
 def machine_info(device: str) -> dict:
@@ -192,7 +211,7 @@ def machine_info(device: str) -> dict:
 
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        **cpu_description(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
@@ -212,10 +231,11 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def spawn_case(case, shape, dtype, args) -> dict:
+def spawn_case(case, shape, dtype, temperature, args) -> dict:
     n, k, d = shape
     command = [sys.executable, __file__, "--_case", case, "--_shape", f"{n}x{k}x{d}", "--dtypes", dtype,
-               "--device", args.device, "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+               "--temperatures", str(temperature), "--device", args.device, "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats)]
     if args.memory_limit_gb:
         command += ["--memory-limit-gb", str(args.memory_limit_gb)]
     started = time.perf_counter()
@@ -266,18 +286,20 @@ def _fmt_mem(r):
 
 def markdown_table(results, info) -> str:
     lines = [
-        f"Device: {info.get('gpu') or info['cpu_model']} ({info['cpu_cores']} cores, {info['torch_threads']} torch "
+        f"Device: {info.get('gpu') or info['cpu_model']} ({info['cpu_vendor']}; "
+        f"{', '.join(flag for flag, present in info['cpu_flags'].items() if present) or 'none'} of "
+        f"{', '.join(CPU_FLAGS)}; {info['cpu_cores']} cores, {info['torch_threads']} torch "
         f"threads), torch {info['torch_version']}, {info['date_utc']}, load average at start "
         f"{info['load_average_1_5_15'][0]:.2f}.",
         "",
-        "Forward + backward, training, hard, weight (N, D). Time: median wall ms (CUDA: events); process CPU: "
+        "Forward + backward, training, hard, weight (N, D), at temperature T. Time: median wall ms (CUDA: events); process CPU: "
         "median CPU ms of all the process's threads (CPU runs only); memory: peak MiB above the inputs. "
         "Speed-up = case time / fused time, the median over rounds of the ratio within a round (range in "
         "brackets); memory ratio = fused peak / case peak (same run). Rounds: "
         f"{max((len(c.get('rounds', [c])) for row in results for c in row['cases'].values()), default=1)}.",
         "",
-        "| N x K x D | dtype | case | time ms | process CPU ms | peak MiB | fused speed-up | fused memory ratio |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| N x K x D | dtype | T | case | time ms | process CPU ms | peak MiB | fused speed-up | fused memory ratio |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results:
         fused = row["cases"].get("fused", {"status": "missing"})
@@ -295,7 +317,7 @@ def markdown_table(results, info) -> str:
                 if r["peak_bytes"] > 0:
                     mem = f"{fused['peak_bytes'] / r['peak_bytes']:.3f}"
             cpu = f"{r['median_cpu_s'] * 1e3:.0f}" if r.get("median_cpu_s") is not None else "-"
-            lines.append(f"| {row['shape']} | {row['dtype']} | {case} | {_fmt_time(r)} | {cpu} | {_fmt_mem(r)} | {speed} "
+            lines.append(f"| {row['shape']} | {row['dtype']} | {row['temperature']:g} | {case} | {_fmt_time(r)} | {cpu} | {_fmt_mem(r)} | {speed} "
                          f"| {mem} |")
     return "\n".join(lines)
 
@@ -305,6 +327,7 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shapes", default="16384x1024x64", help="comma-separated NxKxD")
     parser.add_argument("--dtypes", default="float32", help="comma-separated torch dtypes")
+    parser.add_argument("--temperatures", default="1,0.05", help="comma-separated temperatures")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -320,7 +343,7 @@ def main(argv=None):
     if args._case:  # child process: one case
         n, k, d = (int(v) for v in args._shape.split("x"))
         result = run_case(args._case, n, k, d, args.dtypes, args.device, args.warmup, args.repeats,
-                          args.memory_limit_gb if args.device == "cpu" else None)
+                          float(args.temperatures), args.memory_limit_gb if args.device == "cpu" else None)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -329,22 +352,28 @@ def main(argv=None):
     for shape_text in args.shapes.split(","):
         shape = tuple(int(v) for v in shape_text.split("x"))
         for dtype in args.dtypes.split(","):
-            row = {"shape": shape_text, "dtype": dtype, "cases": {}}
-            results.append(row)
-            cases = args.cases.split(",")
-            rounds: dict = {case: [] for case in cases}
-            for round_index in range(args.rounds):
-                for position in range(len(cases)):
-                    case = cases[(round_index + position) % len(cases)]
-                    rounds[case].append(spawn_case(case, shape, dtype, args))
-                    r = rounds[case][-1]
-                    print(f"{shape_text} {dtype} round {round_index + 1}/{args.rounds} {case}: {_fmt_time(r)} ms, "
-                          f"{_fmt_mem(r)} MiB" + ("" if r["status"] == "ok" else f"  ({r.get('error', '')})"),
-                          file=sys.stderr, flush=True)
-                    row["cases"] = {c: combine_rounds(rounds[c]) for c in cases if rounds[c]}
-                    write_outputs(args, info, results)  # after every case: a run cut short keeps what it measured
+            for temperature in (float(t) for t in args.temperatures.split(",")):
+                row = {"shape": shape_text, "dtype": dtype, "temperature": temperature, "cases": {}}
+                results.append(row)
+                run_row(args, info, results, row, shape)
     info["load_average_1_5_15_at_end"] = list(os.getloadavg())
     print(write_outputs(args, info, results))
+
+
+def run_row(args, info: dict, results: list, row: dict, shape: tuple) -> None:
+    """Every case of one (shape, dtype, temperature), in --rounds interleaved rounds."""
+    cases = args.cases.split(",")
+    rounds: dict = {case: [] for case in cases}
+    label = f"{row['shape']} {row['dtype']} T={row['temperature']:g}"
+    for round_index in range(args.rounds):
+        for position in range(len(cases)):
+            case = cases[(round_index + position) % len(cases)]
+            rounds[case].append(spawn_case(case, shape, row["dtype"], row["temperature"], args))
+            r = rounds[case][-1]
+            print(f"{label} round {round_index + 1}/{args.rounds} {case}: {_fmt_time(r)} ms, {_fmt_mem(r)} MiB"
+                  + ("" if r["status"] == "ok" else f"  ({r.get('error', '')})"), file=sys.stderr, flush=True)
+            row["cases"] = {c: combine_rounds(rounds[c]) for c in cases if rounds[c]}
+            write_outputs(args, info, results)  # after every case: a run cut short keeps what it measured
 
 
 def write_outputs(args, info: dict, results: list) -> str:

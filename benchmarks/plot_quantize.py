@@ -32,24 +32,29 @@ def main(argv=None):
 
     document = json.loads(args.results.read_text())
     machine = document["machine"]
-    series: dict[str, dict[str, list]] = {}
+    # One line per (case, temperature); older results have no temperature (it was 1).
+    series: dict[tuple, dict[str, list]] = {}
     for row in document["results"]:
         n, k, d = (int(v) for v in row["shape"].split("x"))
         for case, result in row["cases"].items():
             if result.get("status") != "ok":
                 continue
-            points = series.setdefault(case, {"k": [], "ms": [], "mib": []})
+            points = series.setdefault((case, row.get("temperature", 1.0)), {"k": [], "ms": [], "mib": []})
             points["k"].append(k)
             points["ms"].append(result["median_s"] * 1e3)
             points["mib"].append(max(result["peak_bytes"], 0) / 2**20)
+    temperatures = sorted({t for _, t in series}, reverse=True)
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     for case in LABELS:
-        if case not in series:
-            continue
-        points = series[case]
-        style = dict(marker="o", linewidth=2.2 if case == "fused" else 1.2)
-        ax_time.plot(points["k"], points["ms"], label=LABELS[case], **style)
-        ax_memory.plot(points["k"], points["mib"], label=LABELS[case], **style)
+        for temperature in temperatures:
+            if (case, temperature) not in series:
+                continue
+            points = series[(case, temperature)]
+            label = LABELS[case] + (f", T = {temperature:g}" if len(temperatures) > 1 else "")
+            style = dict(marker="o", linewidth=2.2 if case == "fused" else 1.2,
+                         linestyle="-" if temperature == temperatures[0] else "--")
+            ax_time.plot(points["k"], points["ms"], label=label, **style)
+            ax_memory.plot(points["k"], points["mib"], label=label, **style)
     device = machine.get("gpu") or machine["cpu_model"]
     shape = document["results"][0]["shape"].split("x")
     for ax, ylabel in ((ax_time, "forward + backward, median ms"), (ax_memory, "peak memory above the inputs, MiB")):
@@ -58,8 +63,8 @@ def main(argv=None):
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, which="both", alpha=0.3)
     ax_time.set_title(f"N = {shape[0]}, D = {shape[2]}, float32, training, hard")
+    ax_time.legend(fontsize=7, loc="upper left")
     ax_memory.set_title(f"{device}, {machine['torch_threads']} threads, {machine['date_utc'][:10]}")
-    ax_memory.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out)
     plt.close(fig)

@@ -1,7 +1,9 @@
 // The Python module gmvq_ext._C: importing it registers the ops (static
-// initialisers of the TORCH_LIBRARY blocks); build_info() says how it was built.
+// initialisers of the TORCH_LIBRARY blocks); build_info() says how it was
+// built; take_subnormal_counts() serves the tests.
 #include <pybind11/pybind11.h>
 
+#include "cpu/subnormals.h"
 #include "cpu/x86_paths.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -16,4 +18,9 @@ PYBIND11_MODULE(_C, m) {
     info["cpu_x86_paths"] = static_cast<bool>(GMVQ_X86_PATHS);
     return info;
   });
+#ifndef GMVQ_CUDA_EMULATION  // the emulation replaces the CPU kernels
+  // The subnormal check of the CPU kernels' GEMMs (csrc/cpu/subnormals.h), on
+  // with GMVQ_DEBUG_SUBNORMALS=1: (elements checked, subnormal values) since the last call.
+  m.def("take_subnormal_counts", [] { return gmvq::cpu::take_subnormal_counts(); });
+#endif
 }

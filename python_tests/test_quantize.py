@@ -571,7 +571,7 @@ def test_peak_resident_memory_stays_far_below_n_by_k():
 
 
 _OUT_OF_MEMORY_SCRIPT = textwrap.dedent("""
-    import resource, sys
+    import os, resource, sys
     import torch
     from gmvq_ext import ops
 
@@ -582,7 +582,12 @@ _OUT_OF_MEMORY_SCRIPT = textwrap.dedent("""
     z, e = torch.randn(n, d, generator=gen), torch.randn(k, d, generator=gen)
     temperature, state = torch.tensor(0.7), ops.noise_state(1, 0)
     args = (temperature, 0.5, True, True, state, None, None)
+    threads_before = len(os.listdir("/proc/self/task"))
     small = torch.ops.gmvq.quantize(z[:64], None, e[:64], *args)  # thread pool and allocator arenas exist
+    # Every op's first call starts the whole OpenMP pool (its subnormal guard
+    # runs on each pool thread), whatever its size: the full-size call below
+    # needs no new thread, whose creation libgomp cannot fail gracefully.
+    assert len(os.listdir("/proc/self/task")) >= threads_before + 1, "the warm-up did not start the pool"
     torch.ops.gmvq.quantize_backward(small[0], torch.ones(64), torch.ones(64), z[:64], None, e[:64], small[1],
                                      small[4], small[5], *args)
     out = torch.ops.gmvq.quantize(z, None, e, *args) if direction == "backward" else None

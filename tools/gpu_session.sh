@@ -204,12 +204,13 @@ if [[ $rehearsal == 1 ]]; then
   step bench_unfused 120 "$log" "$python" "$repo/benchmarks/bench_unfused.py" --device cpu --shapes 24x16x8 \
     --dtypes float32 --repeats 1 --out "$dir/bench_unfused.json"
   step bench_quantize 180 "$log" "$python" "$repo/benchmarks/bench_quantize.py" --device cpu --shapes 32x16x8 \
-    --dtypes float32 --cases fused,reference_noise --repeats 1 --timeout 120 --out "$dir/bench_quantize.json"
+    --dtypes float32 --temperatures 1 --cases fused,reference_noise --repeats 1 --timeout 120 \
+    --out "$dir/bench_quantize.json"
 else
   step bench_unfused 60 "$log" "$python" "$repo/benchmarks/bench_unfused.py" --device cuda \
     --shapes 65536x1024x64,16384x8192x64 --dtypes float32,bfloat16 --repeats 5 --out "$dir/bench_unfused.json"
   step bench_quantize 600 "$log" "$python" "$repo/benchmarks/bench_quantize.py" --device cuda \
-    --shapes 65536x8192x64,262144x16384x64 --dtypes float32,bfloat16 \
+    --shapes 65536x8192x64,262144x16384x64 --dtypes float32,bfloat16 --temperatures 1 \
     --cases fused,reference_noise,reference_compiled,vqtorch --repeats 5 --timeout 60 --out "$dir/bench_quantize.json"
 fi
 

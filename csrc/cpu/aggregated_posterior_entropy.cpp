@@ -14,6 +14,7 @@
 
 #include "gmvq/checks.h"
 #include "row_math.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -128,8 +129,8 @@ at::Tensor aggregated_posterior_entropy_backward_cpu(const at::Tensor& grad_entr
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
-  m.impl("aggregated_posterior_entropy", &aggregated_posterior_entropy_cpu);
-  m.impl("aggregated_posterior_entropy_backward", &aggregated_posterior_entropy_backward_cpu);
+  m.impl("aggregated_posterior_entropy", cpu::without_subnormals<&aggregated_posterior_entropy_cpu>);
+  m.impl("aggregated_posterior_entropy_backward", cpu::without_subnormals<&aggregated_posterior_entropy_backward_cpu>);
 }
 
 }  // namespace gmvq

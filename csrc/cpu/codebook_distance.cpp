@@ -4,6 +4,7 @@
 
 #include "distance_math.h"
 #include "gmvq/checks.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -25,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> codebook_distance_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
-  m.impl("codebook_distance", &codebook_distance_cpu);
-  m.impl("codebook_distance_backward", &codebook_distance_backward_cpu);
+  m.impl("codebook_distance", cpu::without_subnormals<&codebook_distance_cpu>);
+  m.impl("codebook_distance_backward", cpu::without_subnormals<&codebook_distance_backward_cpu>);
 }
 
 }  // namespace gmvq

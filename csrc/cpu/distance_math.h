@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "gemm.h"
 #include "gmvq/checks.h"
 
 namespace gmvq::cpu {
@@ -31,15 +32,15 @@ inline at::Tensor distance_forward(const at::Tensor& z, const std::optional<at::
   at::Tensor distance;
   if (!weight.has_value()) {
     const auto row_term = (z_acc * z_acc).sum(1, /*keepdim=*/true);
-    distance = row_term - 2.0 * at::mm(z_acc, e_acc.t()) + code_norms.unsqueeze(0);
+    distance = row_term - 2.0 * cpu::mm(z_acc, e_acc.t()) + code_norms.unsqueeze(0);
   } else {
     const auto w = dense(*weight, acc);  // (N, D) or (N, 1): broadcasts over D
     const auto wz = w * z_acc;
     const auto row_term = (wz * z_acc).sum(1, /*keepdim=*/true);
     // w (E*E)^T: a GEMM for a per-dimension weight, an outer product for a
     // per-vector one (w_n * ||e_k||^2).
-    const auto code_term = w.size(1) == 1 ? w * code_norms.unsqueeze(0) : at::mm(w, (e_acc * e_acc).t());
-    distance = row_term - 2.0 * at::mm(wz, e_acc.t()) + code_term;
+    const auto code_term = w.size(1) == 1 ? w * code_norms.unsqueeze(0) : cpu::mm(w, (e_acc * e_acc).t());
+    distance = row_term - 2.0 * cpu::mm(wz, e_acc.t()) + code_term;
   }
   return distance.clamp_min_(0);
 }
@@ -58,20 +59,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> distance_backward(
   const auto e_acc = dense(codebook, acc);
   const auto g_t = g.t();
   const auto row_sums = g.sum(1, /*keepdim=*/true);  // S, (N, 1)
-  const auto g_e = at::mm(g, e_acc);                 // P, (N, D)
+  const auto g_e = cpu::mm(g, e_acc);                 // P, (N, D)
   const auto centred = z_acc * row_sums - g_e;       // z S - P
 
   at::Tensor grad_z, grad_weight, grad_codebook;
   if (!weight.has_value()) {
     grad_z = 2.0 * centred;
     const auto col_sums = g.sum(0).unsqueeze(1);  // G_d^T 1, (K, 1)
-    grad_codebook = 2.0 * (e_acc * col_sums - at::mm(g_t, z_acc));
+    grad_codebook = 2.0 * (e_acc * col_sums - cpu::mm(g_t, z_acc));
     grad_weight = absent_grad(z);
   } else {
     const auto w = dense(*weight, acc);
     grad_z = 2.0 * w * centred;
-    grad_codebook = 2.0 * (e_acc * at::mm(g_t, w) - at::mm(g_t, w * z_acc));
-    const auto g_e2 = at::mm(g, e_acc * e_acc);  // Q, (N, D)
+    grad_codebook = 2.0 * (e_acc * cpu::mm(g_t, w) - cpu::mm(g_t, w * z_acc));
+    const auto g_e2 = cpu::mm(g, e_acc * e_acc);  // Q, (N, D)
     auto per_dim = z_acc * z_acc * row_sums - 2.0 * z_acc * g_e + g_e2;
     grad_weight = (w.size(1) == 1 ? per_dim.sum(1, /*keepdim=*/true) : per_dim)
                       .to(weight->scalar_type())

@@ -13,6 +13,7 @@
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
 #include "row_math.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -130,8 +131,8 @@ at::Tensor gumbel_argmax_backward_cpu(const at::Tensor& grad_sample, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
-  m.impl("gumbel_argmax", &gumbel_argmax_cpu);
-  m.impl("gumbel_argmax_backward", &gumbel_argmax_backward_cpu);
+  m.impl("gumbel_argmax", cpu::without_subnormals<&gumbel_argmax_cpu>);
+  m.impl("gumbel_argmax_backward", cpu::without_subnormals<&gumbel_argmax_backward_cpu>);
 }
 
 }  // namespace gmvq

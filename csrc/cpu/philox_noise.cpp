@@ -10,6 +10,7 @@
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
 #include "row_math.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -35,6 +36,6 @@ at::Tensor philox_noise_cpu(const at::Tensor& like, const at::Tensor& noise_stat
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(gmvq, CPU, m) { m.impl("philox_noise", &philox_noise_cpu); }
+TORCH_LIBRARY_IMPL(gmvq, CPU, m) { m.impl("philox_noise", cpu::without_subnormals<&philox_noise_cpu>); }
 
 }  // namespace gmvq

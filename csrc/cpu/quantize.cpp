@@ -36,8 +36,10 @@
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
+#include "gemm.h"
 #include "row_math.h"
 #include "stripes.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -130,7 +132,7 @@ void block_factor(const Operands& op, int64_t n0, at::Tensor& factor, acc_t* row
 template <typename acc_t>
 void block_logits(const Operands& op, const at::Tensor& factor, const acc_t* a, at::Tensor& logits,
                   acc_t* row_max) {
-  at::mm_out(logits, factor, op.rhs.t());
+  cpu::mm_out(logits, factor, op.rhs.t());
   acc_t* l = logits.data_ptr<acc_t>();
   for (int64_t b = 0; b < logits.size(0); ++b) {
     if (row_max != nullptr) {
@@ -323,7 +325,7 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
       // Soft training: z_q = z_soft = y E for the block.
       if (s.soft()) {
         at::Tensor z_soft_block = out.z_soft.narrow(0, n0, rows);
-        at::mm_out(z_soft_block, buffers.sample.narrow(0, 0, rows), op.codebook);
+        cpu::mm_out(z_soft_block, buffers.sample.narrow(0, 0, rows), op.codebook);
       }
 
       // z_out = z_q + s eps (training) or z_q, and the latent term.
@@ -601,13 +603,13 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
       residual_gradients(op, s, in, n0, rows, buffers.scratch, grad_zq.data_ptr<acc_t>(), out);
       if (s.training) {  // G_y = G_zq E^T
         at::Tensor grad_sample = buffers.grad_sample.narrow(0, 0, rows);
-        at::mm_out(grad_sample, grad_zq, op.codebook.t());
+        cpu::mm_out(grad_sample, grad_zq, op.codebook.t());
       }
       logit_gradients(op, s, in, n0, rows, gumbel, buffers, out);
 
       // Codebook gradient through z_q = c E: c^T G_zq (hard: a scatter-add in row order).
       if (s.soft()) {
-        direct_gradient.addmm_(buffers.sample.narrow(0, 0, rows).t(), grad_zq);
+        cpu::addmm_(direct_gradient, buffers.sample.narrow(0, 0, rows).t(), grad_zq);
       } else {
         const acc_t* gq = grad_zq.data_ptr<acc_t>();
         for (int64_t b = 0; b < rows; ++b) {
@@ -618,11 +620,11 @@ void quantize_backward_impl(const Operands& op, const Scalars& s, const Backward
 
       // Distance backward: [-2 P, Q] = G_l rhs; [w z, w]^T G_l for the codebook.
       at::Tensor pq = buffers.pq.narrow(0, 0, rows);
-      at::mm_out(pq, logits, op.rhs);
+      cpu::mm_out(pq, logits, op.rhs);
       if (n0 == row_begin) {
-        at::mm_out(buffers.distance_terms, factor.t(), logits);
+        cpu::mm_out(buffers.distance_terms, factor.t(), logits);
       } else {
-        buffers.distance_terms.addmm_(factor.t(), logits);
+        cpu::addmm_(buffers.distance_terms, factor.t(), logits);
       }
       distance_gradients(op, n0, rows, buffers, out);
     }
@@ -681,8 +683,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
-  m.impl("quantize", &quantize_cpu);
-  m.impl("quantize_backward", &quantize_backward_cpu);
+  m.impl("quantize", cpu::without_subnormals<&quantize_cpu>);
+  m.impl("quantize_backward", cpu::without_subnormals<&quantize_backward_cpu>);
 }
 
 }  // namespace gmvq

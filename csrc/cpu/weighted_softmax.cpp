@@ -3,8 +3,11 @@
 // which uses the saved probs instead of recomputing them.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "distance_math.h"
 #include "gmvq/checks.h"
+#include "subnormals.h"
 
 namespace gmvq {
 namespace {
@@ -18,6 +21,11 @@ std::tuple<at::Tensor, at::Tensor> weighted_softmax_cpu(const at::Tensor& z,
   const auto logits = cpu::distance_forward(z, weight, codebook).mul_(-1.0 / host_temperature(temperature));
   auto lse = at::logsumexp(logits, /*dim=*/1);
   auto probs = at::exp(logits - lse.unsqueeze(1));
+  // ATen's vectorised exp builds its underflowing results from the exponent
+  // bits, which flush-to-zero does not see: the same rule as the other ops by hand.
+  const double smallest_normal = probs.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                                    : std::numeric_limits<float>::min();
+  probs.masked_fill_(probs < smallest_normal, 0.0);
   return {probs, lse};
 }
 
@@ -45,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gmvq, CPU, m) {
-  m.impl("weighted_softmax", &weighted_softmax_cpu);
-  m.impl("weighted_softmax_backward", &weighted_softmax_backward_cpu);
+  m.impl("weighted_softmax", cpu::without_subnormals<&weighted_softmax_cpu>);
+  m.impl("weighted_softmax_backward", cpu::without_subnormals<&weighted_softmax_backward_cpu>);
 }
 
 }  // namespace gmvq
