@@ -13,7 +13,7 @@ PYBIND11_MODULE(_C, m) {
     info["torch_version"] = GMVQ_TORCH_VERSION;
     info["with_cuda"] = static_cast<bool>(GMVQ_WITH_CUDA);
     info["cuda_architectures"] = GMVQ_CUDA_ARCHS;
-    // The CPU kernels' x86 paths (AVX2 noise, AVX2 + FMA exponentials), each
+    // The CPU kernels' x86 paths (AVX2 and AVX-512 noise and exponentials), each
     // taken at run time when the CPU has the instructions.
     info["cpu_x86_paths"] = static_cast<bool>(GMVQ_X86_PATHS);
     return info;

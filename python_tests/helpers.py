@@ -37,6 +37,24 @@ def requires_cuda(test):
     """A test that needs a real CUDA device (marked `cuda`, so `pytest -k cuda` selects it)."""
     return pytest.mark.cuda(_skip_without_cuda(test))
 
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
+
+
+# The CPU kernels' vector paths this machine runs (GMVQ_CPU_NOISE_PATH and
+# GMVQ_CPU_EXP_PATH pick one; the default is the widest): the portable loops
+# always, the AVX2 (with FMA) and AVX-512 intrinsics where the build has the
+# x86 paths and the CPU the instructions.
+CPU_VECTOR_PATHS = ["portable"] + ([] if not BUILD_INFO["cpu_x86_paths"] else
+                                   (["avx2"] if {"avx2", "fma"} <= _cpu_flags() else []) +
+                                   (["avx512"] if "avx512f" in _cpu_flags() else []))
+
 FLOAT_DTYPES = [torch.float32, torch.float64]
 LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]
 ALL_DTYPES = FLOAT_DTYPES + LOW_PRECISION_DTYPES

@@ -13,7 +13,7 @@ import scipy.stats
 import torch
 
 from gmvq_ext import ops, reference
-from helpers import DEVICES, PACKAGE_PARENT, requires_cuda, subprocess_env
+from helpers import CPU_VECTOR_PATHS, DEVICES, PACKAGE_PARENT, requires_cuda, subprocess_env
 
 # Known answers of Philox4x32-10 (Random123's kat_vectors): counter, key -> output.
 KNOWN_ANSWERS = [
@@ -159,23 +159,30 @@ for shape, seed, offset in eval(sys.argv[1]):
 
 
 def test_cpu_noise_paths_give_the_same_bits():
-    # The CPU noise has an AVX2-intrinsics path (AVX2 machines without AVX-512)
-    # and the portable, auto-vectorised one; GMVQ_CPU_PORTABLE_NOISE=1 forces
-    # the latter. Both must give these (reference-checked) bits.
-    def run(**env):
+    # The CPU noise has AVX-512 and AVX2 intrinsics paths and a portable,
+    # auto-vectorised one; GMVQ_CPU_NOISE_PATH picks one. Every path this
+    # machine runs must give these (reference-checked) bits.
+    def run(path):
         done = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, repr(PORTABLE_CASES)], capture_output=True,
-                              cwd=PACKAGE_PARENT, env=subprocess_env(**env), check=True, timeout=120)
+                              cwd=PACKAGE_PARENT, env=subprocess_env(GMVQ_CPU_NOISE_PATH=path), check=True,
+                              timeout=120)
         return done.stdout
 
     expected = b"".join(
         ops.philox_noise(torch.empty(shape), (seed, offset), distribution).view(torch.int32).numpy().tobytes()
         for shape, seed, offset in PORTABLE_CASES for distribution in DISTRIBUTIONS)
-    assert run() == expected
-    assert run(GMVQ_CPU_PORTABLE_NOISE="1") == expected
+    for path in CPU_VECTOR_PATHS:
+        assert run(path) == expected, path
     for shape, seed, offset in PORTABLE_CASES[:2]:
         for distribution in DISTRIBUTIONS:
             assert_same_bits(ops.philox_noise(torch.empty(shape), (seed, offset), distribution),
                              reference_noise(seed, offset, shape, distribution))
+
+
+def test_an_unsupported_cpu_path_is_refused():
+    done = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, repr(PORTABLE_CASES[:1])], capture_output=True,
+                          text=True, cwd=PACKAGE_PARENT, env=subprocess_env(GMVQ_CPU_NOISE_PATH="sse9"), timeout=120)
+    assert done.returncode != 0 and "GMVQ_CPU_NOISE_PATH=sse9: this CPU's noise paths are portable" in done.stderr
 
 
 def test_uniform_distribution():

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import (BUILD_INFO, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
+from helpers import (BUILD_INFO, CPU_VECTOR_PATHS, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
                      LOW_PRECISION_DTYPES, PACKAGE_PARENT, cuda_tiles, make_codebook_inputs, requires_cuda,
                      subprocess_env, tolerance, upcast)
 
@@ -214,32 +214,23 @@ _EXP_PATH_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _cpu_has_avx2_and_fma() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
 @pytest.mark.parametrize("mode", ["train_hard", "train_soft"])
-def test_both_cpu_exponential_paths_match_the_reference(mode, tmp_path):
-    # The CPU exponentials have a fused-multiply-add copy (x86 with AVX2 and
-    # FMA) and a portable one (GMVQ_CPU_PORTABLE_EXP=1). Both must match the
-    # float64 reference; K = 300 runs their chained, single-vector and tail
-    # code. Where the build has the x86 paths and the CPU AVX2 and FMA, the
-    # two must differ in some bit, or the fused copy did not run.
+def test_every_cpu_exponential_path_matches_the_reference(mode, tmp_path):
+    # The CPU exponentials have a portable copy and fused-multiply-add copies
+    # on 8 (AVX2 + FMA) and 16 floats (AVX-512); GMVQ_CPU_EXP_PATH picks one.
+    # Each this machine runs must match the float64 reference; K = 300 runs
+    # their chained, single-vector and tail code. A copy with FMA must differ
+    # from the portable one in some bit, or it did not run.
     n, k, d = 700, 300, 8
     hard, _ = MODES[mode]
     z, w, e = make_codebook_inputs(n, k, d, weight="full", seed=13)
     grads = upstream_grads(n, k, d, torch.float32, "cpu")
     torch.save([z, w, e, grads, hard], tmp_path / "inputs.pt")
     results = {}
-    for path, env in (("default", {}), ("portable", {"GMVQ_CPU_PORTABLE_EXP": "1"})):
+    for path in CPU_VECTOR_PATHS:
         out = tmp_path / f"{path}.pt"
         subprocess.run([sys.executable, "-c", _EXP_PATH_SCRIPT, str(tmp_path / "inputs.pt"), str(out)],
-                       env=subprocess_env(**env), cwd=PACKAGE_PARENT, check=True, timeout=120)
+                       env=subprocess_env(GMVQ_CPU_EXP_PATH=path), cwd=PACKAGE_PARENT, check=True, timeout=120)
         results[path] = torch.load(out)
 
     exact = [t.detach().double().requires_grad_() for t in (z, w, e)]
@@ -249,8 +240,8 @@ def test_both_cpu_exponential_paths_match_the_reference(mode, tmp_path):
         assert torch.equal(got[1], want[1]), path
         for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    differ = any(not torch.equal(a, b) for a, b in zip(results["default"], results["portable"]))
-    assert differ == (BUILD_INFO["cpu_x86_paths"] and _cpu_has_avx2_and_fma())
+    for path in CPU_VECTOR_PATHS[1:]:
+        assert any(not torch.equal(a, b) for a, b in zip(results[path], results["portable"])), path
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,6 +12,7 @@
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
+#include "philox_fill.h"
 #include "row_math.h"
 #include "subnormals.h"
 

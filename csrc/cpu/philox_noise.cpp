@@ -9,7 +9,7 @@
 
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
-#include "row_math.h"
+#include "philox_fill.h"
 #include "subnormals.h"
 
 namespace gmvq {

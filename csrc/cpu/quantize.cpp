@@ -37,6 +37,8 @@
 #include "gmvq/checks.h"
 #include "gmvq/philox.h"
 #include "gemm.h"
+#include "philox_fill.h"
+#include "quantize_rows.h"
 #include "row_math.h"
 #include "stripes.h"
 #include "subnormals.h"

@@ -1,5 +1,5 @@
 // Whether the CPU kernels carry their x86 paths: target_clones copies, the
-// AVX2 Philox noise and the AVX2 + FMA exponentials. They need GCC on x86-64
+// AVX2 and AVX-512 Philox noise and the FMA exponentials. They need GCC on x86-64
 // Linux (target_clones, __builtin_cpu_supports); elsewhere the portable code
 // runs alone. build_info() reports it, so that tests know which paths exist.
 #pragma once
