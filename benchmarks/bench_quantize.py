@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-# Run from a source tree (tools/dev_build.sh) as well as against an installed gmvq_ext.
+# Run from a source tree (dev/dev_build.sh) as well as against an installed gmvq_ext.
 try:
     import gmvq_ext  # noqa: F401
 except ImportError:

@@ -24,7 +24,7 @@ import torch
 
 try:
     import gmvq_ext
-except ModuleNotFoundError:  # run from a source tree built in place (tools/dev_build.sh)
+except ModuleNotFoundError:  # run from a source tree built in place (dev/dev_build.sh)
     import pathlib
     import sys
 

@@ -28,12 +28,12 @@ def _load():
                 f"gmvq_ext was imported from the source tree {here}, which has no compiled kernels: Python "
                 f"puts the current directory first, ahead of the installed package in {installed}. Run from "
                 "another directory, use the console scripts (gmvq-train, gmvq-evaluate, gmvq-tokenize) or "
-                "`python -P -m ...`, or build the tree in place with `tools/dev_build.sh`."
+                "`python -P -m ...`, or build the tree in place with `dev/dev_build.sh`."
             )
         raise ImportError(
             "gmvq_ext's compiled kernels are missing. Build them with "
             "`pip install --no-build-isolation .` (see README), or for development "
-            "`tools/dev_build.sh`."
+            "`dev/dev_build.sh`."
         )
     build = importlib.import_module("gmvq_ext._build_info")
     if build.TORCH_VERSION != torch.__version__:

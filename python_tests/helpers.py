@@ -5,7 +5,7 @@ A test's CUDA rows carry "cuda" in their id (the DEVICES parameter) or the
 `cuda` mark (requires_cuda, CUDA_KERNEL_DEVICES), so `pytest -k cuda` is the
 GPU suite and a failure names its op's file.
 
-Under tools/emulate_cuda.sh the CUDA kernels' code, compiled for the CPU,
+Under dev/emulate_cuda.sh the CUDA kernels' code, compiled for the CPU,
 serves CPU tensors (EMULATED): the CPU rows then run the CUDA kernels, and
 the rows over CUDA_KERNEL_DEVICES run there as "cuda_emulated"."""
 
@@ -22,7 +22,7 @@ import gmvq_ext
 
 BUILD_INFO = gmvq_ext.build_info()
 HAS_CUDA = torch.cuda.is_available() and BUILD_INFO["with_cuda"]
-# The loaded kernels are the CUDA kernels emulated on CPU threads (tools/emulate_cuda.sh).
+# The loaded kernels are the CUDA kernels emulated on CPU threads (dev/emulate_cuda.sh).
 EMULATED = BUILD_INFO["cuda_architectures"] == "emulated"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # Where the CUDA kernels run: a CUDA device, or the CPU under the emulation

@@ -1,4 +1,4 @@
-"""The GPU session script (tools/gpu_session.sh) rehearsed without a GPU: the
+"""The GPU session script (dev/gpu_session.sh) rehearsed without a GPU: the
 CUDA kernels emulated on CPU threads, tiny shapes. It must run end to end,
 exit 0 and write the files the device call brings back, so that on the device
 the script itself cannot be what fails. Slow (it builds the emulated kernels
@@ -26,7 +26,7 @@ def test_gpu_session_rehearsal_writes_every_file_and_every_line_is_ok(tmp_path):
     env = {**os.environ, "GMVQ_GPU_REHEARSAL": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "GPU_SESSION_BUDGET": os.environ.get("GPU_SESSION_BUDGET", "1500")}
     env.pop("PYTHONPATH", None)  # the session puts the emulated package there itself
-    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_session.sh")], cwd=tmp_path, env=env,
+    result = subprocess.run(["bash", str(REPO / "dev" / "gpu_session.sh")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     # What the device returns: at most 8 files, at most 2 folders below $OUT.

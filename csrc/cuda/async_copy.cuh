@@ -1,5 +1,5 @@
 // cp.async staging of global rows into shared memory (sm_80+; a plain copy
-// before that), 16 bytes per copy. The emulation (emulation.h) defers each
+// before that), 16 bytes per copy. The emulation (dev/emulation/cuda_emulation.h) defers each
 // copy to its wait, or performs it on issue, to expose missing waits and
 // barriers.
 #pragma once

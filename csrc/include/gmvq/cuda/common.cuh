@@ -13,8 +13,8 @@
 #include <cstdint>
 
 #if defined(GMVQ_CUDA_EMULATION)
-// Host-only build that runs the kernels on CPU threads (tools/emulate_cuda.sh).
-#include "gmvq/cuda/emulation.h"
+// Host-only build that runs the kernels on CPU threads (dev/emulate_cuda.sh).
+#include "cuda_emulation.h"
 #define GMVQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::gmvq::emulation::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
 #else

@@ -18,13 +18,13 @@ One JSON line per result, flushed at once, into --out (default
 check that raises is a line with ok false and the error, and the script goes
 on. Exit status 0 when every line is ok, else 1.
 
-Rehearsal (GMVQ_GPU_REHEARSAL=1, or a package built by tools/emulate_cuda.sh):
+Rehearsal (GMVQ_GPU_REHEARSAL=1, or a package built by dev/emulate_cuda.sh):
 the CUDA kernels emulated on CPU threads serve CPU tensors, so "cuda" means
 the CPU here, there is no CPU op to compare with (the reference alone), the
 shapes are tiny and the ceilings are skipped.
 
-  python tools/gpu_smoke.py --out smoke.jsonl
-  python tools/gpu_smoke.py --sanitizer-cases   (each kernel once at small shapes, for compute-sanitizer)
+  python dev/gpu_smoke.py --out smoke.jsonl
+  python dev/gpu_smoke.py --sanitizer-cases   (each kernel once at small shapes, for compute-sanitizer)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 # the device machine has no package registry). torch, whatever torch itself
 # requires, and numpy are left out: the device image has them, and a second
 # torch must never be installed there.
-# Usage: tools/fetch_bench_wheels.sh [version]   (default: the newest)
+# Usage: dev/fetch_bench_wheels.sh [version]   (default: the newest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

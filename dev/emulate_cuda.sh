@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Check the CUDA kernels' logic without a GPU: compile csrc/cuda/*.cu as C++
-# with GMVQ_CUDA_EMULATION (csrc/include/gmvq/cuda/emulation.h: CUDA threads
+# with GMVQ_CUDA_EMULATION (dev/emulation/cuda_emulation.h: CUDA threads
 # become CPU threads), registered for the CPU dispatch key and built as
 # gmvq_ext._C in a package copy under build/emulation, then run the CPU test
 # suites against it: every test that runs ops on CPU tensors now runs the CUDA
 # kernels' code. Slow (each CUDA thread is an OS thread): keep the tests small.
-# Usage: tools/emulate_cuda.sh [pytest args...]   (default: python_tests -x -q)
-#        tools/emulate_cuda.sh --build-only        (print the package directory to put on PYTHONPATH)
+# Usage: dev/emulate_cuda.sh [pytest args...]   (default: python_tests -x -q)
+#        dev/emulate_cuda.sh --build-only        (print the package directory to put on PYTHONPATH)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
@@ -18,7 +18,7 @@ print(os.path.dirname(torch.__file__), torch.__version__, sysconfig.get_config_v
       pybind11.get_include(), sysconfig.get_paths()["include"])')
 flags=(-std=c++20 -O1 -g0 -fPIC -ffp-contract=off -fno-math-errno -D_GLIBCXX_USE_CXX11_ABI=1 -DGMVQ_CUDA_EMULATION
   -DGMVQ_TORCH_VERSION="\"$torch_version\"" -DGMVQ_WITH_CUDA=0 -DGMVQ_CUDA_ARCHS="\"emulated\""
-  -I "$repo/csrc/include" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include"
+  -I "$repo/csrc/include" -I "$repo/dev/emulation" -I "$torch_dir/include" -I "$torch_dir/include/torch/csrc/api/include"
   -I "$pybind_inc" -I "$py_inc" -Wno-attributes)
 objects=()
 for src in "$repo"/csrc/*.cpp "$repo"/csrc/cuda/*.cu; do

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # One call on the GPU machine yields all the evidence, written under $OUT as it
 # goes (a step cut short leaves what it wrote). Run from anywhere:
-#   bash tools/gpu_session.sh
-#   GMVQ_GPU_REHEARSAL=1 OUT=/tmp/rehearsal bash tools/gpu_session.sh   (no GPU: see below)
+#   bash dev/gpu_session.sh
+#   GMVQ_GPU_REHEARSAL=1 OUT=/tmp/rehearsal bash dev/gpu_session.sh   (no GPU: see below)
 # Steps, each with its own time limit inside GPU_SESSION_BUDGET seconds (default
 # 540: the device allows 600 a call), each logged, none stopping the rest:
 #   1. environment and versions (nvidia-smi, python, torch, CUDA, nvcc)
 #   2. build and install: CUDA architecture pinned (GMVQ_CUDA_ARCH, default 90),
 #      nvcc -Xptxas=-v (GMVQ_PTXAS_VERBOSE) so build.log has every kernel's
 #      registers, shared memory and spills; then vector-quantize-pytorch's
-#      wheels from build/wheels (tools/fetch_bench_wheels.sh), --no-deps
+#      wheels from build/wheels (dev/fetch_bench_wheels.sh), --no-deps
 #      --no-index into a folder of their own, never torch
-#   3. tools/gpu_smoke.py: every op against the CPU op and the float64
+#   3. dev/gpu_smoke.py: every op against the CPU op and the float64
 #      reference, both tile paths, bitwise repeats, the headline timings
 #   4. the CUDA rows of the test suite, `pytest -k cuda`, in parallel
 #   5. compute-sanitizer memcheck and racecheck on small cases of every kernel
@@ -24,7 +24,7 @@
 #
 # Rehearsal (GMVQ_GPU_REHEARSAL=1), on a machine without a GPU: the same script
 # and the same files, on the CUDA kernels emulated on CPU threads
-# (tools/emulate_cuda.sh --build-only instead of pip install), tiny shapes, the
+# (dev/emulate_cuda.sh --build-only instead of pip install), tiny shapes, the
 # CUDA test rows that run there (cuda_emulated; GMVQ_REHEARSAL_PYTEST_K picks
 # them), a recorded skip instead of compute-sanitizer, tiny benchmarks; the
 # wheels go to a scratch folder, never into the running environment.
@@ -104,7 +104,7 @@ record environment true 0 $((SECONDS - start))
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 if [[ $rehearsal == 1 ]]; then
   # The CUDA kernels compiled as C++ for the CPU (incremental, in build/emulation).
-  if step build 600 "$dir/build.log" bash "$repo/tools/emulate_cuda.sh" --build-only; then
+  if step build 600 "$dir/build.log" bash "$repo/dev/emulate_cuda.sh" --build-only; then
     export PYTHONPATH="$repo/build/emulation/pkg${PYTHONPATH:+:$PYTHONPATH}"
   fi
 else
@@ -149,11 +149,11 @@ sys.exit(Version(sys.argv[1]) < Version(sys.argv[2]))' "$installed" "$version"; 
     fi
   fi
 else
-  say "no wheels in build/wheels (tools/fetch_bench_wheels.sh): vector-quantize-pytorch is skipped unless installed"
+  say "no wheels in build/wheels (dev/fetch_bench_wheels.sh): vector-quantize-pytorch is skipped unless installed"
 fi
 
 # 3. Smoke: every op, both tile paths, the headline timings (one process).
-step smoke 170 "$log" "$python" "$repo/tools/gpu_smoke.py" --out "$smoke"
+step smoke 170 "$log" "$python" "$repo/dev/gpu_smoke.py" --out "$smoke"
 say "smoke: $(grep -c '"ok": true' "$smoke") ok lines, $(grep -c '"ok": false' "$smoke") failed lines in smoke.jsonl"
 
 # 4. The CUDA rows of every op's test file. Files that need the sample data
@@ -193,7 +193,7 @@ else
   for tool in memcheck racecheck; do
     echo "=== $tool" >>"$dir/sanitizer.log"
     step "sanitizer_$tool" 75 "$dir/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool \
-      --error-exitcode 3 --print-limit 20 "$python" "$repo/tools/gpu_smoke.py" --sanitizer-cases
+      --error-exitcode 3 --print-limit 20 "$python" "$repo/dev/gpu_smoke.py" --sanitizer-cases
   done
 fi
 

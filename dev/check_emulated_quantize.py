@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check the CUDA quantize kernels' logic on the CPU, through the emulation.
 
-tools/emulate_cuda.sh --build-only compiles csrc/cuda/*.cu as C++ with
+dev/emulate_cuda.sh --build-only compiles csrc/cuda/*.cu as C++ with
 GMVQ_CUDA_EMULATION (CUDA threads become CPU threads, the mma.m16n8k8 tf32
 fragments are exchanged with the PTX ISA layout, cp.async is deferred to its
 wait) and registers the CUDA kernels for CPU tensors. This script loads that
@@ -24,7 +24,7 @@ and simt) in float32 and the SIMT path in float64:
   device pointers (GMVQ_EMULATE_DEVICE_SCALARS=1, a subprocess); the
   device-side index check (a subprocess that must abort); N = 0.
 
-Usage: tools/check_emulated_quantize.py [--quick] [--cp-async early|late]
+Usage: dev/check_emulated_quantize.py [--quick] [--cp-async early|late]
 (each CUDA thread is an OS thread: the full run takes minutes on two cores).
 """
 
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_emulation() -> Path:
-    out = subprocess.run([str(REPO / "tools" / "emulate_cuda.sh"), "--build-only"], check=True,
+    out = subprocess.run([str(REPO / "dev" / "emulate_cuda.sh"), "--build-only"], check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     return Path(out.strip().splitlines()[-1])
 
@@ -79,7 +79,7 @@ torch::Tensor host_noise(int64_t rows, int64_t cols, int64_t seed, int64_t offse
 EMULATION_PROBE = r"""
 #include <torch/extension.h>
 #define GMVQ_CUDA_EMULATION
-#include "gmvq/cuda/emulation.h"
+#include "cuda_emulation.h"
 // The emulation's cvt.rna.tf32.f32, element by element (float32 in, bits out).
 torch::Tensor tf32_round(torch::Tensor x) {
   auto in = x.contiguous();
@@ -95,8 +95,8 @@ torch::Tensor tf32_round(torch::Tensor x) {
 def load_tf32_round():
     from torch.utils.cpp_extension import load_inline
     module = load_inline(name="gmvq_emulation_probe", cpp_sources=[EMULATION_PROBE], functions=["tf32_round"],
-                         extra_include_paths=[str(REPO / "csrc" / "include")], extra_cflags=["-O2", "-std=c++20"],
-                         build_directory=str(_build_dir("emulation_probe")), verbose=False)
+                         extra_include_paths=[str(REPO / "csrc" / "include"), str(REPO / "dev" / "emulation")],
+                         extra_cflags=["-O2", "-std=c++20"], build_directory=str(_build_dir("emulation_probe")), verbose=False)
     return module.tf32_round
 
 
@@ -476,7 +476,7 @@ def check_device_scalars(ops, fails, pkg):
     """Temperature and noise state read by the kernels through pointers == read on the host."""
     import tempfile
     import torch
-    code = SUBPROCESS_DEVICE_SCALARS.format(tools=str(REPO / "tools"), pkg=str(pkg))
+    code = SUBPROCESS_DEVICE_SCALARS.format(tools=str(REPO / "dev"), pkg=str(pkg))
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
         for flag in ["0", "1"]:
@@ -510,7 +510,7 @@ print("no assertion")
 
 
 def check_index_assertion(fails, pkg):
-    code = SUBPROCESS_BAD_INDEX.format(tools=str(REPO / "tools"), pkg=str(pkg))
+    code = SUBPROCESS_BAD_INDEX.format(tools=str(REPO / "dev"), pkg=str(pkg))
     result = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fails.checks += 1
     if result.returncode == 0 or "indices must lie in [0, K)" not in result.stderr:
@@ -522,7 +522,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="D = 64 cases without the given-noise variants")
     parser.add_argument("--cp-async", choices=["late", "early"], default="late",
-                        help="when the emulated cp.async copies land (see emulation.h)")
+                        help="when the emulated cp.async copies land (see dev/emulation/cuda_emulation.h)")
     args = parser.parse_args()
     os.environ["GMVQ_EMULATE_CP_ASYNC"] = args.cp_async
     pkg = build_emulation()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Incremental in-place build for development: compiles into build/dev and
 # links the library into gmvq_ext/, so `python -m pytest` runs on the tree.
-# Usage: tools/dev_build.sh [extra cmake -D options]
+# Usage: dev/dev_build.sh [extra cmake -D options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}

@@ -2,7 +2,7 @@
 // barriers, shuffles, online statistics, tensor-core fragments, asynchronous
 // copies) on machines without a GPU.
 //
-// Only used when GMVQ_CUDA_EMULATION is defined (tools/emulate_cuda.sh): the
+// Only used when GMVQ_CUDA_EMULATION is defined (dev/emulate_cuda.sh): the
 // .cu files are then compiled as C++ by the host compiler, every CUDA thread
 // of a block becomes a std::thread, __syncthreads a std::barrier, a warp
 // shuffle an exchange through memory between two warp barriers, __shared__
@@ -32,7 +32,7 @@
 #pragma once
 
 #if !defined(GMVQ_CUDA_EMULATION)
-#error "emulation.h is only for GMVQ_CUDA_EMULATION builds"
+#error "cuda_emulation.h is only for GMVQ_CUDA_EMULATION builds"
 #endif
 
 #include <ATen/ATen.h>
