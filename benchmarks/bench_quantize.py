@@ -286,9 +286,9 @@ def _fmt_mem(r):
 
 def markdown_table(results, info) -> str:
     lines = [
-        f"Device: {info.get('gpu') or info['cpu_model']} ({info['cpu_vendor']}; "
-        f"{', '.join(flag for flag, present in info['cpu_flags'].items() if present) or 'none'} of "
-        f"{', '.join(CPU_FLAGS)}; {info['cpu_cores']} cores, {info['torch_threads']} torch "
+        f"Device: {info.get('gpu') or info['cpu_model']} ({info['cpu_vendor']}; flags "
+        f"{' '.join(flag if present else 'no-' + flag for flag, present in info['cpu_flags'].items())}; "
+        f"{info['cpu_cores']} cores, {info['torch_threads']} torch "
         f"threads), torch {info['torch_version']}, {info['date_utc']}, load average at start "
         f"{info['load_average_1_5_15'][0]:.2f}.",
         "",

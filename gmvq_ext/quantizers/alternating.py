@@ -90,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from . import collectives
 from .affine import AffineVQ
 from .vqvae import VectorQuantizer
 
@@ -139,7 +139,7 @@ class AlternatingVQ(VectorQuantizer):
             0, indices, torch.ones_like(indices, dtype=z.dtype))
         # One collective: sums, counts and N travel together.
         packed = torch.cat([sums.reshape(-1), counts, counts.new_full((1,), z.shape[0])])
-        if distributed.is_distributed():
+        if collectives.is_distributed():
             torch.distributed.all_reduce(packed)
         sums, counts, total = packed[: k * d].reshape(k, d), packed[k * d: -1], packed[-1]
         residual = counts[:, None] * self.codebook_vectors() - sums  # sum over assigned n of (e_k - z_n)

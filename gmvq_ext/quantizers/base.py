@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..reference import LOG_CLAMP
-from . import distributed
-from .schedules import exponential_temperature
+from . import collectives
+from .temperature import exponential_temperature
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -132,7 +132,7 @@ class Quantizer(nn.Module):
         """The noise offset of this training forward, as a 0-d int64 tensor, and count it.
 
         Each rank draws different noise: offset = step * world_size + rank."""
-        world_size, rank = distributed.world_size_and_rank()
+        world_size, rank = collectives.world_size_and_rank()
         offset = self.step * world_size + rank
         self.step.add_(1)
         return offset

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backend, distributed
+from . import backend, collectives
 from .base import Quantizer, entropy, usage_statistics
 from .kmeans import kmeans
 
@@ -143,7 +143,7 @@ class GaussianMixtureVQ(Quantizer):
             z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training, self._noise_state(),
             None, eps)
         if self.training:  # the loss needs the global batch's q_bar; evaluation stays local
-            q_bar = distributed.global_weighted_mean(q_bar, n)
+            q_bar = collectives.global_weighted_mean(q_bar, n)
         posterior_entropy = entropy(q_bar)
         kl_uniform = math.log(self.codebook_size) - posterior_entropy
         latent = latent_reg.sum() / max(n, 1)
@@ -183,12 +183,12 @@ class GaussianMixtureVQ(Quantizer):
 
         Rank 0 clusters the vectors of every rank (gathered); the seed is the
         module's ``seed`` buffer, so the result is reproducible."""
-        data = distributed.gather_to_rank0(z_hat.detach().reshape(-1, self.code_dim))
-        _, rank = distributed.world_size_and_rank()
+        data = collectives.gather_to_rank0(z_hat.detach().reshape(-1, self.code_dim))
+        _, rank = collectives.world_size_and_rank()
         if rank == 0:
             centroids = kmeans(data, self.codebook_size, self.kmeans_iterations, seed=int(self.seed))
             self.codebook.copy_(centroids.to(self.codebook.dtype))
-        distributed.broadcast_from_rank0_(self.codebook.data)
+        collectives.broadcast_from_rank0_(self.codebook.data)
         self.initialized.fill_(True)
         self._kmeans_pending = False
 

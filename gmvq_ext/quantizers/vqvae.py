@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed, noise
+from . import collectives, noise
 from .backend import codebook_distance
 from .base import Quantizer, code_counts, usage_statistics
 
@@ -157,12 +157,12 @@ class DeadCodeReplacementVQ(VectorQuantizer):
         picks = noise.random_indices(self.seed, offset, self.codebook_size, z.shape[0], z.device)
         # Branch-free: every code is rewritten, live ones with their own value.
         self.codebook.copy_(torch.where(dead[:, None], z[picks], self.codebook))
-        distributed.broadcast_from_rank0_(self.codebook.data)
+        collectives.broadcast_from_rank0_(self.codebook.data)
         self.steps_unused.masked_fill_(dead, 0)
 
     @torch.no_grad()
     def _after_quantize(self, counts: Tensor) -> None:
-        if distributed.is_distributed():
+        if collectives.is_distributed():
             counts = counts.clone()  # the caller's counts stay this rank's statistics
             torch.distributed.all_reduce(counts)
         self.steps_unused.copy_(torch.where(counts > 0, torch.zeros_like(self.steps_unused),

@@ -1,3 +1,5 @@
-"""Helpers for ``python -m gmvq_ext.train``: configuration, schedule, data order,
-checkpoints, distributed plumbing, evaluation and pictures. ``train.py`` reads
-top to bottom; the mechanics live here, one concern per file."""
+"""The training run of ``gmvq-train``: ``loop.py`` reads top to bottom; the
+mechanics live beside it, one concern per file (configuration and flags,
+checkpoints, resuming, stopping on a signal, the step's metrics on the
+device, the learning-rate schedule, data order, evaluation metrics, the
+process group, pictures)."""

@@ -7,6 +7,11 @@ numbers, strings, booleans, None and lists/tuples/dicts of them:
     model                the autoencoder's state_dict
     optimizer, scheduler their state_dicts (numbers, tensors, lists)
     epoch, step, train_seconds, world_size
+                         (epoch: complete epochs; step: optimiser steps)
+    epoch_progress       None, or for a checkpoint taken mid-epoch (a stop on
+                         SIGTERM): {"batches": the epoch's batches done,
+                         "metrics": its running sums, "code_counts": (K,)
+                         int64, "seconds": its training time so far}
     rng                  one entry per rank, see ``rng_state``
     args                 vars() of the training command line
     quantizer_options    the keyword options the quantizer was built with
@@ -21,11 +26,10 @@ message names the file.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import random
 import re
-import tempfile
 import warnings
 from argparse import Namespace
 from pathlib import Path
@@ -33,10 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import write_atomic
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "gmvq_ext.checkpoint"
-# 1: first plain-data format (RNG states as tensors). Bump when the layout changes.
-CHECKPOINT_VERSION = 1
+# 1: first plain-data format (RNG states as tensors); 2: epoch_progress
+# (mid-epoch checkpoints). Bump when the layout changes; READABLE_VERSIONS are read.
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PLAIN_LEAVES = (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None))
 # The run arguments that evaluate, tokenize and --resume read back (name: accepted types).
 REQUIRED_ARGS = {"dataset": str, "quantizer": str, "codebook_size": int, "dim": int, "seed": int, "epochs": int,
@@ -97,35 +105,21 @@ def seed_everything(seed: int) -> None:
 
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
     """Write the training checkpoint ``state`` (stamped with the format and
-    version) to ``path``: torch.save to a temporary file beside it, fsync, then
-    os.replace, so a crash leaves the old checkpoint or the new one, never a
-    torn file. Raises TypeError, before writing, when ``state`` holds anything
-    but plain data (it could not be loaded back)."""
+    version) to ``path`` atomically (``files.write_atomic``): a crash or a
+    failed write leaves the old checkpoint, never a torn file; a failed write
+    raises WriteError naming the path. Raises TypeError, before writing, when
+    ``state`` holds anything but plain data (it could not be loaded back)."""
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     problem = first_non_plain(state)
     if problem is not None:
         raise TypeError(f"checkpoint entry {problem} is not a tensor, number, string or container of those; "
                         "a checkpoint must be loadable with torch.load(weights_only=True)")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """JSON to a temporary file beside ``path``, then os.replace (as save_atomic)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
+    # Serialised in memory first: torch.save reports a failing file as a bare
+    # RuntimeError, a plain write as the OSError it is (ENOSPC, EIO, ...).
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def first_non_plain(obj, where: str = "") -> str | None:
@@ -193,9 +187,9 @@ def structure_problem(state) -> str | None:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         return (f"it is not a gmvq_ext training checkpoint (no format {CHECKPOINT_FORMAT!r} entry; written by "
                 "another program or by a gmvq_ext older than the plain-data checkpoint format)")
-    if state.get("version") != CHECKPOINT_VERSION:
-        return (f"checkpoint format version {state.get('version')!r}; this gmvq_ext reads version "
-                f"{CHECKPOINT_VERSION}")
+    if state.get("version") not in READABLE_VERSIONS:
+        return (f"checkpoint format version {state.get('version')!r}; this gmvq_ext reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}")
     expected = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int,
                 "train_seconds": (int, float), "world_size": int, "rng": list, "args": dict,
                 "quantizer_options": dict}
@@ -207,6 +201,11 @@ def structure_problem(state) -> str | None:
     for name, kinds in REQUIRED_ARGS.items():
         if name not in state["args"] or not isinstance(state["args"][name], kinds):
             return f"args[{name!r}] is missing or has the wrong type ({type(state['args'].get(name)).__name__})"
+    progress = state.get("epoch_progress")
+    if progress is not None and not (isinstance(progress, dict) and isinstance(progress.get("batches"), int)
+                                     and isinstance(progress.get("metrics"), dict)
+                                     and isinstance(progress.get("code_counts"), torch.Tensor)):
+        return "entry 'epoch_progress' is malformed"
     if state["epoch"] < 0 or state["step"] < 0 or state["world_size"] < 1:
         return "negative epoch or step, or a world size below 1"
     if len(state["rng"]) != state["world_size"]:
@@ -216,6 +215,11 @@ def structure_problem(state) -> str | None:
         if problem is not None:
             return f"rng[{rank}]: {problem}"
     return None
+
+
+def mid_epoch(state: dict) -> bool:
+    """Whether the checkpoint was taken inside an epoch (a stop on a signal)."""
+    return state.get("epoch_progress") is not None
 
 
 def rng_state_problem(rng) -> str | None:

@@ -1,9 +1,17 @@
-"""Command-line configuration of ``python -m gmvq_ext.train``, the paper's
-defaults (in one place) and building the model an argument set describes."""
+"""The training run's configuration: the paper's defaults (in one place), the
+command line's flags in groups, and building the model a configuration describes.
+
+The flags come in five groups. The first three (data, model, optimisation)
+say what is trained: a ``--resume`` must repeat them, and RUN_DEFINING is
+derived from those groups, not listed by hand. The flags marked
+``may_change`` among them (where the data lives, how many epochs, how much is
+evaluated) may differ on resume. The last two groups (run folder, machinery)
+say how and where the run happens."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 
 from ..data import DATASETS
@@ -20,74 +28,123 @@ PAPER_DEFAULTS = {
 }
 WARMUP_START_FACTOR = 0.2
 QUANTIZER_NAMES = tuple(QUANTIZERS)  # the registry of gmvq_ext.quantizers: every quantizer by name
-# Quantizer options settable from the command line; None means "the quantizer's default".
-# --beta is GM-VQ's entropy weight and, for the VQ-VAE family, the commitment
-# weight (the "beta" of the VQ-VAE paper): the first accepted name is used.
-QUANTIZER_OPTIONS = {"beta": ("beta", "commitment"), "gamma": ("gamma",), "sigma_z2": ("sigma_z2",)}
-# Arguments that define a run: a --resume with different values would not continue it.
-RUN_DEFINING = ("dataset", "quantizer", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed",
-                "codebook_size", "dim", "beta", "gamma", "sigma_z2", "quantizer_option", "max_train_images",
-                "val_fraction", "precision")
-# The value of a run-defining argument in checkpoints written before it existed.
-RUN_DEFINING_BEFORE = {"precision": "fp32"}
+# Flags that set one keyword of the quantizer's constructor (None: the quantizer's default).
+QUANTIZER_FLAGS = ("beta", "gamma", "sigma_z2", "commitment")
+# The value of a run-defining argument in checkpoints written before the flag existed.
+RUN_DEFINING_BEFORE = {"precision": "fp32", "commitment": None}
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gmvq_ext.train",
-                                description="Train a vector-quantized autoencoder (GM-VQ or a baseline).")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-dir", default="./data",
-                   help="folder holding cifar-10-batches-py/ or img_align_celeba/, or that folder itself "
-                        "(celeba: also any folder of images); default ./data")
-    p.add_argument("--download", action="store_true",
-                   help="cifar10: fetch the official archive into --data-dir when its batches are missing "
-                        "(checksum-verified); celeba: explains how to get it (no plain-URL download exists)")
-    p.add_argument("--quantizer", default="gmvq", choices=QUANTIZER_NAMES)
-    p.add_argument("--out", required=True, help="run folder: checkpoint, metrics, pictures, results.json")
-    resume = p.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue the run in --out up to --epochs")
-    resume.add_argument("--auto-resume", action="store_true",
-                        help="continue the run in --out when it holds a checkpoint, else start it (for "
-                             "schedulers and torchrun --max-restarts: a restarted job picks up where it stopped)")
-    p.add_argument("--epochs", type=int, help="default: the paper's 100")
-    p.add_argument("--stop-after-epoch", type=int,
-                   help="end the process after this epoch (checkpoint written, no results.json), e.g. to split "
-                        "a long run across jobs; --resume continues it to --epochs exactly")
-    p.add_argument("--batch-size", type=int, help="global batch (split over torchrun ranks); default 256")
-    p.add_argument("--lr", type=float, help="peak learning rate; default 1e-2 cifar10, 1e-4 celeba")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay; default 0.01")
-    p.add_argument("--warmup-epochs", type=float, help="linear warmup from 0.2x; default 10")
-    p.add_argument("--codebook-size", type=int, help="K; default 1024")
-    p.add_argument("--dim", type=int, help="code dimension D; default 64")
-    p.add_argument("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5); "
-                                              "VQ-VAE family: commitment weight (default 0.25)")
-    p.add_argument("--gamma", type=float, help="GM-VQ: weight of the latent term")
-    p.add_argument("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
-    p.add_argument("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
-                   help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, "
-                        "replace_after=50, hard=False (repeatable; values parsed as Python literals)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels on CUDA too (always on for CPU runs)")
-    p.add_argument("--compile", action="store_true",
-                   help="train the model (quantizer included) under torch.compile: the fused GM-VQ kernel runs "
-                        "inside the compiled graph (evaluation stays eager)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16-mixed: encoder and decoder under bfloat16 autocast; the quantizers keep their "
-                        "statistics in float32")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="under torchrun: how long a collective may wait for the other processes before this "
-                        "one exits with an error (a lost or hung peer); default 300")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="cifar10: hold out this fraction of train for validation (celeba uses its official "
-                        "valid split); per-epoch evaluation uses validation when present, else test")
-    p.add_argument("--max-train-images", type=int, help="use only the first N training images")
-    p.add_argument("--max-test-images", type=int, help="evaluate on only the first N test/validation images")
-    p.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+class TrainingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose flags are added through ``group``, which
+    records the ones that define the run."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.run_defining: list[str] = []
+
+    def group(self, title: str, description: str, defines_run: bool) -> "FlagGroup":
+        return FlagGroup(self, self.add_argument_group(title, description), defines_run)
+
+
+class FlagGroup:
+    """Adds flags to one argument group; in a run-defining group, a flag passed
+    ``may_change=True`` is left out of the parser's run_defining list."""
+
+    def __init__(self, parser: TrainingParser, arguments, defines_run: bool):
+        self.parser, self.arguments, self.defines_run = parser, arguments, defines_run
+
+    def __call__(self, *flags, may_change: bool = False, **kwargs):
+        return self._record(self.arguments.add_argument(*flags, **kwargs), may_change)
+
+    def exclusive(self):
+        """A function adding flags of which at most one may be given."""
+        exclusive = self.arguments.add_mutually_exclusive_group()
+        return lambda *flags, may_change=False, **kwargs: self._record(
+            exclusive.add_argument(*flags, **kwargs), may_change)
+
+    def _record(self, action, may_change: bool):
+        if self.defines_run and not may_change:
+            self.parser.run_defining.append(action.dest)
+        return action
+
+
+def build_parser() -> TrainingParser:
+    p = TrainingParser(prog="gmvq-train",
+                       description="Train a vector-quantized autoencoder (GM-VQ or a baseline).")
+    data = p.group("data", "what is trained on", defines_run=True)
+    data("--dataset", required=True, choices=DATASETS)
+    data("--data-dir", default="./data", may_change=True,
+         help="folder holding cifar-10-batches-py/ or img_align_celeba/, or that folder itself "
+              "(celeba: also any folder of images); default ./data")
+    data("--download", action="store_true", may_change=True,
+         help="cifar10: fetch the official archive into --data-dir when its batches are missing "
+              "(checksum-verified); celeba: explains how to get it (no plain-URL download exists)")
+    data("--val-fraction", type=float, default=0.0,
+         help="cifar10: hold out this fraction of train for validation (celeba uses its official valid "
+              "split); per-epoch evaluation uses validation when present, else test")
+    data("--max-train-images", type=int, help="use only the first N training images")
+    data("--max-test-images", type=int, may_change=True,
+         help="evaluate on only the first N test/validation images")
+
+    model = p.group("model", "the autoencoder and its quantizer", defines_run=True)
+    model("--quantizer", default="gmvq", choices=QUANTIZER_NAMES)
+    model("--codebook-size", type=int, help="K; default 1024")
+    model("--dim", type=int, help="code dimension D; default 64")
+    model("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5)")
+    model("--gamma", type=float, help="GM-VQ: weight of the latent term")
+    model("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
+    model("--commitment", type=float, help="VQ-VAE family: commitment weight (default 0.25)")
+    model("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
+          help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, replace_after=50, "
+               "hard=False (repeatable; values parsed as Python literals)")
+
+    optimisation = p.group("optimisation", "how it is trained", defines_run=True)
+    optimisation("--epochs", type=int, may_change=True, help="default: the paper's 100")
+    optimisation("--batch-size", type=int, help="global batch (split over torchrun ranks); default 256")
+    optimisation("--lr", type=float, help="peak learning rate; default 1e-2 cifar10, 1e-4 celeba")
+    optimisation("--weight-decay", type=float, help="AdamW weight decay; default 0.01")
+    optimisation("--warmup-epochs", type=float, help="linear warmup from 0.2x; default 10")
+    optimisation("--seed", type=int, default=0)
+    optimisation("--precision", choices=PRECISIONS, default="fp32",
+                 help="bf16-mixed: encoder and decoder under bfloat16 autocast; the quantizers keep their "
+                      "statistics in float32")
+
+    folder = p.group("run folder", "where the run is kept, and continuing it", defines_run=False)
+    folder("--out", required=True, help="run folder: checkpoint, metrics, pictures, results.json")
+    resume = folder.exclusive()
+    resume("--resume", action="store_true", help="continue the run in --out up to --epochs")
+    resume("--auto-resume", action="store_true",
+           help="continue the run in --out when it holds a checkpoint, else start it (for schedulers and "
+                "torchrun --max-restarts: a restarted job picks up where it stopped)")
+    folder("--stop-after-epoch", type=int,
+           help="end the process after this epoch (checkpoint written, no results.json), e.g. to split a long "
+                "run across jobs; --resume continues it to --epochs exactly")
+
+    machinery = p.group("machinery", "how it runs (may change between a run and its resumption)",
+                        defines_run=False)
+    machinery("--device", default=None, help="cpu, cuda, cuda:1 ...; default cuda when available")
+    machinery("--deterministic", action="store_true",
+              help="deterministic kernels on CUDA too (always on for CPU runs)")
+    machinery("--compile", action="store_true",
+              help="train the model (quantizer included) under torch.compile: the fused GM-VQ kernel runs inside "
+                   "the compiled graph (evaluation stays eager)")
+    machinery("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    machinery("--eval-batch-size", type=int, help="default: --batch-size")
+    machinery("--log-every", type=int, default=20, metavar="STEPS",
+              help="read the training metrics from the device (progress bar, TensorBoard) every this many "
+                   "steps; the steps between make no host read; default 20")
+    machinery("--skip-nonfinite", type=int, default=0, metavar="N",
+              help="skip (do not apply) up to N steps whose loss or gradient is NaN or inf, each counted and logged, "
+                   "as mixed-precision trainers do; this reads one flag from the device every step. Default 0: the "
+                   "run stops at the first such step with an error naming it, before any checkpoint holds it")
+    machinery("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+              help="under torchrun: how long a collective may wait for the other processes before this one "
+                   "exits with an error (a lost or hung peer); default 300")
     return p
+
+
+RUN_DEFINING = tuple(build_parser().run_defining)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,9 +155,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
-    for name in ("epochs", "batch_size", "eval_batch_size", "codebook_size", "dim"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "codebook_size", "dim", "log_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.skip_nonfinite < 0:
+        parser.error(f"--skip-nonfinite must be non-negative, got {args.skip_nonfinite}")
     for name in ("max_train_images", "max_test_images", "stop_after_epoch"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -114,18 +173,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quantizer_options(args) -> dict:
-    """Keyword options for ``build_quantizer`` from ``args``: the options given
-    on the command line (each must be one the quantizer accepts) and the seed."""
+    """Keyword options for ``build_quantizer`` from ``args``: the quantizer
+    flags and options given (each must be one the quantizer accepts) and the seed."""
     accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
     options = {}
-    for name, keywords in QUANTIZER_OPTIONS.items():
-        value = getattr(args, name)
+    for name in QUANTIZER_FLAGS:
+        value = getattr(args, name, None)
         if value is None:
             continue
-        keyword = next((k for k in keywords if k in accepted), None)
-        if keyword is None:
+        if name not in accepted:
             raise ValueError(f"--{name.replace('_', '-')} does not apply to the {args.quantizer} quantizer")
-        options[keyword] = value
+        options[name] = value
     for item in getattr(args, "quantizer_option", None) or []:
         keyword, value = parse_option(item)
         if keyword not in accepted or keyword in ("dim", "codebook_size"):
@@ -152,8 +210,6 @@ def quantizer_keywords(cls) -> set[str]:
 
 
 def parse_option(item: str) -> tuple[str, object]:
-    import ast
-
     keyword, separator, text = item.partition("=")
     if not separator or not keyword:
         raise ValueError(f"--quantizer-option expects NAME=VALUE, got {item!r}")

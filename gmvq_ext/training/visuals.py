@@ -6,14 +6,13 @@ half-written PNG."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import to_uint8
+from ..files import write_atomic
 
 ROW_LABELS = ("original", "reconstruction")
 LABEL_PAD = 6  # pixels around the row labels in the left margin
@@ -144,18 +143,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def write_atomic(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(handle, 0o644)  # mkstemp's 0600 would hide the pictures from the rest of a team
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

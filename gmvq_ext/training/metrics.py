@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import collate_images
-from .distributed import Context, all_reduce_sum, gather_objects
+from .process_group import Context, all_reduce_sum, gather_objects
 from .sampling import evaluation_batches
 
 

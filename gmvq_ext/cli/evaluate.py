@@ -1,6 +1,6 @@
 """Re-evaluate a trained autoencoder from its checkpoint on the test split.
 
-    python -m gmvq_ext.evaluate --checkpoint runs/gmvq/checkpoint.pt [--data-dir DIR] [--device cpu]
+    gmvq-evaluate --checkpoint runs/gmvq/checkpoint.pt [--data-dir DIR] [--device cpu]
 
 Prints the test metrics as JSON (the same definitions and keys as
 results.json: test_mse in [-1, 1] pixels, test_mse_01, test_perplexity,
@@ -17,15 +17,16 @@ import argparse
 import json
 from pathlib import Path
 
-from .data import DataError, build_dataset
-from .training import checkpoint as ckpt
-from .training import distributed
-from .training.config import quantizer_options
-from .training.evaluation import evaluate, test_results
+from ..data import DataError, build_dataset
+from ..files import write_json_atomic
+from ..training import checkpoint as ckpt
+from ..training import process_group
+from ..training.config import quantizer_options
+from ..training.metrics import evaluate, test_results
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gmvq_ext.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gmvq-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by gmvq_ext.train")
     p.add_argument("--data-dir", help="default: the --data-dir the model was trained with")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -41,17 +42,17 @@ def main(argv=None) -> dict | None:
     options = build_parser().parse_args(argv)
     try:
         return run(options)
-    except (DataError, FileNotFoundError, ValueError, KeyError, distributed.LostPeerError) as error:
-        raise SystemExit(f"gmvq_ext.evaluate: error: {error}") from error
+    except (DataError, FileNotFoundError, ValueError, KeyError, process_group.LostPeerError) as error:
+        raise SystemExit(f"gmvq-evaluate: error: {error}") from error
 
 
 def run(options) -> dict | None:
     state = ckpt.load(options.checkpoint)  # plain data only: a tampered file is refused, never run
-    ctx = distributed.setup(options.device)
-    return distributed.run_distributed(lambda ctx: evaluate_checkpoint(options, state, ctx), ctx)
+    ctx = process_group.setup(options.device)
+    return process_group.run_distributed(lambda ctx: evaluate_checkpoint(options, state, ctx), ctx)
 
 
-def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict | None:
+def evaluate_checkpoint(options, state: dict, ctx: process_group.Context) -> dict | None:
     model, args = ckpt.restore_model(state, options.checkpoint, ctx.device)
     if options.data_dir is not None:
         args.data_dir = options.data_dir
@@ -65,7 +66,7 @@ def evaluate_checkpoint(options, state: dict, ctx: distributed.Context) -> dict 
         results = {"checkpoint": str(options.checkpoint), "epoch": state["epoch"],
                    **test_results(metrics, args, quantizer_options(args))}
         out = Path(options.out) if options.out else Path(options.checkpoint).with_name("evaluation.json")
-        ckpt.write_json_atomic(out, results)
+        write_json_atomic(out, results)
         print(json.dumps(results, indent=2))
     return results
 

@@ -1,6 +1,6 @@
 """Write the code map of every image of a split with a trained model.
 
-    python -m gmvq_ext.tokenize --checkpoint runs/gmvq/checkpoint.pt --split train --out codes.npy
+    gmvq-tokenize --checkpoint runs/gmvq/checkpoint.pt --split train --out codes.npy
 
 --out receives a NumPy array (N, H', W') (``numpy.load``): row i holds the
 codes of image i of the split in gmvq_ext.data's order (CIFAR-10: the batch
@@ -15,21 +15,20 @@ error unless --overwrite is given. Single process (see gmvq_ext.tokenizer).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .data import SPLITS, DataError, build_dataset, collate_images
-from .tokenizer import Tokenizer
-from .training.sampling import evaluation_batches
+from ..data import SPLITS, DataError, build_dataset, collate_images
+from ..files import atomic_path
+from ..tokenizer import Tokenizer
+from ..training.sampling import evaluation_batches
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gmvq_ext.tokenize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="gmvq-tokenize", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by gmvq_ext.train")
     p.add_argument("--out", required=True, help="the .npy file to write (N, H', W')")
     p.add_argument("--split", default="train", choices=SPLITS,
@@ -55,7 +54,7 @@ def main(argv=None) -> Path:
     try:
         return run(options)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"gmvq_ext.tokenize: error: {error}") from error
+        raise SystemExit(f"gmvq-tokenize: error: {error}") from error
 
 
 def run(options) -> Path:
@@ -89,10 +88,7 @@ def write_codes_atomic(out: Path, shape: tuple, dtype, batches, split: str) -> N
     stderr), then rename it to ``out``; nothing is left behind on failure."""
     from tqdm import tqdm
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
-        os.chmod(temporary, 0o644)  # an ordinary data file, not mkstemp's private 0600
+    with atomic_path(out) as temporary:
         codes = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=shape)
         written = 0
         with tqdm(total=shape[0], desc=f"tokenizing {split}", unit="img", file=sys.stderr,
@@ -105,13 +101,6 @@ def write_codes_atomic(out: Path, shape: tuple, dtype, batches, split: str) -> N
             raise RuntimeError(f"encoded {written} images, expected {shape[0]}")
         codes.flush()
         del codes  # close the memory map before the rename
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, out)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 if __name__ == "__main__":
