@@ -52,9 +52,8 @@ class GumbelVQ(Quantizer):
             # KL(q || U) = sum_k q_k (log q_k + log K) = log K - H(q), per vector.
             kl = (math.log(self.codebook_size) - entropy(probs)).sum() / max(n, 1)
             loss = self.kl_weight * kl
-            with torch.no_grad():  # the batch's aggregated posterior, for the statistics only
-                _, q_bar = backend.aggregated_posterior_entropy(logits)
-            info = usage_statistics(q_bar, indices, self.codebook_size)
+            # The batch's aggregated posterior, for the statistics only.
+            info = usage_statistics(probs.detach().mean(0), indices, self.codebook_size)
             info["temperature"] = self.temperature.detach().clone()
             info["loss/kl_uniform"] = loss.detach()
             return quantized, indices, loss, info

@@ -71,9 +71,8 @@ class SQVAEQuantizer(Quantizer):
             kl_gaussian = (z - quantized).pow(2).sum() / (2.0 * variance * max(n, 1))
             discrete_term = self.latent_weight * kl_discrete
             gaussian_term = self.latent_weight * kl_gaussian
-            with torch.no_grad():  # the batch's aggregated posterior, for the statistics only
-                _, q_bar = backend.aggregated_posterior_entropy(logits)
-            info = usage_statistics(q_bar, indices, self.codebook_size)
+            # The batch's aggregated posterior, for the statistics only.
+            info = usage_statistics(probs.detach().mean(0), indices, self.codebook_size)
             info.update({
                 "temperature": self.temperature.detach().clone(),
                 "variance": variance.detach().clone(),
