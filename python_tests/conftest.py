@@ -29,3 +29,14 @@ import torch  # noqa: E402
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models and runs are dominated by OpenMP
+    overhead on a shared machine (and their results must not depend on it anyway).
+    A file uses it for every test with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

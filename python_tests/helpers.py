@@ -7,18 +7,32 @@ GPU suite and a failure names its op's file.
 
 Under dev/emulate_cuda.sh the CUDA kernels' code, compiled for the CPU,
 serves CPU tensors (EMULATED): the CPU rows then run the CUDA kernels, and
-the rows over CUDA_KERNEL_DEVICES run there as "cuda_emulated"."""
+the rows over CUDA_KERNEL_DEVICES run there as "cuda_emulated".
+
+The vocabulary, in order:
+  devices     DEVICES, CUDA_KERNEL_DEVICES, requires_cuda, CPU_VECTOR_PATHS, cuda_tiles
+  dtypes      FLOAT_DTYPES, LOW_PRECISION_DTYPES, ALL_DTYPES; TOLERANCES, tolerance
+  inputs      make_codebook_inputs (WEIGHT_MODES), make_logits, upcast, present
+  comparing   assert_close, check_against_reference (an op against gmvq_ext.reference)
+  quantizers  QUANTIZER_OPTIONS (GMVQ_PAPER), make_quantizer, feature_map
+  compiling   graph_recorder, graphs_call
+  processes   PACKAGE_PARENT, subprocess_env, free_port, run_ranks; SAMPLE_DATA
+The fixture one_thread is in conftest.py."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import gmvq_ext
+from gmvq_ext import build_quantizer, ops, reference
+from gmvq_ext.quantizers import AffineVQ, VectorQuantizer
 
 BUILD_INFO = gmvq_ext.build_info()
 HAS_CUDA = torch.cuda.is_available() and BUILD_INFO["with_cuda"]
@@ -38,7 +52,6 @@ def requires_cuda(test):
     return pytest.mark.cuda(_skip_without_cuda(test))
 
 
-
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -55,6 +68,23 @@ CPU_VECTOR_PATHS = ["portable"] + ([] if not BUILD_INFO["cpu_x86_paths"] else
                                    (["avx2"] if {"avx2", "fma"} <= _cpu_flags() else []) +
                                    (["avx512"] if "avx512f" in _cpu_flags() else []))
 
+
+@contextlib.contextmanager
+def cuda_tiles(path: str):
+    """GMVQ_CUDA_TILES for the calls inside: "tensor" (3xTF32 tensor cores) or
+    "simt" (FP32 FFMA); the CUDA quantize reads it at each call."""
+    old = os.environ.get("GMVQ_CUDA_TILES")
+    os.environ["GMVQ_CUDA_TILES"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GMVQ_CUDA_TILES"]
+        else:
+            os.environ["GMVQ_CUDA_TILES"] = old
+
+
+# ---------------------------------------------------------------- dtypes
 FLOAT_DTYPES = [torch.float32, torch.float64]
 LOW_PRECISION_DTYPES = [torch.bfloat16, torch.float16]
 ALL_DTYPES = FLOAT_DTYPES + LOW_PRECISION_DTYPES
@@ -70,23 +100,16 @@ TOLERANCES = {
 }
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    return TOLERANCES[dtype]
+def tolerance(dtype: torch.dtype, scale: float = 1.0, atol_scale: float = 1.0) -> dict:
+    """rtol and atol of TOLERANCES[dtype], both times scale, atol also times atol_scale
+    (for results that sum large terms: a small one then carries their rounding)."""
+    tol = TOLERANCES[dtype]
+    return dict(rtol=tol["rtol"] * scale, atol=tol["atol"] * scale * atol_scale)
 
 
-@contextlib.contextmanager
-def cuda_tiles(path: str):
-    """GMVQ_CUDA_TILES for the calls inside: "tensor" (3xTF32 tensor cores) or
-    "simt" (FP32 FFMA); the CUDA quantize reads it at each call."""
-    old = os.environ.get("GMVQ_CUDA_TILES")
-    os.environ["GMVQ_CUDA_TILES"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["GMVQ_CUDA_TILES"]
-        else:
-            os.environ["GMVQ_CUDA_TILES"] = old
+# ---------------------------------------------------------------- inputs
+# The weight argument of make_codebook_inputs: absent, one per dimension, one per row.
+WEIGHT_MODES = [None, "full", "scalar"]
 
 
 def make_codebook_inputs(n=37, k=19, d=5, dtype=torch.float32, device="cpu", weight="full", seed=0,
@@ -121,6 +144,138 @@ def upcast(t):
     return t.detach().to(dtype).requires_grad_(t.requires_grad)
 
 
+def present(*tensors) -> list:
+    """The tensors that are not None (the ones autograd can differentiate)."""
+    return [t for t in tensors if t is not None]
+
+
+# ---------------------------------------------------------------- comparing
+def assert_close(actual, expected, dtype=None, *, scale=1.0, atol_scale=1.0, **tol):
+    """torch.testing.assert_close of both as float64 on the CPU (a low-precision or CUDA
+    result against a float32 or float64 CPU reference), to tolerance(dtype, scale,
+    atol_scale); `tol` (rtol, atol, equal_nan, msg) overrides it. Without dtype or tol,
+    torch's own float64 tolerances. Where the two must also share a dtype and device,
+    call torch.testing.assert_close(actual, expected, **tolerance(dtype)) itself."""
+    if dtype is not None:
+        tol = {**tolerance(dtype, scale, atol_scale), **tol}
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(), **tol)
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype with the looser tolerance."""
+    order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    return max(a, b, key=order.index)
+
+
+def check_against_reference(call, inputs, dtype, *, exact=(), use=None, seed=0, atol_scale=1.0):
+    """An op against gmvq_ext.reference, forward and backward; returns the op's outputs.
+
+    call(impl, *inputs) is the op's call written once: it runs with impl =
+    gmvq_ext.ops on `inputs` (the tensors to differentiate, None for an absent
+    optional one) and with impl = gmvq_ext.reference on the same values upcast.
+    - Each output has the reference's shape and is finite; a floating one has dtype
+      reference.accumulation_dtype(dtype), an integer one the reference's.
+    - Integer outputs, and those whose position is in `exact`, equal the reference's
+      bit for bit; the others match it to tolerance(dtype), atol times atol_scale.
+    - Random float64 upstream gradients (a torch.Generator seeded with `seed`, one
+      tensor per output, in order) on the outputs whose positions are in `use` (by
+      default every floating output) give each present input a finite gradient of its
+      own dtype and shape, matching the reference's to the tolerance of the coarser of
+      dtype and the input's dtype (a gradient is rounded to its input's dtype)."""
+    inputs = [t if t is None else t.detach().requires_grad_() for t in inputs]
+    ref_inputs = [upcast(t) for t in inputs]
+    outputs = _as_tuple(call(ops, *inputs))
+    expected = _as_tuple(call(reference, *ref_inputs))
+    acc = reference.accumulation_dtype(dtype)
+    assert len(outputs) == len(expected)
+    for i, (out, ref) in enumerate(zip(outputs, expected)):
+        assert out.shape == ref.shape, f"output {i}"
+        assert out.dtype == (acc if ref.is_floating_point() else ref.dtype), f"output {i}"
+        assert torch.isfinite(out).all(), f"output {i}"
+        if i in exact or not ref.is_floating_point():
+            assert torch.equal(out, ref.detach()), f"output {i}"
+        else:
+            assert_close(out, ref, dtype, atol_scale=atol_scale)
+
+    use = [i for i, ref in enumerate(expected) if ref.is_floating_point()] if use is None else list(use)
+    gen = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(outputs[i].shape, generator=gen, dtype=torch.float64) for i in use]
+    grads = _grads(outputs, use, upstream, inputs)
+    ref_grads = _grads(expected, use, upstream, ref_inputs)
+    for grad, ref_grad, source in zip(grads, ref_grads, present(*inputs)):
+        assert grad.dtype == source.dtype and grad.shape == source.shape
+        assert torch.isfinite(grad).all()
+        assert_close(grad, ref_grad, _coarser(dtype, source.dtype), atol_scale=atol_scale)
+    return outputs
+
+
+def _as_tuple(outputs) -> tuple:
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+
+
+def _grads(outputs, use, upstream, inputs):
+    """The gradients of the present inputs given upstream[j] on outputs[use[j]] (cast to its dtype)."""
+    chosen = [outputs[i] for i in use]
+    return torch.autograd.grad(chosen, present(*inputs),
+                               [u.to(o.device, o.dtype) for u, o in zip(upstream, chosen)])
+
+
+# ---------------------------------------------------------------- quantizers
+# GaussianMixtureVQ in the paper's settings, with the straight-through hard sample:
+# what test_quantizers_gmvq.py's expected values are written for (the package's
+# defaults, chosen on validation, are tested there on their own).
+GMVQ_PAPER = dict(sigma_z2=0.5, noise=True, temperature_start=2.0, temperature_end=0.1, hard=True)
+# The options make_quantizer gives a registered quantizer beyond K and D; dead codes
+# are replaced after 2 unused steps, so that the contract's few training forwards replace some.
+QUANTIZER_OPTIONS = {
+    "gmvq": GMVQ_PAPER,
+    "vqvae-replace": dict(replace_after=2),
+    "vqvae-l2-replace": dict(replace_after=2),
+}
+
+
+def make_quantizer(name: str, **options):
+    """build_quantizer(name) with K = 16, D = 4 and QUANTIZER_OPTIONS[name] (`options` win),
+    its parameters drawn after torch.manual_seed(0). A VQ-VAE variant then gets codes at
+    the data's scale (a batch uses several of them) and an affine one a map that is not
+    the identity."""
+    torch.manual_seed(0)
+    q = build_quantizer(name, codebook_size=16, dim=4, **{**QUANTIZER_OPTIONS.get(name, {}), **options})
+    if isinstance(q, VectorQuantizer):
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            q.codebook.copy_(torch.randn(16, 4, generator=gen))
+            if isinstance(q, AffineVQ):
+                q.affine_weight.copy_(0.1 * torch.randn(4, generator=gen))
+                q.affine_bias.copy_(0.1 * torch.randn(4, generator=gen))
+    return q
+
+
+def feature_map(q, batch=2, height=3, width=4, seed=0, scale=1.0) -> torch.Tensor:
+    """A channel-first (B, C, H, W) encoder output for the quantizer q."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, q.input_channels, height, width, generator=gen) * scale
+
+
+# ---------------------------------------------------------------- torch.compile
+def graph_recorder(graphs: list, then="aot_eager"):
+    """A torch.compile backend that keeps each FX graph dynamo captured, then compiles it
+    with the backend `then` ("eager" runs the captured graph as it is)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend(then)(gm, example_inputs)
+
+    return record
+
+
+def graphs_call(graphs, op_name: str) -> bool:
+    """Whether any of the recorded graphs calls the op (e.g. "gmvq.quantize")."""
+    return any(op_name in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
+# ---------------------------------------------------------------- data and processes
 def _sample_data_dir() -> Path:
     """shared/data beside the checkout (CI: ../shared; a git worktree: ../../shared),
     or $GMVQ_SAMPLE_DATA. Tests that need it fail when it is missing, never skip."""
@@ -151,3 +306,29 @@ PACKAGE_PARENT = Path(gmvq_ext.__file__).resolve().parent.parent
 def subprocess_env(**extra: str) -> dict:
     path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world_size: int = 2) -> list:
+    """worker(rank, world_size) in world_size processes joined by a gloo process group
+    on this host; what each returns (tensors, in a torch.save-able object), in rank
+    order. The worker must be a module-level function (the processes are spawned)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(_rank_main, args=(world_size, free_port(), out_dir, worker), nprocs=world_size,
+                                    join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(world_size)]
+
+
+def _rank_main(rank: int, world_size: int, port: int, out_dir: str, worker):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        torch.save(worker(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from gmvq_ext import evaluate, train
+from gmvq_ext import train
+from gmvq_ext.cli import evaluate
 from gmvq_ext.training import checkpoint as ckpt
 from gmvq_ext.training.config import build_model, parse_args, quantizer_options
 from helpers import PACKAGE_PARENT, subprocess_env
@@ -91,7 +92,7 @@ def test_a_reduce_payload_is_never_executed(tmp_path):
 
     with pytest.raises(SystemExit) as raised:
         evaluate.main(["--checkpoint", str(path), "--device", "cpu"])
-    assert str(raised.value).startswith("gmvq_ext.evaluate: error: cannot load checkpoint")
+    assert str(raised.value).startswith("gmvq-evaluate: error: cannot load checkpoint")
     assert not marker.exists()
 
 
@@ -99,12 +100,12 @@ def test_evaluate_cli_refuses_a_payload_with_one_line_and_no_traceback(tmp_path)
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": WritesMarker(marker)}, path)
-    done = subprocess.run([sys.executable, "-m", "gmvq_ext.evaluate", "--checkpoint", str(path), "--device", "cpu"],
+    done = subprocess.run([sys.executable, "-m", "gmvq_ext.cli.evaluate", "--checkpoint", str(path), "--device", "cpu"],
                           cwd=PACKAGE_PARENT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gmvq_ext.evaluate: error:") and str(path) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("gmvq-evaluate: error:") and str(path) in lines[0]
     assert not marker.exists()
 
 
@@ -113,7 +114,7 @@ def test_resume_refuses_a_payload_in_the_run_folder(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     torch.save({"model": {}, "payload": WritesMarker(marker)}, out / "checkpoint.pt")
-    with pytest.raises(SystemExit, match=r"gmvq_ext.train: error: cannot load checkpoint .*checkpoint.pt"):
+    with pytest.raises(SystemExit, match=r"gmvq-train: error: cannot load checkpoint .*checkpoint.pt"):
         train.main([*SMALL, "--epochs", "2", "--resume", "--out", str(out)])
     assert not marker.exists()
 
@@ -163,7 +164,7 @@ def test_weights_that_do_not_fit_the_described_model_are_named(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="weights do not fit") as raised:
         ckpt.restore_model(ckpt.load(path), path, torch.device("cpu"))
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
-    with pytest.raises(SystemExit, match="gmvq_ext.evaluate: error: .*mismatch.pt.*weights do not fit"):
+    with pytest.raises(SystemExit, match="gmvq-evaluate: error: .*mismatch.pt.*weights do not fit"):
         evaluate.main(["--checkpoint", str(path), "--device", "cpu"])
 
 

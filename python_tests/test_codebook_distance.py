@@ -3,50 +3,26 @@
 import pytest
 import torch
 
-from gmvq_ext import ops, reference
-from helpers import ALL_DTYPES, DEVICES, make_codebook_inputs, tolerance, upcast
-
-WEIGHTS = [None, "full", "scalar"]
+from gmvq_ext import ops
+from helpers import ALL_DTYPES, DEVICES, WEIGHT_MODES, check_against_reference, make_codebook_inputs
 
 
-def present(*tensors):
-    return [t for t in tensors if t is not None]
-
-
-def assert_close(actual, expected, dtype, atol_scale=1.0):
-    tol = tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * atol_scale)
-
-
-def check_against_reference(z, weight, codebook, dtype, seed=0, atol_scale=1.0):
-    """Value, output dtype and every gradient (random upstream) against autograd through the reference.
-
-    atol_scale widens the absolute tolerance for inputs whose GEMM-form terms
-    are large: a distance near 0 then carries their rounding."""
-    inputs = [t.detach().requires_grad_() if t is not None else None for t in (z, weight, codebook)]
-    ref_inputs = [upcast(t) for t in inputs]
-    distance = ops.codebook_distance(*inputs)
-    expected = reference.codebook_distance(*ref_inputs)
-    assert distance.dtype == reference.accumulation_dtype(dtype)
-    assert_close(distance, expected, dtype, atol_scale)
-
-    upstream = torch.randn(distance.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    grads = torch.autograd.grad(distance, present(*inputs), upstream.to(distance.device, distance.dtype))
-    ref_grads = torch.autograd.grad(expected, present(*ref_inputs), upstream.to(expected.device, expected.dtype))
-    for grad, ref_grad, source in zip(grads, ref_grads, present(*inputs)):
-        assert grad.dtype == source.dtype and grad.shape == source.shape
-        assert_close(grad, ref_grad, dtype, atol_scale)
+def check(inputs, dtype, **options):
+    """The op on inputs = (z, weight, codebook) against the reference (helpers.check_against_reference):
+    value, output dtype and every gradient. atol_scale widens the absolute tolerance for
+    inputs whose GEMM-form terms are large: a distance near 0 then carries their rounding."""
+    return check_against_reference(lambda impl, *t: impl.codebook_distance(*t), inputs, dtype, **options)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_matches_reference(device, dtype, weight):
-    check_against_reference(*make_codebook_inputs(dtype=dtype, device=device, weight=weight), dtype)
+    check(make_codebook_inputs(dtype=dtype, device=device, weight=weight), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_gradcheck(device, weight):
     inputs = make_codebook_inputs(n=6, k=4, d=3, dtype=torch.float64, device=device, weight=weight,
                                   requires_grad=True)
@@ -54,7 +30,7 @@ def test_gradcheck(device, weight):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_opcheck(device, weight):
     z, w, e = make_codebook_inputs(n=6, k=4, d=3, device=device, weight=weight)
     torch.library.opcheck(torch.ops.gmvq.codebook_distance.default,
@@ -72,7 +48,7 @@ def test_backward_op_gives_empty_grad_for_absent_weight(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_clamp_changes_values_only(device, weight):
     # z equal to codes (large, so the GEMM form cancels badly): the distance to
     # its own code is 0 up to rounding, never below, and the gradient is that
@@ -85,17 +61,17 @@ def test_clamp_changes_values_only(device, weight):
     assert (distance.diagonal() <= 1e-6 * distance.max()).all()
     # Terms of size ~1e4-1e5: float32 rounds them by ~1e-2 (the GEMM form and
     # the reference may round differently below that).
-    check_against_reference(z, w, e, torch.float32, atol_scale=100)
+    check((z, w, e), torch.float32, atol_scale=100)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 4, 3), (6, 1, 3), (6, 4, 1), (1, 1, 1)], ids=lambda s: "n%d-k%d-d%d" % s)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_edge_shapes(device, shape, weight):
     n, k, d = shape
     z, w, e = make_codebook_inputs(n=n, k=k, d=d, dtype=torch.float64, device=device, weight=weight)
     assert ops.codebook_distance(z, w, e).shape == (n, k)
-    check_against_reference(z, w, e, torch.float64)
+    check((z, w, e), torch.float64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,10 +82,10 @@ def test_non_contiguous_and_expanded_inputs(device, dtype):
     sliced_codebook = torch.stack([e, -e], dim=2)[..., 0]  # same values, strides (10, 2)
     assert not transposed_z.is_contiguous() and not sliced_codebook.is_contiguous()
     transposed_w = w.t().contiguous().t()
-    check_against_reference(transposed_z, transposed_w, sliced_codebook, dtype)
+    check((transposed_z, transposed_w, sliced_codebook), dtype)
     # Expanded: one vector and one weight row repeated (stride 0).
-    check_against_reference(z[:1].expand(5, 5), w[:1].expand(5, 5), e, dtype)
-    check_against_reference(z[:1].expand(5, 5), w[:1, :1].expand(5, 1), e, dtype)
+    check((z[:1].expand(5, 5), w[:1].expand(5, 5), e), dtype)
+    check((z[:1].expand(5, 5), w[:1, :1].expand(5, 1), e), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

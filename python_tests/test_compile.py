@@ -19,24 +19,9 @@ import torch.nn.functional as F
 
 from gmvq_ext.models import build_autoencoder
 from gmvq_ext.quantizers import GaussianMixtureVQ
-from helpers import PACKAGE_PARENT, requires_cuda, subprocess_env
+from helpers import PACKAGE_PARENT, graph_recorder, graphs_call, requires_cuda, subprocess_env
 
 K = 97  # a size no other tensor of the model has, so (N, K) shapes are recognisable
-
-
-def graph_recorder(graphs: list, then="aot_eager"):
-    """A torch.compile backend that keeps each FX graph dynamo captured, then compiles it with `then`."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend(then)(gm, example_inputs)
-
-    return record
-
-
-def calls(graphs, op_name: str) -> bool:
-    return any(op_name in str(node.target) for gm in graphs for node in gm.graph.nodes)
 
 
 def n_by_k_shapes(graphs, n: int, k: int) -> list:
@@ -83,7 +68,7 @@ def test_compiled_autoencoder_step_runs_the_kernel_without_recompiling():
             for model in (eager, compiled_model):
                 model.zero_grad(set_to_none=True)
     assert len(graphs) == 1, f"{len(graphs)} graphs captured"
-    assert calls(graphs, "gmvq.quantize")
+    assert graphs_call(graphs, "gmvq.quantize")
     assert n_by_k_shapes(graphs, 4 * 8 * 8, K) == []
     assert compiled_model.quantizer.step.item() == eager.quantizer.step.item() == steps
 

@@ -22,7 +22,10 @@ from gmvq_ext.data import build_dataset
 from gmvq_ext.download import CIFAR10_MD5_ENV, CIFAR10_URL_ENV, DownloadError, celeba_instructions, ensure_cifar10
 from helpers import SAMPLE_DATA
 
-from test_train import SMALL, one_thread  # noqa: F401 (fixture)
+from test_train import SMALL
+
+# One intra-op thread for every test (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE_BATCHES = SAMPLE_DATA / "cifar10-sample" / "cifar-10-batches-py"
 
@@ -135,7 +138,7 @@ def test_the_cli_reports_a_download_failure_in_one_line(tmp_path, capsys):
     argv = [a if a != str(SAMPLE_DATA / "cifar10-sample") else str(data) for a in SMALL]
     with pytest.raises(SystemExit) as raised:
         train.main([*argv, "--download", "--epochs", "1", "--out", str(tmp_path / "run")])
-    assert str(raised.value).startswith("gmvq_ext.train: error: cannot download CIFAR-10 from http://127.0.0.1:")
+    assert str(raised.value).startswith("gmvq-train: error: cannot download CIFAR-10 from http://127.0.0.1:")
     assert not data.exists()
 
 
@@ -169,7 +172,7 @@ def test_celeba_download_explains_how_to_get_it(tmp_path):
     with pytest.raises(SystemExit) as raised:
         train.main(argv)
     message = str(raised.value)
-    assert message.startswith("gmvq_ext.train: error: --download: CelebA cannot be downloaded automatically")
+    assert message.startswith("gmvq-train: error: --download: CelebA cannot be downloaded automatically")
     for needed in ("https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html", "img_align_celeba.zip",
                    "list_eval_partition.txt", f"{tmp_path / 'data'}/img_align_celeba/000001.jpg"):
         assert needed in message

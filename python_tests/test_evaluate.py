@@ -1,4 +1,4 @@
-"""python -m gmvq_ext.evaluate reproduces a run's test metrics from its checkpoint."""
+"""gmvq-evaluate reproduces a run's test metrics from its checkpoint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from gmvq_ext import evaluate, train
+from gmvq_ext import train
+from gmvq_ext.cli import evaluate
 
-from test_train import DATA, SMALL, one_thread, run_cli  # noqa: F401 (fixture)
+from test_train import SMALL, run_cli
 
+# One intra-op thread for every test (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_evaluate_reproduces_results_json(tmp_path):
@@ -18,7 +21,7 @@ def test_evaluate_reproduces_results_json(tmp_path):
     train.main([*SMALL, "--epochs", "1", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     done = run_cli("--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu",
-                   module=("-m", "gmvq_ext.evaluate"))
+                   module=("-m", "gmvq_ext.cli.evaluate"))
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
     written = json.loads((out / "evaluation.json").read_text())

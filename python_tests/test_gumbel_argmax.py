@@ -5,55 +5,27 @@ import pytest
 import scipy.stats
 import torch
 
-from gmvq_ext import ops, reference
-from helpers import ALL_DTYPES, DEVICES, make_logits, tolerance, upcast
+from gmvq_ext import ops
+from helpers import ALL_DTYPES, DEVICES, check_against_reference, make_logits
 
 SEED, OFFSET = 1234, 2**33 + 7
 # Significance of the chi-square test; seeds are fixed, so it cannot flake.
 SIGNIFICANCE = 1e-3
 
 
-def assert_close(actual, expected, dtype):
-    torch.testing.assert_close(actual.double(), expected.double(), **tolerance(dtype))
-
-
-def coarser(a, b):
-    """The dtype with the looser tolerance: a gradient is rounded to its input's dtype."""
-    order = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-    return max(a, b, key=order.index)
-
-
-def check_against_reference(logits, temperature, hard, dtype, noise=None, seed=SEED, offset=OFFSET):
-    """Sample, exact indices and the gradients (of logits and given noise) against the reference."""
-    inputs = [t if t is None else t.detach().requires_grad_() for t in (logits, noise)]
-    ref_inputs = [upcast(t) for t in inputs]
-    sample, indices = ops.gumbel_argmax(inputs[0], temperature, hard, (seed, offset), inputs[1])
-    ref_sample, ref_indices = reference.gumbel_argmax(ref_inputs[0], temperature, hard, (seed, offset), ref_inputs[1])
-    assert sample.dtype == reference.accumulation_dtype(dtype) and sample.shape == logits.shape
-    assert indices.dtype == torch.int64
-    assert torch.equal(indices, ref_indices)
-    assert torch.isfinite(sample).all()
-    if hard:
-        assert torch.equal(sample, ref_sample.detach())  # exact one-hot
-    else:
-        assert_close(sample, ref_sample, dtype)
-
-    sources = [t for t in inputs if t is not None]
-    ref_sources = [t for t in ref_inputs if t is not None]
-    upstream = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grads = torch.autograd.grad(sample, sources, upstream.to(sample.device, sample.dtype))
-    ref_grads = torch.autograd.grad(ref_sample, ref_sources, upstream.to(ref_sample.device, ref_sample.dtype))
-    for grad, ref_grad, source in zip(grads, ref_grads, sources):
-        assert grad.dtype == source.dtype and grad.shape == source.shape
-        assert_close(grad, ref_grad, coarser(dtype, source.dtype))
-    return sample, indices
+def check(logits, temperature, hard, dtype, noise=None):
+    """The op against the reference (helpers.check_against_reference), Philox noise keyed by
+    (SEED, OFFSET) or the given noise: the sample (bit for bit when hard: exactly one-hot), the
+    exact indices, and the gradients of the logits and of given noise."""
+    return check_against_reference(lambda impl, x, g: impl.gumbel_argmax(x, temperature, hard, (SEED, OFFSET), g),
+                                   (logits, noise), dtype, exact=(0, 1) if hard else (1,))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_philox_noise_matches_reference(device, dtype, hard):
-    check_against_reference(make_logits(dtype=dtype, device=device), 0.7, hard, dtype)
+    check(make_logits(dtype=dtype, device=device), 0.7, hard, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -63,7 +35,7 @@ def test_philox_noise_matches_reference(device, dtype, hard):
 def test_given_noise_matches_reference(device, dtype, noise_dtype, hard):
     logits = make_logits(dtype=dtype, device=device)
     noise = -torch.log(-torch.log(torch.rand(logits.shape, dtype=torch.float64))).to(device, noise_dtype)
-    check_against_reference(logits, 1.3, hard, dtype, noise=noise)
+    check(logits, 1.3, hard, dtype, noise=noise)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,7 +51,7 @@ def test_philox_noise_is_the_philox_noise_op(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 4.0])
 def test_temperatures(device, temperature):
-    check_against_reference(make_logits(device=device, dtype=torch.float64), temperature, False, torch.float64)
+    check(make_logits(device=device, dtype=torch.float64), temperature, False, torch.float64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,7 +119,7 @@ def test_seed_and_offset_select_the_noise(device):
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_edge_shapes(device, shape, hard):
     logits = make_logits(*shape, dtype=torch.float64, device=device)
-    sample, indices = check_against_reference(logits, 0.5, hard, torch.float64)
+    sample, indices = check(logits, 0.5, hard, torch.float64)
     assert indices.shape == (shape[0],)
     if shape[1] == 1:
         assert torch.equal(sample, torch.ones_like(sample)) and (indices == 0).all()
@@ -160,10 +132,10 @@ def test_non_contiguous_and_expanded_logits(device, dtype):
     transposed = logits.t().contiguous().t()
     noise = torch.randn(7, 9, device=device).t()  # non-contiguous given noise
     for hard in (False, True):
-        check_against_reference(transposed, 0.5, hard, dtype)
-        check_against_reference(transposed, 0.5, hard, dtype, noise=noise)
+        check(transposed, 0.5, hard, dtype)
+        check(transposed, 0.5, hard, dtype, noise=noise)
         # Expanded: identical rows still get their own noise.
-        sample, _ = check_against_reference(logits[:1].expand(5, 7), 0.5, hard, dtype)
+        sample, _ = check(logits[:1].expand(5, 7), 0.5, hard, dtype)
         assert not torch.equal(sample[0], sample[1]) or hard
 
 
@@ -172,7 +144,7 @@ def test_non_contiguous_and_expanded_logits(device, dtype):
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 def test_large_logits_stay_finite(device, dtype, hard):
     logits = make_logits(dtype=dtype, device=device, scale=1e4)
-    sample, _ = check_against_reference(logits, 0.1, hard, dtype)
+    sample, _ = check(logits, 0.1, hard, dtype)
     assert torch.isfinite(sample).all()
 
 

@@ -19,14 +19,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
 from helpers import (BUILD_INFO, CPU_VECTOR_PATHS, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
-                     LOW_PRECISION_DTYPES, PACKAGE_PARENT, cuda_tiles, make_codebook_inputs, requires_cuda,
-                     subprocess_env, tolerance, upcast)
+                     LOW_PRECISION_DTYPES, PACKAGE_PARENT, WEIGHT_MODES, assert_close, cuda_tiles, make_codebook_inputs,
+                     present, requires_cuda, subprocess_env, tolerance, upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
 # mode -> (hard, training)
 MODES = {"train_hard": (True, True), "train_soft": (False, True), "eval": (True, False)}
-WEIGHTS = ["full", "scalar", None]
 
 
 def kernel(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel=None, eps=None):
@@ -60,8 +59,8 @@ def scalar_loss(outputs, grads):
 
 
 def grads_of(outputs, grads, inputs):
-    present = [t for t in inputs if t is not None]
-    found = iter(torch.autograd.grad(scalar_loss(outputs, grads), present, allow_unused=True))
+    """The gradients of scalar_loss for each input: None for an absent one, zeros where it is unused."""
+    found = iter(torch.autograd.grad(scalar_loss(outputs, grads), present(*inputs), allow_unused=True))
     result = []
     for t in inputs:
         if t is None:
@@ -70,10 +69,6 @@ def grads_of(outputs, grads, inputs):
         g = next(found)
         result.append(torch.zeros_like(t) if g is None else g)
     return result
-
-
-def assert_close(actual, expected, **tol):
-    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
 
 
 def explicit_noise(n, k, d, dtype, device, requires_grad):
@@ -87,7 +82,7 @@ def explicit_noise(n, k, d, dtype, device, requires_grad):
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("noise", ["philox", "explicit"])
 def test_matches_reference(device, dtype, weight, mode, noise):
@@ -126,7 +121,6 @@ def test_low_precision_matches_reference_on_rounded_inputs(device, dtype, weight
 
     got = run(kernel, z, w, e, mode)
     want = run(reference.quantize, z32, w32, e32, mode)
-    tol = tolerance(dtype)
     assert got[0].dtype == dtype and got[2].dtype == got[3].dtype == torch.float32
     torch.testing.assert_close(got[1], want[1])
     # z_out is rounded to the input dtype on the way out: compare it loosely.
@@ -138,7 +132,7 @@ def test_low_precision_matches_reference_on_rounded_inputs(device, dtype, weight
         if source is None:
             continue
         assert a.dtype == dtype
-        assert_close(a, b, **tol)
+        assert_close(a, b, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,7 +173,7 @@ def test_explicit_reference_noise_equals_generated_noise(device, mode):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_matches_reference_when_stripes_hold_several_blocks(weight, mode):
     # The CPU kernel takes at least 128 rows per block and makes at most 64
@@ -675,12 +669,6 @@ def to_cpu(tensors):
     return [t if t is None else t.cpu() for t in tensors]
 
 
-def assert_close_scaled(actual, expected, dtype, scale):
-    tol = tolerance(dtype)
-    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(),
-                               rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
-
-
 def float64_reference(z, w, e, hard, training, temperature, state, upstream, gumbel=None, eps=None,
                       sigma_z2=0.4):
     """Outputs and gradients (z, weight, codebook, gumbel, eps) of reference.quantize in float64 on
@@ -688,20 +676,13 @@ def float64_reference(z, w, e, hard, training, temperature, state, upstream, gum
     leaves = [t if t is None else t.detach().cpu().double().requires_grad_() for t in (z, w, e, gumbel, eps)]
     out = reference.quantize(*leaves[:3], temperature.item(), sigma_z2, hard, training, to_cpu([state])[0],
                              *leaves[3:])
-    g_z, g_q, g_l = (g.detach().cpu().double() for g in upstream)
-    loss = (out[0] * g_z).sum() + (out[2] * g_q).sum() + (out[3] * g_l).sum()
-    present = [t for t in leaves if t is not None]
-    found = iter(torch.autograd.grad(loss, present, allow_unused=True))
-    grads = []
-    for t in leaves:
-        g = None if t is None else next(found)
-        grads.append(None if t is None else torch.zeros_like(t) if g is None else g)
+    grads = grads_of(out, [g.detach().cpu().double() for g in upstream], leaves)
     return [o.detach() for o in out], grads
 
 
 @pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype,path", TILE_PATHS, ids=lambda v: str(v).replace("torch.", ""))
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 @pytest.mark.parametrize("mode", list(OP_MODES))
 @pytest.mark.parametrize("given_noise", [False, True], ids=["philox", "given"])
 def test_tile_paths_match_the_cpu_op_and_the_reference(device, dtype, path, weight, mode, given_noise):
@@ -733,14 +714,14 @@ def test_tile_paths_match_the_cpu_op_and_the_reference(device, dtype, path, weig
             assert a.shape == b.shape, name
             if name == "row_lse" and not training:  # eval has no y: only lse_pi is specified
                 a, b = a[:, 0], b[:, 0]
-            assert_close_scaled(a, b, dtype, scale)
+            assert_close(a, b, dtype, scale=scale)
         for a, b, source in zip(grads, want_grads, [z, w, e, gumbel, eps]):
             if source is None:
                 assert a.numel() == 0
                 continue
             assert a.shape == source.shape and a.dtype == source.dtype
             magnitude = max(1.0, b.abs().max().item()) if b.numel() else 1.0
-            assert_close_scaled(a, b, dtype, scale * magnitude)
+            assert_close(a, b, dtype, scale=scale * magnitude)
 
 
 @pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)

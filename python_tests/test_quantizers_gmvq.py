@@ -1,31 +1,22 @@
-"""GaussianMixtureVQ: the interface, the docs/math.md loss, k-means initialisation,
-the one code path (kernel, or reference where none exists), torch.compile and
-torch.distributed."""
+"""GaussianMixtureVQ: the docs/math.md loss, k-means initialisation, the one code
+path (kernel, or reference where none exists), torch.compile and torch.distributed.
+The interface contract is tested in test_quantizers_contract.py."""
 
+import functools
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import quantizer_contract as contract
 from gmvq_ext import reference
 from gmvq_ext.quantizers import GaussianMixtureVQ, backend
 from gmvq_ext.quantizers.base import entropy
+from helpers import GMVQ_PAPER, feature_map, graph_recorder, graphs_call, make_quantizer, run_ranks
 
-
-# The paper's settings, with the straight-through hard sample: what these tests'
-# expected values are written for. The package's defaults (chosen on validation)
-# are tested on their own below.
-PAPER = dict(sigma_z2=0.5, noise=True, temperature_start=2.0, temperature_end=0.1, hard=True)
-
-
-def make(**options):
-    torch.manual_seed(0)
-    return GaussianMixtureVQ(dim=4, codebook_size=16, **{**PAPER, **options})
+# K = 16, D = 4 in the paper's settings (helpers.GMVQ_PAPER): what these tests' expected
+# values are written for. The package's defaults (chosen on validation) are tested on their own below.
+make = functools.partial(make_quantizer, "gmvq")
 
 
 def test_defaults_are_the_validation_choice():
@@ -39,43 +30,17 @@ def test_defaults_are_the_validation_choice():
     assert float(q.temperature) == pytest.approx(0.05)
 
 
-def test_registry():
-    contract.check_registry("gmvq", GaussianMixtureVQ)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make)
-
-
 @pytest.mark.parametrize("weight, channels", [("full", 8), ("scalar", 5), (None, 4)])
 def test_input_channels_by_weight_mode(weight, channels):
     assert make(weight=weight).input_channels == channels
-
-
-@pytest.mark.parametrize("weight", ["full", "scalar", None])
-def test_shapes_and_layouts(weight):
-    contract.check_shapes_and_layouts(lambda **o: make(weight=weight, **o))
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make, extra_keys=("temperature", "entropy"))
-
-
-def test_training_noise_advances():
-    contract.check_training_noise_advances(make)
-
-
-def test_set_progress():
-    contract.check_set_progress(make, hard=False)
 
 
 def test_loss_matches_the_math():
     """loss = gamma mean(latent_reg) + beta (log K - H(q_bar)), outputs = reference.quantize."""
     q = make(beta=2.0, gamma=0.3, sigma_z2=0.7)
     q.train()
-    q(contract.feature_map(q, seed=3))  # k-means
-    x = contract.feature_map(q)
+    q(feature_map(q, seed=3))  # k-means
+    x = feature_map(q)
     offset = q.step.clone()
     out, idx, loss, info = q(x)
     rows = x.movedim(1, -1).reshape(-1, 8)
@@ -93,9 +58,9 @@ def test_loss_matches_the_math():
 def test_eval_is_argmax_without_noise():
     q = make()
     q.train()
-    q(contract.feature_map(q, seed=3))
+    q(feature_map(q, seed=3))
     q.eval()
-    x = contract.feature_map(q)
+    x = feature_map(q)
     out, idx, _, _ = q(x)
     rows = x.movedim(1, -1).reshape(-1, 8)
     logits = -reference.codebook_distance(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook.detach())
@@ -105,7 +70,7 @@ def test_eval_is_argmax_without_noise():
 
 def test_separate_weights_match_the_concatenated_input():
     q = make().eval()
-    x = contract.feature_map(q)
+    x = feature_map(q)
     combined = q(x)
     separate = q(x[:, :4], w_raw=x[:, 4:])
     assert torch.equal(combined[0], separate[0]) and torch.equal(combined[1], separate[1])
@@ -121,10 +86,10 @@ def test_noise_offset_counts_training_forwards():
     q = make()
     q.train()
     for expected in range(1, 4):
-        q(contract.feature_map(q))
+        q(feature_map(q))
         assert int(q.step) == expected
     q.eval()
-    q(contract.feature_map(q))
+    q(feature_map(q))
     assert int(q.step) == 3
 
 
@@ -185,22 +150,12 @@ def test_kmeans_init_can_be_disabled():
     assert torch.equal(q.codebook.detach(), before)
 
 
-# ---------------------------------------------------------------- dtypes and backends
-def test_autocast_computes_in_codebook_dtype():
-    q = make().eval()
-    x = contract.feature_map(q).to(torch.bfloat16)
-    expected = q(x.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = q(x)
-    assert got[0].dtype == torch.float32
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-
-
+# ---------------------------------------------------------------- backends (autocast: test_quantizers_contract.py)
 def test_training_forward_is_the_reference_keyed_by_the_buffers():
     q = make(weight="scalar").train()
-    q(contract.feature_map(q, seed=3))  # k-means, step 0
+    q(feature_map(q, seed=3))  # k-means, step 0
     q.set_progress(3, 10)
-    x = contract.feature_map(q, seed=4)
+    x = feature_map(q, seed=4)
     rows = x.movedim(1, -1).reshape(-1, q.input_channels)
     out, idx, _, _ = q(x)
     expected = reference.quantize(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook, q.temperature, q.sigma_z2, True,
@@ -219,9 +174,9 @@ def test_the_reference_runs_only_where_no_kernel_exists(monkeypatch, train):
             monkeypatch.setattr(backend, "has_kernel", lambda op, device_type: False)
         q = make()
         q.train()
-        q(contract.feature_map(q, seed=3))
+        q(feature_map(q, seed=3))
         q.train(train)
-        x = contract.feature_map(q).requires_grad_(True)
+        x = feature_map(q).requires_grad_(True)
         out, idx, loss, info = q(x)
         target = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
         ((out - target).pow(2).mean() + loss).backward()
@@ -232,17 +187,17 @@ def test_the_reference_runs_only_where_no_kernel_exists(monkeypatch, train):
 
 def test_without_training_noise_the_decoder_sees_the_code():
     q = make(noise=False).train()
-    q(contract.feature_map(q, seed=3))
-    out, idx, _, _ = q(contract.feature_map(q, seed=4))
+    q(feature_map(q, seed=3))
+    out, idx, _, _ = q(feature_map(q, seed=4))
     assert torch.equal(out.movedim(1, -1), q.codebook.detach()[idx])
     noisy = make()
     noisy.load_state_dict(q.state_dict())
-    assert not torch.equal(noisy.train()(contract.feature_map(q, seed=4))[0], out)
+    assert not torch.equal(noisy.train()(feature_map(q, seed=4))[0], out)
 
 
 def test_posterior_is_the_weighted_softmax():
     q = make().eval()
-    x = contract.feature_map(q)
+    x = feature_map(q)
     probs = q.posterior(x)
     rows = x.movedim(1, -1).reshape(-1, q.input_channels)
     expected, _ = reference.weighted_softmax(rows[:, :4], F.softplus(rows[:, 4:]), q.codebook, 1.0)
@@ -259,30 +214,18 @@ def test_compile_fullgraph_matches_eager(train):
     eager, compiled_module = make(), make()
     for q in (eager, compiled_module):
         q.train()
-        q(contract.feature_map(q, seed=3))  # k-means runs eagerly
+        q(feature_map(q, seed=3))  # k-means runs eagerly
         q.set_progress(5, 10)
         q.train(train)
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     for seed in range(2):  # the second call must reuse the graph with the advanced step
-        x = contract.feature_map(eager, seed=seed)
+        x = feature_map(eager, seed=seed)
         expected = eager(x)
         got = compiled(x)
         torch.testing.assert_close(got[0], expected[0])
         assert torch.equal(got[1], expected[1])
         torch.testing.assert_close(got[2], expected[2])
     assert torch.equal(compiled_module.step, eager.step)
-
-
-def _graph_recorder(graphs: list):
-    """A torch.compile backend that keeps the FX graphs dynamo captured, then runs them."""
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return record
-
-
-def _calls(graphs, op_name: str) -> bool:
-    return any(op_name in str(node.target) for gm in graphs for node in gm.graph.nodes)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -293,20 +236,20 @@ def test_compiled_module_runs_the_kernel_without_recompiling(train):
     eager, compiled_module = make(), make()
     for q in (eager, compiled_module):
         q.train()
-        q(contract.feature_map(q, seed=3))
+        q(feature_map(q, seed=3))
         q.train(train)
     graphs = []
-    compiled = torch.compile(compiled_module, fullgraph=True, backend=_graph_recorder(graphs))
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=graph_recorder(graphs, then="eager"))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(6):
             for q in (eager, compiled_module):
                 q.set_progress(step, 6)  # a new temperature must not need a new graph
-            x = contract.feature_map(eager, seed=step)
+            x = feature_map(eager, seed=step)
             expected, got = eager(x), compiled(x)
             torch.testing.assert_close(got[0], expected[0])
             assert torch.equal(got[1], expected[1])
             torch.testing.assert_close(got[2], expected[2])
-    assert len(graphs) == 1 and _calls(graphs, "gmvq.quantize")
+    assert len(graphs) == 1 and graphs_call(graphs, "gmvq.quantize")
 
 
 def test_compile_before_initialisation_runs_kmeans_eagerly():
@@ -315,50 +258,36 @@ def test_compile_before_initialisation_runs_kmeans_eagerly():
     eager, compiled_module = make(), make()
     compiled = torch.compile(compiled_module, backend="aot_eager")
     for seed in range(2):
-        x = contract.feature_map(eager, seed=seed)
+        x = feature_map(eager, seed=seed)
         torch.testing.assert_close(compiled(x)[0], eager(x)[0])
     assert torch.equal(compiled_module.codebook, eager.codebook)
     torch._dynamo.reset()  # the cached graphs above would be reused
     with pytest.raises(Exception, match="initialise_codebook|skip|disable"):
-        torch.compile(make(), backend="aot_eager", fullgraph=True)(contract.feature_map(eager))
+        torch.compile(make(), backend="aot_eager", fullgraph=True)(feature_map(eager))
 
 
 # ---------------------------------------------------------------- torch.distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_rows(rank: int) -> torch.Tensor:
     # Different batch sizes per rank: the global mean must weight by count.
     gen = torch.Generator().manual_seed(100 + rank)
     return torch.randn(12 if rank == 0 else 7, 8, generator=gen)
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
-    try:
-        torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
-        q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0, **PAPER).train()
-        rows = _distributed_rows(rank).requires_grad_(True)
-        _, _, loss, info = q(rows)
-        loss.backward()
-        # The same rows on both ranks: each rank draws its own noise (offset = step * world + rank).
-        second, _, _, _ = q(_distributed_rows(0))
-        torch.save({"codebook": q.codebook.detach(), "grad": rows.grad, "entropy": info["entropy"],
-                    "step": q.step.clone(), "second": second.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _distributed_rank(rank: int, world_size: int) -> dict:
+    torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
+    q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0, **GMVQ_PAPER).train()
+    rows = _distributed_rows(rank).requires_grad_(True)
+    _, _, loss, info = q(rows)
+    loss.backward()
+    # The same rows on both ranks: each rank draws its own noise (offset = step * world + rank).
+    second, _, _, _ = q(_distributed_rows(0))
+    return {"codebook": q.codebook.detach(), "grad": rows.grad, "entropy": info["entropy"], "step": q.step.clone(),
+            "second": second.detach()}
 
 
 def test_distributed_q_bar_is_global_with_gradient():
     world_size = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(_distributed_worker, args=(world_size, _free_port(), out_dir),
-                                    nprocs=world_size, join=True)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+    results = run_ranks(_distributed_rank, world_size)
     codebook = results[0]["codebook"]
     assert torch.equal(results[1]["codebook"], codebook)
 
@@ -389,10 +318,10 @@ def test_compile_inductor_training_step_matches_eager():
     eager, compiled_module = make(), make()
     for q in (eager, compiled_module):
         q.train()
-        q(contract.feature_map(q, seed=3))
+        q(feature_map(q, seed=3))
     compiled = torch.compile(compiled_module, fullgraph=True)
     for seed in range(2):
-        x = contract.feature_map(eager, seed=seed)
+        x = feature_map(eager, seed=seed)
         grads = []
         for module, q in ((eager, eager), (compiled, compiled_module)):
             x_q = x.clone().requires_grad_(True)

@@ -1,31 +1,16 @@
-"""GM-VQ + Entropy: GaussianMixtureVQ with beta = 5 by default, trainable by name."""
+"""GM-VQ + Entropy: GaussianMixtureVQ with beta = 5 by default, trainable by name.
+The interface contract is tested in test_quantizers_contract.py."""
 
+import functools
 import math
 
-import pytest
 import torch
 
-import quantizer_contract as contract
 from gmvq_ext import build_quantizer
-from gmvq_ext.quantizers import EntropyRegularizedGMVQ, GaussianMixtureVQ
+from gmvq_ext.quantizers import GaussianMixtureVQ
+from helpers import make_quantizer
 
-
-def make(**options):
-    torch.manual_seed(0)
-    return EntropyRegularizedGMVQ(dim=4, codebook_size=16, **options)
-
-
-def test_registry():
-    contract.check_registry("gmvq-entropy", EntropyRegularizedGMVQ)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make)
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make, extra_keys=("temperature", "entropy"))
+make = functools.partial(make_quantizer, "gmvq-entropy")
 
 
 def test_it_is_gmvq_with_beta_5():

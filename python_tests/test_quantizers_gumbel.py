@@ -1,44 +1,19 @@
-"""Gumbel-VQ: the encoder emits K logits, a Gumbel-softmax sample picks a code."""
+"""Gumbel-VQ: the encoder emits K logits, a Gumbel-softmax sample picks a code.
+The interface contract is tested in test_quantizers_contract.py."""
 
+import functools
 import math
 
-import pytest
 import torch
 
-import quantizer_contract as contract
 from gmvq_ext import reference
-from gmvq_ext.quantizers import GumbelVQ
+from helpers import make_quantizer
+
+make = functools.partial(make_quantizer, "gumbel")
 
 
-def make(**options):
-    torch.manual_seed(0)
-    return GumbelVQ(dim=4, codebook_size=16, **options)
-
-
-def test_registry():
-    contract.check_registry("gumbel", GumbelVQ)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make)
+def test_the_encoder_emits_one_logit_per_code():
     assert make().input_channels == 16 and make().code_dim == 4
-
-
-def test_shapes_and_layouts():
-    contract.check_shapes_and_layouts(make)
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make, extra_keys=("temperature",))
-
-
-def test_training_noise_advances():
-    contract.check_training_noise_advances(make)
-
-
-def test_set_progress():
-    contract.check_set_progress(make, hard=False)
 
 
 def test_training_sample_and_kl():

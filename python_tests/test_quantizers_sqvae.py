@@ -1,44 +1,15 @@
-"""SQ-VAE Gaussian stochastic quantisation (gaussian_1: one learned variance)."""
+"""SQ-VAE Gaussian stochastic quantisation (gaussian_1: one learned variance).
+The interface contract is tested in test_quantizers_contract.py."""
 
+import functools
 import math
 
-import pytest
 import torch
 
-import quantizer_contract as contract
 from gmvq_ext import reference
-from gmvq_ext.quantizers import SQVAEQuantizer
+from helpers import make_quantizer
 
-
-def make(**options):
-    torch.manual_seed(0)
-    return SQVAEQuantizer(dim=4, codebook_size=16, **options)
-
-
-def test_registry():
-    contract.check_registry("sqvae", SQVAEQuantizer)
-
-
-@pytest.mark.parametrize("check", contract.CORE_CHECKS, ids=lambda check: check.__name__)
-def test_contract(check):
-    check(make)
-
-
-def test_shapes_and_layouts():
-    contract.check_shapes_and_layouts(make)
-
-
-def test_loss_and_info():
-    contract.check_loss_and_info(make, extra_keys=("temperature", "variance"))
-
-
-def test_training_noise_advances():
-    contract.check_training_noise_advances(make)
-
-
-def test_set_progress():
-    # Soft samples by default, as in SQ-VAE.
-    contract.check_set_progress(make)
+make = functools.partial(make_quantizer, "sqvae")
 
 
 def test_loss_terms_follow_the_paper():

@@ -20,13 +20,8 @@ TINY = ["--dataset", "cifar10", "--data-dir", str(SAMPLE_DATA / "cifar10-sample"
 NEW_NAMES = ["vqvae-l2-replace", "vqvae-affine", "vqvae-opt", "vqvae-affine-opt", "gmvq-entropy"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny runs are dominated by OpenMP overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_command_line_offers_every_registered_quantizer():
@@ -60,7 +55,7 @@ def test_alternating_state_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("name, argv, expected", [
     ("gmvq-entropy", [], {}),
     ("gmvq-entropy", ["--beta", "2"], {"beta": 2.0}),
-    ("vqvae-opt", ["--beta", "0"], {"commitment": 0.0}),
+    ("vqvae-opt", ["--commitment", "0"], {"commitment": 0.0}),
     ("vqvae-affine-opt", ["--quantizer-option", "sync_nu=0.5", "--quantizer-option", "affine_lr=10"],
      {"sync_nu": 0.5, "affine_lr": 10}),
     ("vqvae-l2-replace", ["--quantizer-option", "replace_after=50"], {"replace_after": 50}),

@@ -1,28 +1,19 @@
 """VQ-VAE (van den Oord et al.): nearest code, straight-through, codebook + commitment loss.
-The interface contract is tested in test_quantizers_vqvae_family.py."""
+The interface contract is tested in test_quantizers_contract.py."""
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-import quantizer_contract as contract
-from gmvq_ext.quantizers import VectorQuantizer
+from helpers import feature_map, make_quantizer
 
-
-def make(**options):
-    torch.manual_seed(0)
-    return VectorQuantizer(dim=4, codebook_size=16, **options)
-
-
-def make_spread(**options):
-    # Codes at the data's scale, so that a batch uses several of them.
-    q = make(**options)
-    with torch.no_grad():
-        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
-    return q
+# Codes at the data's scale, so that a batch uses several of them.
+make = functools.partial(make_quantizer, "vqvae")
 
 
 def test_nearest_code_and_losses():
-    q = make_spread().train()
+    q = make().train()
     z = torch.randn(50, 4, requires_grad=True)
     out, idx, loss, info = q(z)
     distances = torch.cdist(z.detach(), q.codebook.detach())
@@ -36,7 +27,7 @@ def test_nearest_code_and_losses():
 
 
 def test_straight_through_gradient():
-    q = make_spread().train()
+    q = make().train()
     z = torch.randn(20, 4, requires_grad=True)
     out, _, _, _ = q(z)
     g = torch.randn_like(out)
@@ -46,7 +37,7 @@ def test_straight_through_gradient():
 
 
 def test_codebook_loss_moves_codes_commitment_moves_encoder():
-    q = make_spread().train()
+    q = make().train()
     z = torch.randn(20, 4, requires_grad=True)
     _, idx, loss, _ = q(z)
     loss.backward()
@@ -58,18 +49,8 @@ def test_codebook_loss_moves_codes_commitment_moves_encoder():
 
 
 def test_set_progress_is_harmless():
-    q = make_spread().eval()
-    x = contract.feature_map(q)
+    q = make().eval()
+    x = feature_map(q)
     before = q(x)[0]
     q.set_progress(5, 10)
     assert torch.equal(q(x)[0], before)
-
-
-def test_autocast_computes_in_codebook_dtype():
-    q = make_spread().eval()
-    x = contract.feature_map(q).to(torch.bfloat16)
-    expected = q(x.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = q(x)
-    assert got[0].dtype == torch.float32
-    assert torch.equal(got[1], expected[1])

@@ -1,5 +1,5 @@
 """VQ-VAE with the affine codebook of Huh et al. 2023: e_k = a * c_k + b, a and b shared.
-The interface contract is tested in test_quantizers_vqvae_family.py."""
+The interface contract is tested in test_quantizers_contract.py."""
 
 import pytest
 import torch

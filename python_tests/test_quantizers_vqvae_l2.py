@@ -1,18 +1,14 @@
 """VQ-VAE on l2-normalised vectors (ViT-VQGAN style).
-The interface contract is tested in test_quantizers_vqvae_family.py."""
+The interface contract is tested in test_quantizers_contract.py."""
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from gmvq_ext.quantizers import NormalizedVQ
+from helpers import make_quantizer
 
-
-def make(**options):
-    torch.manual_seed(0)
-    q = NormalizedVQ(dim=4, codebook_size=16, **options)
-    with torch.no_grad():
-        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
-    return q
+make = functools.partial(make_quantizer, "vqvae-l2")
 
 
 def test_quantized_vectors_are_unit_codes_chosen_by_cosine():

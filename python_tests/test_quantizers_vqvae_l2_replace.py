@@ -1,18 +1,17 @@
 """VQ-VAE with l2-normalised codes and dead-code replacement (both remedies at once).
-The interface contract is tested in test_quantizers_vqvae_family.py."""
+The interface contract is tested in test_quantizers_contract.py."""
 
 import torch
 import torch.nn.functional as F
 
-from gmvq_ext.quantizers import NormalizedDeadCodeReplacementVQ
+from helpers import make_quantizer
 
 
 def make(replace_after=1, **options):
-    torch.manual_seed(0)
-    q = NormalizedDeadCodeReplacementVQ(dim=4, codebook_size=16, replace_after=replace_after, **options)
+    q = make_quantizer("vqvae-l2-replace", replace_after=replace_after, **options)
     with torch.no_grad():
         # Code 0 points along +e1, every other code roughly along -e1.
-        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)) * 0.1)
+        q.codebook.mul_(0.1)
         q.codebook[0, 0] = 3.0
         q.codebook[1:, 0] = -3.0
     return q

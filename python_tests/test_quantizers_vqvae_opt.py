@@ -1,14 +1,11 @@
 """Alternating optimisation and the synchronised update of Huh et al. 2023, with and
-without the affine codebook. The interface contract is tested in test_quantizers_vqvae_family.py."""
-
-import os
-import socket
-import tempfile
+without the affine codebook. The interface contract is tested in test_quantizers_contract.py."""
 
 import pytest
 import torch
 
 from gmvq_ext.quantizers import AffineAlternatingVQ, AlternatingVQ, VectorQuantizer
+from helpers import run_ranks
 
 VARIANTS = [AlternatingVQ, AffineAlternatingVQ]
 
@@ -135,36 +132,21 @@ def test_bad_options_are_refused_by_name(option, value):
 
 
 # ---------------------------------------------------------------- torch.distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_rows(rank: int, step: int) -> torch.Tensor:
     # Different batch sizes per rank: the step must weight every vector equally.
     return rows(100 * step + rank, n=12 if rank == 0 else 7)
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str):
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)
-    try:
-        q = make(AffineAlternatingVQ).train()
-        for step in range(2):
-            q(_rank_rows(rank, step))
-        torch.save({"codebook": q.codebook.detach(), "velocity": q.codebook_velocity},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _distributed_rank(rank: int, world_size: int) -> dict:
+    q = make(AffineAlternatingVQ).train()
+    for step in range(2):
+        q(_rank_rows(rank, step))
+    return {"codebook": q.codebook.detach(), "velocity": q.codebook_velocity}
 
 
 def test_distributed_codebook_step_is_the_step_on_the_global_batch():
     world_size = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(_distributed_worker, args=(world_size, _free_port(), out_dir),
-                                    nprocs=world_size, join=True)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)]
+    results = run_ranks(_distributed_rank, world_size)
     assert torch.equal(results[0]["codebook"], results[1]["codebook"])
     assert torch.equal(results[0]["velocity"], results[1]["velocity"])
     single = make(AffineAlternatingVQ).train()

@@ -1,18 +1,15 @@
 """VQ-VAE with dead-code replacement.
-The interface contract is tested in test_quantizers_vqvae_family.py."""
+The interface contract is tested in test_quantizers_contract.py."""
+
+import functools
 
 import pytest
 import torch
 
-from gmvq_ext.quantizers import DeadCodeReplacementVQ
+from helpers import make_quantizer
 
-
-def make(replace_after=2, **options):
-    torch.manual_seed(0)
-    q = DeadCodeReplacementVQ(dim=4, codebook_size=16, replace_after=replace_after, **options)
-    with torch.no_grad():
-        q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
-    return q
+# Replacement after replace_after = 2 unused steps unless given.
+make = functools.partial(make_quantizer, "vqvae-replace")
 
 
 def _far_batch(seed):

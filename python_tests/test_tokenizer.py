@@ -1,4 +1,4 @@
-"""gmvq_ext.Tokenizer and python -m gmvq_ext.tokenize: the round trip is the
+"""gmvq_ext.Tokenizer and gmvq-tokenize: the round trip is the
 evaluation reconstruction, batching changes nothing, bad input is named."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gmvq_ext
-from gmvq_ext import tokenize
+from gmvq_ext.cli import tokenize
 from gmvq_ext.data import build_dataset
 from gmvq_ext.training import checkpoint as ckpt
 from gmvq_ext.training.config import build_model, parse_args, quantizer_options
@@ -53,13 +53,8 @@ def images():
     return torch.stack([test[i] for i in range(40)])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small models are dominated by OpenMP overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def evaluation_forward(model, x):
@@ -161,7 +156,7 @@ def test_unusable_devices_and_checkpoints_are_named(tmp_path):
 def test_cli_writes_every_code_map_and_will_not_overwrite_silently(trained, tmp_path):
     out = tmp_path / "codes" / "test.npy"
     done = run_cli("--checkpoint", str(trained), "--split", "test", "--batch-size", "100", "--device", "cpu",
-                   "--out", str(out), module=("-m", "gmvq_ext.tokenize"))
+                   "--out", str(out), module=("-m", "gmvq_ext.cli.tokenize"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tokenizing test" in done.stderr  # the progress bar
     codes = np.load(out)
@@ -182,13 +177,13 @@ def test_cli_writes_every_code_map_and_will_not_overwrite_silently(trained, tmp_
 
 
 def test_cli_bad_input(trained, tmp_path):
-    with pytest.raises(SystemExit, match="gmvq_ext.tokenize: error: the val split .* without --val-fraction"):
+    with pytest.raises(SystemExit, match="gmvq-tokenize: error: the val split .* without --val-fraction"):
         tokenize.main(["--checkpoint", str(trained), "--split", "val", "--device", "cpu",
                        "--out", str(tmp_path / "v.npy")])
     (tmp_path / "bad.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"gmvq_ext.tokenize: error: cannot load checkpoint .*bad.pt"):
+    with pytest.raises(SystemExit, match=r"gmvq-tokenize: error: cannot load checkpoint .*bad.pt"):
         tokenize.main(["--checkpoint", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "c.npy")])
-    with pytest.raises(SystemExit, match="gmvq_ext.tokenize: error: .*does not exist"):
+    with pytest.raises(SystemExit, match="gmvq-tokenize: error: .*does not exist"):
         tokenize.main(["--checkpoint", str(trained), "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu",
                        "--out", str(tmp_path / "c.npy")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]

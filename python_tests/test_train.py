@@ -33,14 +33,8 @@ def without_gamma() -> list[str]:
     return SMALL[:at] + SMALL[at + 2:]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny runs are dominated by OpenMP overhead on
-    a shared machine, and the result must not depend on it anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for every test (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
@@ -152,8 +146,11 @@ def test_options_must_fit_the_quantizer(tmp_path):
 def test_quantizer_options_from_the_command_line():
     from gmvq_ext.training.config import parse_args, quantizer_options
 
-    args = parse_args([*without_gamma(), "--quantizer", "vqvae", "--beta", "0.5", "--out", "x"])
+    args = parse_args([*without_gamma(), "--quantizer", "vqvae", "--commitment", "0.5", "--out", "x"])
     assert quantizer_options(args) == {"commitment": 0.5, "seed": 3}
+    # --beta is GM-VQ's KL weight only, never the VQ-VAE commitment.
+    with pytest.raises(ValueError, match="--beta does not apply to the vqvae quantizer"):
+        quantizer_options(parse_args([*without_gamma(), "--quantizer", "vqvae", "--beta", "0.5", "--out", "x"]))
     args = parse_args([*SMALL, "--beta", "2", "--sigma-z2", "0.25", "--quantizer-option", "weight=scalar",
                        "--quantizer-option", "hard=False", "--out", "x"])
     assert quantizer_options(args) == {

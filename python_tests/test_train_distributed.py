@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gmvq_ext import train
-from helpers import PACKAGE_PARENT, SAMPLE_DATA, subprocess_env
+from helpers import PACKAGE_PARENT, SAMPLE_DATA, free_port, subprocess_env
 
 DATA = SAMPLE_DATA / "cifar10-sample"
 SMALL = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "--codebook-size", "64",
@@ -65,12 +64,6 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
         out, err = process.communicate()
         pytest.fail(f"still running after {timeout} s; stderr:\n{err[-3000:]}")
     return process.returncode, out, err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -156,7 +149,7 @@ def test_a_lost_rank_ends_the_others_with_a_clear_error(tmp_path, how):
         code, _, err = finish(rank0, 90)
         assert time.monotonic() - lost < 90
         assert code != 0
-        assert "gmvq_ext.train: error: rank 0: a collective with the other processes failed" in err, err[-3000:]
+        assert "gmvq-train: error: rank 0: a collective with the other processes failed" in err, err[-3000:]
         assert "Traceback" not in err
     finally:
         os.killpg(rank1.pid, signal.SIGKILL)
@@ -167,7 +160,7 @@ def test_auto_resume_after_a_killed_rank_matches_the_uninterrupted_run(tmp_path)
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
     common = ["--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.train", *SMALL, "--epochs", "3",
               "--auto-resume"]
-    code, _, err = finish(start(torchrun(*common, "--out", str(straight))), 600); Path("/tmp/straight_err.txt").write_text(err)
+    code, _, err = finish(start(torchrun(*common, "--out", str(straight))), 600)
     assert code == 0, err[-3000:]
 
     launcher = start(torchrun("--max-restarts", "1", *common, "--out", str(restarted)))
@@ -216,11 +209,11 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
     checkpoint = str(out / "checkpoint.pt")
     # 64 test images in batches of 24: 3 batches, 2 on rank 0 and 1 on rank 1.
     single = tmp_path / "single.json"
-    code, _, err = finish(start([sys.executable, "-m", "gmvq_ext.evaluate", "--checkpoint", checkpoint,
+    code, _, err = finish(start([sys.executable, "-m", "gmvq_ext.cli.evaluate", "--checkpoint", checkpoint,
                                  "--batch-size", "24", "--device", "cpu", "--out", str(single)]), 300)
     assert code == 0, err[-3000:]
     sharded = tmp_path / "sharded.json"
-    code, _, err = finish(start(torchrun("--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.evaluate",
+    code, _, err = finish(start(torchrun("--standalone", "--nproc_per_node", "2", "-m", "gmvq_ext.cli.evaluate",
                                          "--checkpoint", checkpoint, "--batch-size", "24", "--device", "cpu",
                                          "--out", str(sharded))), 300)
     assert code == 0, err[-3000:]

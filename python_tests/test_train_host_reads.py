@@ -19,7 +19,7 @@ import torch
 
 import gmvq_ext
 from gmvq_ext import train
-from helpers import HAS_CUDA, SAMPLE_DATA
+from helpers import DEVICES, HAS_CUDA, SAMPLE_DATA
 
 DATA = SAMPLE_DATA / "cifar10-sample"
 PACKAGE = str(Path(gmvq_ext.__file__).resolve().parent)
@@ -52,21 +52,17 @@ def reads_of_a_run(monkeypatch, argv: list[str]) -> int:
     return count[0]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("device", DEVICES)
 def test_the_training_step_reads_only_at_the_logging_interval(monkeypatch, tmp_path, device):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # 8 and 16 steps; no logging point inside the epoch: the extra steps read nothing.
-        short = reads_of_a_run(monkeypatch, run_args(device, 64, 1000, tmp_path / "a"))
-        long = reads_of_a_run(monkeypatch, run_args(device, 128, 1000, tmp_path / "b"))
-        assert long == short, f"the training step reads the device: {long - short} reads in 8 more steps"
-        # Logging every 4 steps: one read per logging point (2 and 4 points).
-        short = reads_of_a_run(monkeypatch, run_args(device, 64, 4, tmp_path / "c"))
-        long = reads_of_a_run(monkeypatch, run_args(device, 128, 4, tmp_path / "d"))
-        assert long - short == 2
-    finally:
-        torch.set_num_threads(threads)
+    # 8 and 16 steps; no logging point inside the epoch: the extra steps read nothing.
+    short = reads_of_a_run(monkeypatch, run_args(device, 64, 1000, tmp_path / "a"))
+    long = reads_of_a_run(monkeypatch, run_args(device, 128, 1000, tmp_path / "b"))
+    assert long == short, f"the training step reads the device: {long - short} reads in 8 more steps"
+    # Logging every 4 steps: one read per logging point (2 and 4 points).
+    short = reads_of_a_run(monkeypatch, run_args(device, 64, 4, tmp_path / "c"))
+    long = reads_of_a_run(monkeypatch, run_args(device, 128, 4, tmp_path / "d"))
+    assert long - short == 2
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

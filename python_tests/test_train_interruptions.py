@@ -29,6 +29,7 @@ RUN = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "
        "--dim", "8", "--batch-size", "32", "--max-train-images", "256", "--max-test-images", "32",
        "--lr", "1e-3", "--warmup-epochs", "1", "--seed", "5", "--device", "cpu", "--log-every", "1",
        "--epochs", "3"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SAME = ("test_mse", "test_perplexity", "test_perplexity_hard", "codes_used", "steps", "rank_parameter_checksums")
 
 
@@ -124,7 +125,6 @@ def test_resume_after_a_nonfinite_step_continues_from_the_last_good_checkpoint(t
     with pytest.raises(SystemExit, match="step 20: the .*latent went non-finite"):
         train.main([*RUN, "--out", str(out)])
     monkeypatch.delenv("GMVQ_TEST_INJECT_NONFINITE")
-    torch.set_num_threads(1)
     resumed = train.main([*RUN, "--out", str(out), "--resume"])
     assert resumed["steps"] == straight["steps"] and resumed["codes_used"] > 0
 
@@ -148,7 +148,6 @@ def _mount_small_tmpfs(folder: Path, size: int) -> bool:
 
 def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     first = tmp_path / "first"
-    torch.set_num_threads(1)
     train.main([*RUN, "--epochs", "1", "--log-every", "1000", "--out", str(first)])
     checkpoint_bytes = (first / "checkpoint.pt").stat().st_size
     folder_bytes = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())

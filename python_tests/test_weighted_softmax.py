@@ -6,63 +6,31 @@ import math
 import pytest
 import torch
 
-from gmvq_ext import ops, reference
-from helpers import ALL_DTYPES, DEVICES, make_codebook_inputs, tolerance, upcast
-
-WEIGHTS = [None, "full", "scalar"]
+from gmvq_ext import ops
+from helpers import ALL_DTYPES, DEVICES, WEIGHT_MODES, check_against_reference, make_codebook_inputs
 
 
-def present(*tensors):
-    return [t for t in tensors if t is not None]
-
-
-def assert_close(actual, expected, dtype, atol_scale=1.0):
-    tol = tolerance(dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * atol_scale)
-
-
-def check_against_reference(z, weight, codebook, temperature, dtype, seed=0, use=("probs", "lse"), atol_scale=1.0):
-    """Values and gradients (random upstream on the outputs in `use`) against autograd through the reference.
-
-    atol_scale widens the absolute tolerance where the terms summed are large
-    (a small result then carries their rounding)."""
-    inputs = [t.detach().requires_grad_() if t is not None else None for t in (z, weight, codebook)]
-    ref_inputs = [upcast(t) for t in inputs]
-    outputs = ops.weighted_softmax(*inputs, temperature)
-    expected = reference.weighted_softmax(*ref_inputs, temperature)
-    acc = reference.accumulation_dtype(dtype)
-    for out, ref in zip(outputs, expected):
-        assert out.dtype == acc
-        assert torch.isfinite(out).all()
-        assert_close(out, ref, dtype, atol_scale)
-
-    gen = torch.Generator().manual_seed(seed)
-    chosen = [i for i, name in enumerate(("probs", "lse")) if name in use]
-    upstream = [torch.randn(outputs[i].shape, generator=gen, dtype=torch.float64) for i in chosen]
-    grads = torch.autograd.grad([outputs[i] for i in chosen], present(*inputs),
-                                [u.to(outputs[0].device, acc) for u in upstream])
-    ref_grads = torch.autograd.grad([expected[i] for i in chosen], present(*ref_inputs),
-                                    [u.to(expected[0].device, acc) for u in upstream])
-    for grad, ref_grad, source in zip(grads, ref_grads, present(*inputs)):
-        assert grad.dtype == source.dtype and grad.shape == source.shape
-        assert_close(grad, ref_grad, dtype, atol_scale)
-    return outputs
+def check(inputs, temperature, dtype, **options):
+    """The op on inputs = (z, weight, codebook) against the reference (helpers.check_against_reference):
+    its outputs, 0 probs and 1 lse, and every gradient. atol_scale widens the absolute tolerance
+    where the terms summed are large (a small result then carries their rounding)."""
+    return check_against_reference(lambda impl, *t: impl.weighted_softmax(*t, temperature), inputs, dtype, **options)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_matches_reference(device, dtype, weight):
-    check_against_reference(*make_codebook_inputs(dtype=dtype, device=device, weight=weight), 0.7, dtype)
+    check(make_codebook_inputs(dtype=dtype, device=device, weight=weight), 0.7, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 5.0])
-@pytest.mark.parametrize("use", [("probs",), ("lse",)], ids=["probs-only", "lse-only"])
+@pytest.mark.parametrize("use", [(0,), (1,)], ids=["probs-only", "lse-only"])
 def test_temperatures_and_single_outputs(device, temperature, use):
     # Autograd hands None for an unused output: the wiring replaces it by zeros.
     inputs = make_codebook_inputs(dtype=torch.float64, device=device)
-    check_against_reference(*inputs, temperature, torch.float64, use=use)
+    check(inputs, temperature, torch.float64, use=use)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -76,7 +44,7 @@ def test_probs_are_a_distribution_with_that_lse(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("weight", WEIGHTS, ids=str)
+@pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
 def test_gradcheck(device, weight):
     z, w, e = make_codebook_inputs(n=5, k=4, d=3, dtype=torch.float64, device=device, weight=weight,
                                    requires_grad=True)
@@ -102,7 +70,7 @@ def test_opcheck(device, weight):
 def test_edge_shapes(device, shape):
     n, k, d = shape
     z, w, e = make_codebook_inputs(n=n, k=k, d=d, dtype=torch.float64, device=device)
-    probs, lse = check_against_reference(z, w, e, 1.0, torch.float64)
+    probs, lse = check((z, w, e), 1.0, torch.float64)
     assert probs.shape == (n, k) and lse.shape == (n,)
     if k == 1:
         assert torch.equal(probs, torch.ones_like(probs))
@@ -112,8 +80,8 @@ def test_edge_shapes(device, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_non_contiguous_and_expanded_inputs(device, dtype):
     z, w, e = make_codebook_inputs(n=8, k=10, d=5, dtype=dtype, device=device)
-    check_against_reference(z.t().contiguous().t(), w.t().contiguous().t(), torch.stack([e, -e], 2)[..., 0], 0.5, dtype)
-    check_against_reference(z[:1].expand(5, 5), w[:1].expand(5, 5), e, 0.5, dtype)
+    check((z.t().contiguous().t(), w.t().contiguous().t(), torch.stack([e, -e], 2)[..., 0]), 0.5, dtype)
+    check((z[:1].expand(5, 5), w[:1].expand(5, 5), e), 0.5, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -122,7 +90,7 @@ def test_large_logits_stay_finite(device, dtype):
     # Distances ~1e4 at temperature 0.1: logits ~1e5, most probabilities exactly 0.
     z, w, e = make_codebook_inputs(dtype=dtype, device=device)
     # Gradients ~1e4 are summed from terms ~1e5: float32 rounds them by ~1e-2.
-    probs, lse = check_against_reference(z * 30, w, e * 30, 0.1, dtype, atol_scale=1e3)
+    probs, lse = check((z * 30, w, e * 30), 0.1, dtype, atol_scale=1e3)
     assert (probs == 0).any()
     assert lse.abs().max() > 1e4
 

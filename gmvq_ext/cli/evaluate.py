@@ -71,5 +71,10 @@ def evaluate_checkpoint(options, state: dict, ctx: process_group.Context) -> dic
     return results
 
 
+def command() -> None:
+    """The console script gmvq-evaluate."""
+    main()
+
+
 if __name__ == "__main__":
     main()

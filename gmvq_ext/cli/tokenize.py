@@ -103,5 +103,10 @@ def write_codes_atomic(out: Path, shape: tuple, dtype, batches, split: str) -> N
         del codes  # close the memory map before the rename
 
 
+def command() -> None:
+    """The console script gmvq-tokenize."""
+    main()
+
+
 if __name__ == "__main__":
     main()

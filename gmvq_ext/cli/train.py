@@ -39,5 +39,10 @@ def main(argv=None) -> dict | None:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
+def command() -> None:
+    """The console script gmvq-train."""
+    main()
+
+
 if __name__ == "__main__":
     main()
