@@ -3,6 +3,7 @@
     gmvq-train      cli/train.py     (also ``python -m gmvq_ext.train``)
     gmvq-evaluate   cli/evaluate.py
     gmvq-tokenize   cli/tokenize.py
+    gmvq-export     cli/export.py
 
 Each module's ``main(argv=None)`` parses the arguments, runs, and turns the
 errors a user can cause into a one-line ``SystemExit``. The console scripts
@@ -25,3 +26,4 @@ def _command(module: str):
 train = _command("train")
 evaluate = _command("evaluate")
 tokenize = _command("tokenize")
+export = _command("export")
