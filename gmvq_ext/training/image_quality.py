@@ -9,9 +9,12 @@ split's value is the mean over its images.
 - PSNR = 10 log10(1 / MSE_01) with MSE_01 the image's mean squared error in
   [0, 1]; for an unclamped reconstruction that is 10 log10(4 / MSE) of the
   MSE in [-1, 1], since the halved range divides squared errors by 4.
-- SSIM: Wang et al. (2004): an 11 x 11 Gaussian window with sigma 1.5,
-  K1 = 0.01, K2 = 0.03, each channel's SSIM map averaged over the pixels
-  whose window lies inside the image, then over the channels.
+- SSIM: Wang et al. (2004) as torchmetrics defines it: an 11 x 11 Gaussian
+  window with sigma 1.5, K1 = 0.01, K2 = 0.03, the SSIM map of every pixel
+  (the image mirrored at its borders, whole-sample: "dcb|abcd|cba") averaged
+  over the pixels and channels. (scikit-image instead averages only the
+  pixels whose window lies inside the image: slightly different numbers;
+  results.json names the library and its version.)
 
 torchmetrics (a maintained library, in the train extra) computes both on the
 device the model runs on: PSNR in float64, SSIM in float32 (its 11 x 11
@@ -24,7 +27,19 @@ from __future__ import annotations
 import torch
 
 CONVENTION = ("per image, pixels mapped from [-1, 1] to [0, 1] with the reconstruction clamped to [0, 1], "
-              "data range 1, averaged over images; SSIM: Gaussian window 11, sigma 1.5 (torchmetrics)")
+              "data range 1, averaged over images; SSIM: Gaussian window 11, sigma 1.5, every pixel, the image "
+              "mirrored at its borders")
+
+
+def convention() -> str:
+    """CONVENTION and the library that computed the numbers, with its version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        library = f"torchmetrics {version('torchmetrics')}"
+    except PackageNotFoundError:
+        library = "torchmetrics"
+    return f"{CONVENTION} ({library})"
 
 
 def to_unit_range(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

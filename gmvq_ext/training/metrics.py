@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import collate_images
-from .image_quality import CONVENTION, psnr_and_ssim
+from .image_quality import convention, psnr_and_ssim
 from .process_group import Context, all_reduce_sum, gather_objects
 from .sampling import evaluation_batches
 
@@ -103,7 +103,7 @@ def split_results(metrics: dict, split: str, args, options: dict) -> dict:
     definition of the keys ("<split>_mse", "<split>_psnr", ..., codes_used)."""
     return {
         "pixel_range": "[-1, 1]",
-        "psnr_ssim_convention": CONVENTION,
+        "psnr_ssim_convention": convention(),
         **{f"{split}_{name}": metrics[name] for name in SPLIT_METRICS},
         "codes_used": metrics["codes_used"],
         "codebook_size": args.codebook_size,
