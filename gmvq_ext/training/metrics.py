@@ -22,6 +22,7 @@ statistics must be broadcast first (``broadcast_buffers``).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,9 +38,11 @@ def codebook_size(quantizer: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num_workers: int = 0) -> dict:
+def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num_workers: int = 0,
+             each_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
     """Metrics of ``model`` (the bare module, not a DDP wrapper) on ``dataset``,
-    the same on every rank.
+    the same on every rank. ``each_batch(images, reconstructions)``, when
+    given, sees every batch this rank evaluates (rFID's features).
 
     Returns floats plus "code_counts", a (K,) int64 tensor of hard assignments."""
     was_training = model.training
@@ -58,6 +61,8 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, ctx: Context, num
         reconstruction, indices, _, info = model(images)
         sse = (reconstruction.double() - images.double()).square().sum()
         psnr, ssim = psnr_and_ssim(reconstruction, images)
+        if each_batch is not None:
+            each_batch(images, reconstruction)
         records.append((batch, float(sse), images.numel(), float(info["perplexity"]),
                         float(info["perplexity_hard"]), float(psnr.sum()), float(ssim.sum())))
         counts += torch.bincount(indices.reshape(-1), minlength=k)
