@@ -44,6 +44,20 @@ def photos(tmp_path_factory):
     return make_photo_folder(tmp_path_factory.mktemp("own-images"))
 
 
+def folder_test_images(photos) -> torch.Tensor:
+    """The test split of the run's folder (the broken file skipped), as the run reads it."""
+    datasets, _ = DataSource("folder", str(photos), image_size=32, skip_bad_images=True).open(("test",),
+                                                                                            progress=False)
+    return torch.stack([datasets["test"][i] for i in range(len(datasets["test"]))])
+
+
+def folder_test_reconstructions(out, photos) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test images, the run's evaluation reconstructions of them)."""
+    images = folder_test_images(photos)
+    with torch.no_grad():
+        return images, gmvq_ext.Tokenizer.from_checkpoint(out / "checkpoint.pt", device="cpu").model(images)[0]
+
+
 @pytest.fixture(scope="module")
 def run(photos, tmp_path_factory):
     """One epoch with --skip-bad-images; (run folder, what it printed)."""
@@ -94,9 +108,7 @@ def test_export_and_from_pretrained_in_a_fresh_process_reproduce_encode_and_deco
     out, _ = run
     exported = tmp_path / "tokenizer"
     export_main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(exported)])
-    datasets, _ = DataSource("folder", str(photos), image_size=32, skip_bad_images=True).open(("test",),
-                                                                                            progress=False)
-    images = torch.stack([datasets["test"][i] for i in range(len(datasets["test"]))])
+    images = folder_test_images(photos)
     torch.save(images, tmp_path / "images.pt")
     script = (
         "import sys, torch\n"
@@ -133,12 +145,7 @@ def test_psnr_and_ssim_in_results_and_evaluate_match_an_independent_computation(
     assert printed["skipped_images"] == (hash_split(BROKEN) == "test")
     assert printed["test_images"] == results["test_images"]
 
-    tokenizer = gmvq_ext.Tokenizer.from_checkpoint(out / "checkpoint.pt", device="cpu")
-    datasets, _ = DataSource("folder", str(photos), image_size=32, skip_bad_images=True).open(("test",),
-                                                                                            progress=False)
-    images = torch.stack([datasets["test"][i] for i in range(len(datasets["test"]))])
-    with torch.no_grad():
-        reconstructions = tokenizer.model(images)[0]
+    images, reconstructions = folder_test_reconstructions(out, photos)
     psnr = np.mean([psnr_reference(r, x) for r, x in zip(reconstructions, images)])
     ssim = np.mean([ssim_reference(r, x) for r, x in zip(reconstructions, images)])
     for reported in (results, printed):

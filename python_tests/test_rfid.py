@@ -15,13 +15,12 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-import gmvq_ext
 from gmvq_ext.cli.evaluate import main as evaluate_main
-from gmvq_ext.data import DataSource, to_uint8
+from gmvq_ext.data import to_uint8
 from gmvq_ext.training import rfid
 from gmvq_ext.training.rfid import ReconstructionFID, WeightsError
 
-from test_folder_train import photos, run  # noqa: F401 (fixtures: a trained folder run)
+from test_folder_train import folder_test_reconstructions, photos, run  # noqa: F401 (fixtures: a trained run)
 
 
 class PooledPixels(torch.nn.Module):
@@ -97,12 +96,7 @@ def test_evaluate_reports_the_frechet_distance_of_images_and_reconstructions(run
     printed = json.loads(capsys.readouterr().out)
     assert printed["rfid_weights_sha256"] == digest
 
-    tokenizer = gmvq_ext.Tokenizer.from_checkpoint(out / "checkpoint.pt", device="cpu")
-    datasets, _ = DataSource("folder", str(photos), image_size=32, skip_bad_images=True).open(("test",),
-                                                                                            progress=False)
-    images = torch.stack([datasets["test"][i] for i in range(len(datasets["test"]))])
-    with torch.no_grad():
-        reconstructions = tokenizer.model(images)[0]
+    images, reconstructions = folder_test_reconstructions(out, photos)
     features = PooledPixels()
     expected = frechet_distance(features(to_uint8(images)).double().numpy(),
                                 features(to_uint8(reconstructions)).double().numpy())

@@ -88,6 +88,7 @@ CURVE_PANELS = (("mse", "reconstruction MSE (pixels in [-1, 1])"),
                 ("psnr", "PSNR, dB (per image in [0, 1], mean)"),
                 ("ssim", "SSIM (per image in [0, 1], mean)"))
 EVALUATION_ONLY = ("psnr", "ssim")
+SPLIT_COLOURS = {"train": "tab:blue"}  # and the evaluation's split (val or test) orange
 
 
 def read_curves(metrics_path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -133,7 +134,8 @@ def save_training_curves(metrics_path: str | Path, path: str | Path) -> None:
         drawn = False
         for key, (epochs, values) in curves.items():
             if key.endswith(f"/{metric}") and epochs:
-                ax.plot(epochs, values, marker="o", label=key.split("/")[0])  # markers: one epoch is one point
+                split = key.split("/")[0]  # one colour per split in every panel; markers: one epoch is one point
+                ax.plot(epochs, values, marker="o", label=split, color=SPLIT_COLOURS.get(split, "tab:orange"))
                 drawn = True
         if metric == "mse" and all(v > 0 for k, (_, vs) in curves.items() if k.endswith("/mse") for v in vs):
             ax.set_yscale("log")
