@@ -150,7 +150,8 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise PretrainedError(f"cannot read {str(path)!r}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise PretrainedError(f"cannot read {str(path)!r}: not valid JSON ({error.msg} at line {error.lineno})"
+                              ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise PretrainedError(f"cannot read {str(path)!r}: {first_line(error)}") from None
     problem = config_problem(config)

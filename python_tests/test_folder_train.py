@@ -20,6 +20,7 @@ import torch
 import gmvq_ext
 from gmvq_ext.cli.evaluate import main as evaluate_main
 from gmvq_ext.cli.export import main as export_main
+from gmvq_ext.cli.tokenize import main as tokenize_main
 from gmvq_ext.cli.train import main as train_main
 from gmvq_ext.data import DataSource, hash_split
 from helpers import PACKAGE_PARENT, subprocess_env
@@ -152,3 +153,12 @@ def test_psnr_and_ssim_in_results_and_evaluate_match_an_independent_computation(
         assert reported["test_psnr"] == pytest.approx(psnr, rel=1e-6)
         assert reported["test_ssim"] == pytest.approx(ssim, abs=2e-6)
     assert 0 < ssim < 1 and 5 < psnr < 40
+
+
+def test_tokenize_writes_the_codes_of_the_folders_split(run, photos, tmp_path):
+    out, _ = run
+    tokenize_main(["--checkpoint", str(out / "checkpoint.pt"), "--split", "test", "--out", str(tmp_path / "c.npy"),
+                   "--device", "cpu", "--batch-size", "5"])
+    codes = np.load(tmp_path / "c.npy")
+    tokenizer = gmvq_ext.Tokenizer.from_checkpoint(out / "checkpoint.pt", device="cpu")
+    assert codes.dtype == np.int16 and np.array_equal(codes, tokenizer.encode(folder_test_images(photos)).numpy())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -67,21 +68,25 @@ class DataSource:
         if self.dataset != "folder":
             return {split: build_dataset(self.dataset, self.data_dir, split, self.val_fraction)
                     for split in splits}, []
-        index = FolderIndex(self.data_dir, self.split_file)
         if known_bad is None:
-            bad = index.check(splits, self.skip_bad_images, progress)
+            bad = self.index.check(splits, self.skip_bad_images, progress)
         else:
             bad = known_bad
-            index.drop(bad)
-        return {split: FolderImages(index, split, self.image_size) for split in splits}, bad
+            self.index.drop(bad)
+        return {split: FolderImages(self.index, split, self.image_size) for split in splits}, bad
 
     def check(self, splits: tuple[str, ...], progress: bool = True) -> list[BadImage]:
         """The unreadable files of a folder's ``splits`` (a DataError without
         --skip-bad-images); nothing for the other data sets."""
         if self.dataset != "folder":
             return []
-        return FolderIndex(self.data_dir, self.split_file).check(splits, self.skip_bad_images, progress)
+        return self.index.check(splits, self.skip_bad_images, progress)
 
     def has_split(self, split: str) -> bool:
         """Whether a folder's index gives ``split`` any file (no file is opened)."""
-        return self.dataset != "folder" or bool(FolderIndex(self.data_dir, self.split_file).names(split))
+        return self.dataset != "folder" or bool(self.index.names(split))
+
+    @cached_property
+    def index(self) -> FolderIndex:
+        """A folder's files and their splits, listed once (a check drops the unreadable ones from it)."""
+        return FolderIndex(self.data_dir, self.split_file)
