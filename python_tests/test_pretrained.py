@@ -151,3 +151,25 @@ def test_hub_mixin_saves_and_loads_the_same_folder(tokenizer, exported, tmp_path
     rewrite_config(tmp_path / "via-mixin", format_version=7)  # the mixin's reader runs the same checks
     with pytest.raises(PretrainedError, match="format version 7 is newer"):
         TokenizerNetwork.from_pretrained(str(tmp_path / "via-mixin"))
+
+
+def test_a_hub_id_is_fetched_through_huggingface_hub(exported, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns, **options):  # stands in for the network
+        asked.update(repo_id=repo_id, files=sorted(allow_patterns))
+        return str(exported)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    tokenizer = gmvq_ext.Tokenizer.from_pretrained("someone/faces-tokenizer")
+    assert asked == {"repo_id": "someone/faces-tokenizer", "files": [CONFIG_NAME, WEIGHTS_NAME]}
+    assert tokenizer.code_shape == (4, 4)
+
+    def unreachable(repo_id, allow_patterns, **options):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(PretrainedError, match=r"no local folder 'someone/x', and it cannot be fetched from the "
+                                              r"Hugging Face Hub: OSError: no network here"):
+        gmvq_ext.Tokenizer.from_pretrained("someone/x")

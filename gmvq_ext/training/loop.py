@@ -6,7 +6,8 @@ The run folder --out receives, from rank 0 only:
     metrics.jsonl      one JSON object per epoch (training averages, validation/test metrics)
     tensorboard/       the same scalars for TensorBoard, plus the loss and learning rate every --log-every steps
     images/            recon_epochNNN.png, codes_epochNNN.png, curves.png (redrawn every epoch)
-    results.json       final test metrics, throughput, quantizer and arguments
+    results.json       final test metrics (MSE, PSNR, SSIM, perplexity, codes used, entropy), the
+                       images skipped as unreadable (--skip-bad-images), throughput, quantizer, arguments
 
 Reproducibility: the data order is a pure function of (seed, epoch) and every
 RNG state is checkpointed, so an interrupted and resumed CPU run ends with the
