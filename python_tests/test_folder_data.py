@@ -141,6 +141,7 @@ def test_empty_or_missing_folder_is_one_line(tmp_path):
      "(e.g. 16, 32, 64)"),
     (["--image-size", "16", "--downsampling", "16"], "must be a multiple of 16 from 32 to 1024"),
     (["--image-size", "2048"], "must be a multiple of 4 from 16 to 1024"),
+    (["--image-size", "64", "--download"], "--download applies to cifar10 and celeba"),
 ])
 def test_sizes_the_network_cannot_handle_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -189,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.dataset == "folder" and args.image_size is None:
         parser.error("--dataset folder needs --image-size S (images are center-cropped and resized to S x S)")
+    if args.dataset == "folder" and args.download:
+        parser.error("--download applies to cifar10 and celeba; a folder of images is read where --data-dir is")
     for name in FOLDER_ONLY_FLAGS:
         if args.dataset != "folder" and getattr(args, name) not in (None, False):
             parser.error(f"--{name.replace('_', '-')} applies to --dataset folder only ({args.dataset} images are "
