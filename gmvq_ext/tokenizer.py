@@ -3,6 +3,8 @@
     tokenizer = gmvq_ext.Tokenizer.from_checkpoint("runs/gmvq/checkpoint.pt", device="cuda")
     codes = tokenizer.encode(images)      # (B, 3, H, W) in [-1, 1] (or uint8) -> (B, H', W') int64
     images = tokenizer.decode(codes)      # -> (B, 3, H, W) float32
+    tokenizer.save_pretrained("my-tokenizer")      # model.safetensors + config.json (pretrained.py)
+    tokenizer = gmvq_ext.Tokenizer.from_pretrained("my-tokenizer")   # no training code, no pickle
 
 ``decode(encode(x))`` is exactly the reconstruction of the model's evaluation
 forward (``model.eval(); model(x)[0]``), bit for bit, for every quantizer.
@@ -15,12 +17,12 @@ job may tokenize its own images.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .data import IMAGE_SIZE, to_signed_unit
-from .models import LATENT_DOWNSAMPLING
-from .training import checkpoint as ckpt
+from .data import to_signed_unit
+from .models import LATENT_DOWNSAMPLING, RESIDUAL_BLOCKS
 
 
 class Tokenizer:
@@ -28,26 +30,63 @@ class Tokenizer:
 
     Attributes: ``codebook_size`` (K; codes are 0 .. K-1), ``code_shape``
     (H', W') of one image's code map, ``image_shape`` (3, H, W), ``device``,
-    ``model`` (the autoencoder, in eval mode) and ``run_args`` (the training
-    run's arguments; empty when built from a model)."""
+    ``model`` (the autoencoder, in eval mode), ``config`` (what rebuilds it:
+    config.json's content; None when built from a bare model) and
+    ``run_args`` (the training run's arguments; empty when not read from a
+    checkpoint)."""
 
-    def __init__(self, model: torch.nn.Module, image_size: int, run_args: dict | None = None):
+    def __init__(self, model: torch.nn.Module, image_size: int, run_args: dict | None = None,
+                 config: dict | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.codebook_size = int(model.quantizer.codebook_size)
         self.image_shape = (3, int(image_size), int(image_size))
-        self.code_shape = (int(image_size) // LATENT_DOWNSAMPLING,) * 2
+        downsampling = config["downsampling"] if config else LATENT_DOWNSAMPLING
+        self.code_shape = (int(image_size) // downsampling,) * 2
         self.run_args = dict(run_args or {})
+        self.config = dict(config) if config else None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Tokenizer":
         """The model of a ``gmvq_ext.train`` checkpoint (read as plain data; a
         bad file raises ``CheckpointError`` naming it) on ``device`` (default:
         cuda when available, else cpu)."""
+        from .pretrained import network_config
+        from .training import checkpoint as ckpt
+        from .training.config import quantizer_options, run_downsampling, run_image_size
+
         device = resolve_device(device)
         state = ckpt.load(path)
         model, args = ckpt.restore_model(state, path, device)
-        return cls(model, IMAGE_SIZE[args.dataset], vars(args))
+        config = network_config(image_size=run_image_size(args), downsampling=run_downsampling(args),
+                                residual_blocks=RESIDUAL_BLOCKS[args.dataset], quantizer=args.quantizer,
+                                codebook_size=args.codebook_size, dim=args.dim,
+                                quantizer_options=quantizer_options(args),
+                                trained_on={"dataset": args.dataset, "epochs": state["epoch"], "steps": state["step"]})
+        return cls(model, config["image_size"], vars(args), config)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None) -> "Tokenizer":
+        """The tokenizer exported to a folder (``save_pretrained``, gmvq-export):
+        model.safetensors and config.json, checked before use (a tampered,
+        mismatched or newer folder raises a one-line PretrainedError naming the
+        file). With huggingface_hub installed, a Hub repository id "user/name"
+        works too. Needs neither the training code nor its checkpoint."""
+        from .pretrained import load_network, resolve_folder
+
+        network = load_network(resolve_folder(name_or_path), resolve_device(device))
+        return cls(network, network.config["image_size"], config=network.config)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write model.safetensors (weights and buffers; no optimizer, no pickle)
+        and config.json (everything that rebuilds the model) into ``folder``;
+        ``from_pretrained(folder)`` loads them. Returns the folder."""
+        from .pretrained import save_folder
+
+        if self.config is None:
+            raise ValueError("this Tokenizer was built from a bare model, without the config that rebuilds it; "
+                             "use Tokenizer.from_checkpoint or Tokenizer.from_pretrained")
+        return save_folder(self.model, self.config, folder)
 
     # ------------------------------------------------------------------ images -> codes
     @torch.no_grad()

@@ -108,8 +108,8 @@ def results(out: Path) -> dict:
 
 
 def assert_same_run(a: dict, b: dict) -> None:
-    for key in ("test_mse", "test_perplexity", "test_perplexity_hard", "codes_used", "steps",
-                "rank_parameter_checksums"):
+    for key in ("test_mse", "test_psnr", "test_ssim", "test_perplexity", "test_perplexity_hard", "codes_used",
+                "steps", "rank_parameter_checksums"):
         assert a[key] == b[key], key
 
 
@@ -218,6 +218,6 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
                                          "--out", str(sharded))), 300)
     assert code == 0, err[-3000:]
     a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
-    for key in ("test_mse", "test_perplexity", "test_perplexity_hard", "test_perplexity_hard_global",
-                "codes_used", "test_images"):
+    for key in ("test_mse", "test_psnr", "test_ssim", "test_perplexity", "test_perplexity_hard",
+                "test_perplexity_hard_global", "codes_used", "test_images"):
         assert a[key] == b[key], key

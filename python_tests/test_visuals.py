@@ -90,7 +90,7 @@ def test_curves_of_a_resumed_run_keep_one_value_per_epoch(tmp_path):
     assert curves["train/mse"] == ([1, 2, 3], [0.5, 0.1, 0.05])
     assert curves["test/perplexity"] == ([1], [9.0])  # the replacing lines carry no perplexity
     save_training_curves(path, tmp_path / "curves.png")
-    assert open_png(tmp_path / "curves.png").shape[:2] == (400, 1000)
+    assert open_png(tmp_path / "curves.png").shape[:2] == (CURVES_SIZE[1] * CURVES_DPI, CURVES_SIZE[0] * CURVES_DPI)
 
 
 def test_curves_name_an_unreadable_metrics_file(tmp_path):

@@ -3,6 +3,7 @@
     gmvq-train      cli/train.py     (also ``python -m gmvq_ext.train``)
     gmvq-evaluate   cli/evaluate.py
     gmvq-tokenize   cli/tokenize.py
+    gmvq-export     cli/export.py
 
 Each module's ``main(argv=None)`` parses the arguments, runs, returns its
 results (for tests and notebooks) and turns the errors a user can cause into a

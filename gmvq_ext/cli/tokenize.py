@@ -5,7 +5,8 @@
 --out receives a NumPy array (N, H', W') (``numpy.load``): row i holds the
 codes of image i of the split in gmvq_ext.data's order (CIFAR-10: the batch
 files in order, minus the run's --val-fraction hold-out for train/val;
-CelebA: sorted file names of the split). Its dtype is int16 when the codebook
+CelebA: sorted file names of the split; a folder: sorted relative paths of
+the split, less the files that fail the check with --skip-bad-images). Its dtype is int16 when the codebook
 has at most 32768 codes, else int32 (the API's int64 would double or
 quadruple the size of a file of 200k CelebA code maps). The file is written
 under a temporary name and renamed when complete; an existing --out is an
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from ..data import SPLITS, DataError, build_dataset, collate_images
+from ..data import SPLITS, DataError, DataSource, collate_images, first_images
 from ..files import atomic_path
 from ..tokenizer import Tokenizer
 from ..training.sampling import evaluation_batches
@@ -66,8 +67,8 @@ def run(options) -> Path:
     tokenizer = Tokenizer.from_checkpoint(options.checkpoint, device=options.device)
     run_args = tokenizer.run_args
     data_dir = options.data_dir or run_args["data_dir"]
-    dataset = build_dataset(run_args["dataset"], data_dir, options.split, run_args["val_fraction"],
-                            options.max_images)
+    datasets, _ = DataSource.of_run(run_args, data_dir).open((options.split,))
+    dataset = first_images(datasets[options.split], options.max_images)
     if len(dataset) == 0:
         raise ValueError(f"the {options.split} split of {str(data_dir)!r} holds no images"
                          + (" (the run was trained without --val-fraction)" if options.split == "val" else ""))

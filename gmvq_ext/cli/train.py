@@ -1,8 +1,9 @@
-"""Train a vector-quantized autoencoder (GM-VQ or a baseline) on CIFAR-10 or CelebA.
+"""Train a vector-quantized autoencoder (GM-VQ or a baseline) on CIFAR-10, CelebA or a folder of images.
 
     gmvq-train --dataset cifar10 --data-dir DATA --quantizer gmvq --out runs/gmvq
     torchrun --nproc_per_node 4 -m gmvq_ext.train ...       # the same, data-parallel
     gmvq-train ... --out runs/gmvq --resume                 # continue up to --epochs
+    gmvq-train --dataset folder --data-dir PHOTOS --image-size 64 --downsampling 8 --out runs/photos
 
 Flags and the paper's defaults: gmvq_ext/training/config.py; the loop:
 gmvq_ext/training/loop.py; exit statuses: gmvq_ext/training/stopping.py.

@@ -14,7 +14,8 @@ import argparse
 import ast
 import inspect
 
-from ..data import DATASETS
+from ..data import DATASETS, IMAGE_SIZE
+from ..models import DOWNSAMPLING_CHOICES, LATENT_DOWNSAMPLING, image_size_problem
 from ..quantizers import QUANTIZERS
 
 # The paper's settings (Yan et al. 2024, section 5): AdamW, batch 256,
@@ -26,12 +27,16 @@ PAPER_DEFAULTS = {
     "celeba": dict(lr=1e-4, epochs=100, batch_size=256, warmup_epochs=10, codebook_size=1024, dim=64,
                    weight_decay=0.01),
 }
+# A folder of photographs is trained like CelebA, the paper's data set of photographs.
+PAPER_DEFAULTS["folder"] = PAPER_DEFAULTS["celeba"]
+FOLDER_ONLY_FLAGS = ("image_size", "split_file", "skip_bad_images")
 WARMUP_START_FACTOR = 0.2
 QUANTIZER_NAMES = tuple(QUANTIZERS)  # the registry of gmvq_ext.quantizers: every quantizer by name
 # Flags that set one keyword of the quantizer's constructor (None: the quantizer's default).
 QUANTIZER_FLAGS = ("beta", "gamma", "sigma_z2", "commitment")
 # The value of a run-defining argument in checkpoints written before the flag existed.
-RUN_DEFINING_BEFORE = {"precision": "fp32", "commitment": None}
+RUN_DEFINING_BEFORE = {"precision": "fp32", "commitment": None, "image_size": None, "split_file": None,
+                       "skip_bad_images": False, "downsampling": LATENT_DOWNSAMPLING}
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
@@ -76,19 +81,32 @@ def build_parser() -> TrainingParser:
     data("--dataset", required=True, choices=DATASETS)
     data("--data-dir", default="./data", may_change=True,
          help="folder holding cifar-10-batches-py/ or img_align_celeba/, or that folder itself "
-              "(celeba: also any folder of images); default ./data")
+              "(celeba: also any folder of images; folder: the folder of images, subfolders included); "
+              "default ./data")
     data("--download", action="store_true", may_change=True,
          help="cifar10: fetch the official archive into --data-dir when its batches are missing "
               "(checksum-verified); celeba: explains how to get it (no plain-URL download exists)")
     data("--val-fraction", type=float, default=0.0,
          help="cifar10: hold out this fraction of train for validation (celeba uses its official valid "
               "split); per-epoch evaluation uses validation when present, else test")
+    data("--image-size", type=int, metavar="S",
+         help="folder (required): images are center-cropped to their largest square and resized to S x S; "
+              "S must be a multiple of --downsampling (the error names the sizes that work)")
+    data("--split-file", metavar="FILE",
+         help="folder: '<relative path> <train|val|test>' per line, instead of the split by the hash of each "
+              "file's path (80/10/10); only the files it names are used")
+    data("--skip-bad-images", action="store_true",
+         help="folder: leave out files that fail the check before training (named and counted in the log and "
+              "results.json) instead of stopping with an error naming the first")
     data("--max-train-images", type=int, help="use only the first N training images")
     data("--max-test-images", type=int, may_change=True,
          help="evaluate on only the first N test/validation images")
 
     model = p.group("model", "the autoencoder and its quantizer", defines_run=True)
     model("--quantizer", default="gmvq", choices=QUANTIZER_NAMES)
+    model("--downsampling", type=int, default=LATENT_DOWNSAMPLING, choices=DOWNSAMPLING_CHOICES,
+          help="the latent grid is the image size divided by this (one more stride-2 stage per factor of 2 "
+               "beyond 4); default 4, the paper's")
     model("--codebook-size", type=int, help="K; default 1024")
     model("--dim", type=int, help="code dimension D; default 64")
     model("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5)")
@@ -169,7 +187,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--lr must be positive and --weight-decay, --warmup-epochs, --num-workers non-negative")
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.dataset == "folder" and args.image_size is None:
+        parser.error("--dataset folder needs --image-size S (images are center-cropped and resized to S x S)")
+    if args.dataset == "folder" and args.download:
+        parser.error("--download applies to cifar10 and celeba; a folder of images is read where --data-dir is")
+    for name in FOLDER_ONLY_FLAGS:
+        if args.dataset != "folder" and getattr(args, name) not in (None, False):
+            parser.error(f"--{name.replace('_', '-')} applies to --dataset folder only ({args.dataset} images are "
+                         f"{IMAGE_SIZE[args.dataset]} x {IMAGE_SIZE[args.dataset]}, in its official splits)")
+    problem = image_size_problem(run_image_size(args), args.downsampling, "--image-size", "--downsampling")
+    if problem is not None:
+        parser.error(problem)
     return args
+
+
+def run_image_size(args) -> int:
+    """The side of a run's square images: the data set's, or a folder's --image-size."""
+    return IMAGE_SIZE.get(args.dataset) or args.image_size
+
+
+def run_downsampling(args) -> int:
+    """How many times a run's network shrinks its images (runs before --downsampling: 4)."""
+    return getattr(args, "downsampling", LATENT_DOWNSAMPLING)
 
 
 def quantizer_options(args) -> dict:
@@ -221,9 +260,9 @@ def parse_option(item: str) -> tuple[str, object]:
 
 
 def build_model(args, options: dict):
-    """The autoencoder of ``args`` (dataset, quantizer, K, D) with quantizer ``options``."""
+    """The autoencoder of ``args`` (dataset, downsampling, quantizer, K, D) with quantizer ``options``."""
     from ..models import build_autoencoder
     from ..quantizers import build_quantizer
 
     quantizer = build_quantizer(args.quantizer, codebook_size=args.codebook_size, dim=args.dim, **options)
-    return build_autoencoder(args.dataset, quantizer)
+    return build_autoencoder(args.dataset, quantizer, run_downsampling(args))

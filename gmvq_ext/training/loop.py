@@ -6,7 +6,8 @@ The run folder --out receives, from rank 0 only:
     metrics.jsonl      one JSON object per epoch (training averages, validation/test metrics)
     tensorboard/       the same scalars for TensorBoard, plus the loss and learning rate every --log-every steps
     images/            recon_epochNNN.png, codes_epochNNN.png, curves.png (redrawn every epoch)
-    results.json       final test metrics, throughput, quantizer and arguments
+    results.json       final test metrics (MSE, PSNR, SSIM, perplexity, codes used, entropy), the
+                       images skipped as unreadable (--skip-bad-images), throughput, quantizer, arguments
 
 Reproducibility: the data order is a pure function of (seed, epoch) and every
 RNG state is checkpointed, so an interrupted and resumed CPU run ends with the
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..data import build_dataset, collate_images
-from ..download import ensure_dataset
+from ..data import collate_images
 from ..files import write_json_atomic
 from ..quantizers.backend import has_kernel
 from . import checkpoint as ckpt
@@ -42,6 +42,7 @@ from .config import WARMUP_START_FACTOR, build_model, quantizer_options
 from .lr_schedule import warmup_cosine
 from .metrics import evaluate, test_results
 from .resume import check_same_run, open_metrics, starting_state
+from .run_data import open_run_data
 from .sampling import training_batches
 from .step_metrics import StepMetrics
 from .stopping import StopRequests
@@ -90,19 +91,14 @@ def run(args, ctx: process_group.Context) -> dict | None:
         check_same_run(args, state["args"], state["world_size"], ctx.world_size)
 
     # ---- data: train, per-epoch evaluation (validation when held out, else test), test
-    if args.download and ctx.local_rank == 0:  # one download per machine; the other ranks wait
-        ensure_dataset(args.dataset, args.data_dir)
-    process_group.barrier(ctx)
-    train_set = build_dataset(args.dataset, args.data_dir, "train", args.val_fraction, args.max_train_images)
-    test_set = build_dataset(args.dataset, args.data_dir, "test", args.val_fraction, args.max_test_images)
-    eval_split = "val" if args.val_fraction > 0 else "test"
-    eval_set = (build_dataset(args.dataset, args.data_dir, "val", args.val_fraction, args.max_test_images)
-                if eval_split == "val" else test_set)
+    data = open_run_data(args, ctx, log)
+    train_set, eval_set, test_set, eval_split = data.train, data.evaluation, data.test, data.eval_split
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
-    log(f"{args.dataset}: {len(train_set)} train, {len(eval_set)} {eval_split}, {len(test_set)} test images; "
+    log(f"{args.dataset}: {len(train_set)} train, {len(eval_set)} {eval_split}, {len(test_set)} test images"
+        + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else "") + "; "
         f"{steps_per_epoch} steps/epoch, {ctx.world_size} process(es) on {ctx.device}")
 
     # ---- model, optimizer, schedule (same initial weights on every rank)
@@ -287,6 +283,7 @@ def run(args, ctx: process_group.Context) -> dict | None:
         results = {
             **test_results(test_metrics, args, options),
             "train_images": len(train_set),
+            **data.skipped_record(),
             "epochs": args.epochs,
             "steps": position.step,
             "skipped_nonfinite_steps": position.skipped,

@@ -16,7 +16,7 @@ from ..files import write_atomic
 
 ROW_LABELS = ("original", "reconstruction")
 LABEL_PAD = 6  # pixels around the row labels in the left margin
-CURVES_SIZE = (10, 4)  # inches at CURVES_DPI: a 1000 x 400 picture
+CURVES_SIZE = (10, 7)  # inches at CURVES_DPI: a 1000 x 700 picture, 2 x 2 panels
 CURVES_DPI = 100
 
 
@@ -82,11 +82,22 @@ def save_code_histogram(counts: torch.Tensor, path: str | Path, title: str) -> N
 
 # ----------------------------------------------------------------------------- training curves
 
+# (metric, panel title); the training steps give mse and perplexity, the evaluation all four.
+CURVE_PANELS = (("mse", "reconstruction MSE (pixels in [-1, 1])"),
+                ("perplexity", "perplexity (exp H of the mean soft posterior)"),
+                ("psnr", "PSNR, dB (per image in [0, 1], mean)"),
+                ("ssim", "SSIM (per image in [0, 1], mean)"))
+EVALUATION_ONLY = ("psnr", "ssim")
+SPLIT_COLOURS = {"train": "tab:blue"}  # and the evaluation's split (val or test) orange
+
+
 def read_curves(metrics_path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
     """{"train/mse": (epochs, values), "<eval>/mse": ..., "train/perplexity": ...,
-    "<eval>/perplexity": ...} from a run's metrics.jsonl, <eval> being "val" or
-    "test" (whichever the run evaluated on each epoch). One value per epoch: a
-    line repeating an epoch (a run resumed by hand) replaces the earlier one."""
+    "<eval>/perplexity": ..., "<eval>/psnr": ..., "<eval>/ssim": ...} from a
+    run's metrics.jsonl, <eval> being "val" or "test" (whichever the run
+    evaluated on each epoch); psnr and ssim only where the file has them (runs
+    before they were measured do not). One value per epoch: a line repeating an
+    epoch (a run resumed by hand) replaces the earlier one."""
     path = Path(metrics_path)
     by_epoch = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -101,34 +112,41 @@ def read_curves(metrics_path: str | Path) -> dict[str, tuple[list[int], list[flo
         raise ValueError(f"{str(path)!r} holds no epochs yet")
     splits = ["train"] + [s for s in ("val", "test") if any(f"{s}/mse" in r for r in by_epoch.values())][:1]
     curves = {}
-    for metric in ("mse", "perplexity"):
+    for metric, _ in CURVE_PANELS:
         for split in splits:
             key = f"{split}/{metric}"
             points = [(epoch, float(r[key])) for epoch, r in sorted(by_epoch.items()) if r.get(key) is not None]
-            curves[key] = ([e for e, _ in points], [v for _, v in points])
+            if metric not in EVALUATION_ONLY or points:
+                curves[key] = ([e for e, _ in points], [v for _, v in points])
     return curves
 
 
 def save_training_curves(metrics_path: str | Path, path: str | Path) -> None:
-    """Train and evaluation MSE and perplexity per epoch (``read_curves``), a
-    1000 x 400 PNG: MSE on a log scale on the left, perplexity on the right."""
+    """Train and evaluation curves per epoch (``read_curves``), a 1000 x 700
+    PNG of 2 x 2 panels: MSE (log scale) and perplexity above, the evaluation's
+    PSNR and SSIM below (the numbers of metrics.jsonl and TensorBoard)."""
     curves = read_curves(metrics_path)
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=CURVES_DPI)
-    for ax, metric, title in ((axes[0], "mse", "reconstruction MSE (pixels in [-1, 1])"),
-                              (axes[1], "perplexity", "perplexity (exp H of the mean soft posterior)")):
+    fig, axes = plt.subplots(2, 2, figsize=CURVES_SIZE, dpi=CURVES_DPI)
+    for ax, (metric, title) in zip(axes.flat, CURVE_PANELS):
+        drawn = False
         for key, (epochs, values) in curves.items():
             if key.endswith(f"/{metric}") and epochs:
-                ax.plot(epochs, values, marker="o", label=key.split("/")[0])  # markers: one epoch is one point
+                split = key.split("/")[0]  # one colour per split in every panel; markers: one epoch is one point
+                ax.plot(epochs, values, marker="o", label=split, color=SPLIT_COLOURS.get(split, "tab:orange"))
+                drawn = True
         if metric == "mse" and all(v > 0 for k, (_, vs) in curves.items() if k.endswith("/mse") for v in vs):
             ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not in this run's metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
