@@ -30,12 +30,12 @@ def walkthrough_blocks() -> tuple[str, str]:
 
 def console_scripts(folder: Path) -> Path:
     """gmvq-train, gmvq-export and gmvq-evaluate as pip installs them (console
-    scripts calling gmvq_ext.cli), for the gmvq_ext this test run imports."""
+    scripts calling gmvq_ext.cli.<command>:command), for the gmvq_ext this test run imports."""
     folder.mkdir()
     for command in COMMANDS:
         script = folder / command
         name = command.split("-", 1)[1]
-        script.write_text(f"#!{sys.executable}\nfrom gmvq_ext.cli import {name}\n{name}()\n")
+        script.write_text(f"#!{sys.executable}\nfrom gmvq_ext.cli.{name} import command\ncommand()\n")
         script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return folder
 
