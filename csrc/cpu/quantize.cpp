@@ -404,7 +404,7 @@ template <typename acc_t>
 struct BackwardBuffers {
   at::Tensor logits, grad_sample, sample, grad_zq, pq, factor;
   at::Tensor distance_terms;  // (D + W, K): [w z, w]^T G_l, transposed: as (B, D + W)^T (B, K)
-                              // this GEMM ran 14-40% faster than G_l^T [w z, w] (one Zen 3 core)
+                              // this GEMM ran faster than G_l^T [w z, w] (git log has the timings)
   std::vector<acc_t> row_sums, row_term;
   RowScratch<acc_t> scratch;
 
