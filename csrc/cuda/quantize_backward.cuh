@@ -19,7 +19,7 @@
 //   streamed 32 at a time; per element the full G_l and the code weight c
 //   (one-hot of the index, or y in soft mode), then
 //     G_E[k] = sum_n G_l (2 w z)_n + c G_zq_n - 2 e_k sum_n G_l w_n
-//   as two products (per segment; the segments are summed in order on the host).
+//   as two products (per segment; the host adds the segments with at::sum).
 //   dL/dg = (1/T) y (G_y - beta) when the caller passed the noise.
 //
 // Warps: in the logits, 2 x 4 (16 rows x 16 codes each). In the products:

@@ -160,8 +160,11 @@ struct RunningLse {
     s = s * exp_shift(m, nm) + os * exp_shift(om, nm);
     m = nm;
   }
-  // Merge over the lanes whose lane index differs in the bits of `masks`
-  // (a butterfly: every lane ends with the same bits).
+  // Merge over the lanes whose index differs in bits first_mask .. last_mask
+  // (a butterfly). Each lane's result is the same run after run, but the
+  // partners of a step need not agree in the last bit: under FMA contraction
+  // merge's sum of two products rounds one product and fuses the other, and
+  // each partner rounds the other one. Callers use one lane's result (t == 0).
   __device__ __forceinline__ void merge_lanes(int first_mask, int last_mask) {
     for (int mask = first_mask; mask <= last_mask; mask <<= 1) {
       const T om = __shfl_xor_sync(0xffffffffu, m, mask);
