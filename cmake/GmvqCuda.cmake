@@ -29,6 +29,24 @@ if(GMVQ_BUILD_CUDA OR GMVQ_CUDA_COMPILE_CHECK)
   endif()
   set(CMAKE_CUDA_ARCHITECTURES ${GMVQ_CUDA_ARCHITECTURES})
   enable_language(CUDA)
+  # A CUDA torch's find_package(Torch) turns its TORCH_CUDA_ARCH_LIST (the
+  # variable, else the environment's, else a GPU probe that falls back to a
+  # list of six or seven architectures) into -gencode flags in
+  # CMAKE_CUDA_FLAGS, on top of the target's architectures. Give it ours, so
+  # that its probe never runs; gmvq_drop_torch_gencode_flags then removes
+  # whatever it added anyway.
+  set(_gmvq_torch_archs "")
+  foreach(arch IN LISTS GMVQ_CUDA_ARCHITECTURES)
+    string(REGEX REPLACE "-(real|virtual)$" "" arch "${arch}")
+    if(arch MATCHES "^([0-9]+)([0-9])([af]?)$")  # 90 -> 9.0, 90a -> 9.0a
+      list(APPEND _gmvq_torch_archs "${CMAKE_MATCH_1}.${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+    endif()
+  endforeach()
+  if(_gmvq_torch_archs)
+    set(TORCH_CUDA_ARCH_LIST "${_gmvq_torch_archs}")
+    set(ENV{TORCH_CUDA_ARCH_LIST} "${_gmvq_torch_archs}")
+  endif()
+  message(STATUS "gmvq_ext: TORCH_CUDA_ARCH_LIST '${_gmvq_torch_archs}' (from GMVQ_CUDA_ARCHITECTURES ${GMVQ_CUDA_ARCHITECTURES})")
 endif()
 if(GMVQ_BUILD_CUDA)
   set(GMVQ_CUDA_ARCHITECTURES_USED ${GMVQ_CUDA_ARCHITECTURES})
@@ -42,6 +60,16 @@ set(GMVQ_NVCC_FLAGS --expt-relaxed-constexpr -O3 -lineinfo)
 if(GMVQ_PTXAS_VERBOSE)
   list(APPEND GMVQ_NVCC_FLAGS -Xptxas=-v)
 endif()
+
+# After find_package(Torch): the -gencode flags torch appended to
+# CMAKE_CUDA_FLAGS are removed, so the target's CUDA_ARCHITECTURES are the
+# only architectures built (a macro: it sets the caller's CMAKE_CUDA_FLAGS).
+macro(gmvq_drop_torch_gencode_flags)
+  string(REGEX MATCHALL "(-gencode[ =]|--generate-code[ =])[^ ]+" _gmvq_torch_gencode "${CMAKE_CUDA_FLAGS}")
+  string(REGEX REPLACE "(-gencode[ =]|--generate-code[ =])[^ ]+" "" CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+  string(REGEX REPLACE "  +" " " CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS}")
+  message(STATUS "gmvq_ext: CMAKE_CUDA_FLAGS '${CMAKE_CUDA_FLAGS}' (removed torch's: '${_gmvq_torch_gencode}')")
+endmacro()
 
 function(gmvq_configure_cuda_target target)
   # find_package(Torch) resets CMAKE_CUDA_ARCHITECTURES: set them per target.

@@ -1,6 +1,5 @@
 #include "gmvq/checks.h"
 
-
 #include <cmath>
 
 namespace gmvq {
@@ -108,6 +107,60 @@ rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution) {
   if (distribution == "gumbel") return rng::NoiseDistribution::kGumbel;
   if (distribution == "gaussian") return rng::NoiseDistribution::kGaussian;
   TORCH_CHECK(false, "distribution must be \"uniform\", \"gumbel\" or \"gaussian\", got \"", distribution, "\"");
+}
+
+rng::NoiseDistribution check_philox_noise_inputs(const at::Tensor& like, const at::Tensor& noise_state,
+                                                 c10::string_view distribution) {
+  TORCH_CHECK(like.dim() == 2, "like must be a 2-D tensor (R, C), got ", like.dim(), "-D");
+  check_noise_state(noise_state, like);
+  return parse_noise_distribution(distribution);
+}
+
+void check_codebook_distance_backward_inputs(const at::Tensor& grad_distance, const at::Tensor& z,
+                                             const std::optional<at::Tensor>& weight, const at::Tensor& codebook) {
+  check_codebook_inputs(z, weight, codebook);
+  check_grad(grad_distance, "grad_distance", {z.size(0), codebook.size(0)}, z);
+}
+
+void check_weighted_softmax_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& codebook, const at::Tensor& temperature) {
+  check_codebook_inputs(z, weight, codebook);
+  check_temperature(temperature, z);
+}
+
+void check_weighted_softmax_backward_inputs(const at::Tensor& grad_probs, const at::Tensor& grad_lse,
+                                            const at::Tensor& probs, const at::Tensor& z,
+                                            const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
+                                            const at::Tensor& temperature) {
+  check_weighted_softmax_inputs(z, weight, codebook, temperature);
+  const int64_t n = z.size(0), k = codebook.size(0);
+  check_grad(grad_probs, "grad_probs", {n, k}, z);
+  check_grad(grad_lse, "grad_lse", {n}, z);
+  check_grad(probs, "probs", {n, k}, z);
+}
+
+void check_gumbel_argmax_inputs(const at::Tensor& logits, const at::Tensor& temperature,
+                                const at::Tensor& noise_state, const std::optional<at::Tensor>& noise) {
+  check_logits(logits);
+  check_temperature(temperature, logits);
+  check_noise_state(noise_state, logits);
+  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
+}
+
+void check_gumbel_argmax_backward_inputs(const at::Tensor& grad_sample, const at::Tensor& logits,
+                                         const at::Tensor& temperature, const at::Tensor& noise_state,
+                                         const std::optional<at::Tensor>& noise) {
+  check_gumbel_argmax_inputs(logits, temperature, noise_state, noise);
+  check_grad(grad_sample, "grad_sample", logits.sizes(), logits);
+}
+
+void check_entropy_backward_inputs(const at::Tensor& grad_entropy, const at::Tensor& grad_q_bar,
+                                   const at::Tensor& logits, const at::Tensor& q_bar) {
+  check_logits(logits);
+  const int64_t k = logits.size(1);
+  check_grad(grad_entropy, "grad_entropy", {}, logits);
+  check_grad(grad_q_bar, "grad_q_bar", {k}, logits);
+  check_grad(q_bar, "q_bar", {k}, logits);
 }
 
 double host_temperature(const at::Tensor& temperature) {

@@ -80,12 +80,14 @@ EMULATION_PROBE = r"""
 #include <torch/extension.h>
 #define GMVQ_CUDA_EMULATION
 #include "cuda_emulation.h"
-// The emulation's cvt.rna.tf32.f32, element by element (float32 in, bits out).
+// The emulation's cvt.rna.tf32.f32, element by element (float32 in, bits out),
+// its don't-care bits cleared as the kernels clear them.
 torch::Tensor tf32_round(torch::Tensor x) {
   auto in = x.contiguous();
   auto out = torch::empty(in.sizes(), torch::kInt32);
   for (int64_t i = 0; i < in.numel(); ++i) {
-    out.data_ptr<int32_t>()[i] = static_cast<int32_t>(gmvq::emulation::cvt_rna_tf32(in.data_ptr<float>()[i]));
+    const uint32_t bits = gmvq::emulation::cvt_rna_tf32(in.data_ptr<float>()[i]) & ~0x1fffu;
+    out.data_ptr<int32_t>()[i] = static_cast<int32_t>(bits);
   }
   return out;
 }

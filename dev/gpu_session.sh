@@ -5,8 +5,12 @@
 #   GMVQ_GPU_REHEARSAL=1 OUT=/tmp/rehearsal bash dev/gpu_session.sh   (no GPU: see below)
 # Steps, each with its own time limit inside GPU_SESSION_BUDGET seconds (default
 # 540: the device allows 600 a call), each logged, none stopping the rest:
-#   1. environment and versions (nvidia-smi, python, torch, CUDA, nvcc)
-#   2. build and install: CUDA architecture pinned (GMVQ_CUDA_ARCH, default 90),
+#   1. the toolchain, before anything is built: nvidia-smi, cmake, gcc, nvcc,
+#      ninja, Python and its headers, scikit-build-core, pybind11, torch with
+#      its CUDA version and architecture list, TORCH_CUDA_ARCH_LIST
+#   2. build and install: the CUDA architecture pinned both ways (GMVQ_CUDA_ARCH,
+#      default 90, as GMVQ_CUDA_ARCHITECTURES for CMake and, as 9.0, in
+#      TORCH_CUDA_ARCH_LIST for torch's own CMake code),
 #      nvcc -Xptxas=-v (GMVQ_PTXAS_VERBOSE) so build.log has every kernel's
 #      registers, shared memory and spills; then vector-quantize-pytorch's
 #      wheels from build/wheels (dev/fetch_bench_wheels.sh), --no-deps
@@ -84,19 +88,33 @@ step() {
   return $rc
 }
 
+# The CUDA architecture, pinned both ways: CMake builds exactly
+# GMVQ_CUDA_ARCHITECTURES (and drops any -gencode torch's CMake code adds), and
+# torch's CMake code is handed the same list, so it never probes the GPU or
+# falls back to its multi-architecture default.
+arch=${GMVQ_CUDA_ARCH:-90}
+if [[ $arch =~ ^([0-9]+)([0-9])([af]?)$ ]]; then  # 90 -> 9.0, 90a -> 9.0a
+  export TORCH_CUDA_ARCH_LIST="${BASH_REMATCH[1]}.${BASH_REMATCH[2]}${BASH_REMATCH[3]}"
+fi
+
 say "gpu session: device ${device:-none}; date $stamp; repo $repo; budget ${budget}s; rehearsal $rehearsal"
 
-# 1. Environment and versions.
+# 1. The toolchain, logged before anything is built (a failed build names its cause).
 {
   echo "--- nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   echo "--- host"; uname -a; nproc; free -g 2>/dev/null | head -2; df -h "$work" 2>/dev/null | tail -1
-  echo "--- python, torch"
-  "$python" -c 'import sys, torch; print("python", sys.version.split()[0], sys.executable); print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "available", torch.cuda.is_available()); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch.cuda.get_device_capability() if torch.cuda.is_available() else None)' 2>&1
-  echo "--- nvcc"; nvcc --version 2>&1 | tail -2 || echo "nvcc: not available"
   echo "--- cmake"; cmake --version 2>&1 | head -1
+  echo "--- gcc"; gcc --version 2>&1 | head -1; g++ --version 2>&1 | head -1
+  echo "--- nvcc ($(command -v nvcc || echo none))"; nvcc --version 2>&1 | tail -2
+  echo "--- ninja"; ninja --version 2>&1
+  echo "--- python and its headers"
+  "$python" -c 'import os, sys, sysconfig; inc = sysconfig.get_paths()["include"]; print("python", sys.version.split()[0], sys.executable); print("headers", inc, "Python.h present:", os.path.exists(os.path.join(inc, "Python.h")))' 2>&1
+  echo "--- torch"
+  "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "available", torch.cuda.is_available()); print("arch list", torch.cuda.get_arch_list()); print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch.cuda.get_device_capability() if torch.cuda.is_available() else None)' 2>&1
+  echo "--- architectures: GMVQ_CUDA_ARCH $arch, TORCH_CUDA_ARCH_LIST ${TORCH_CUDA_ARCH_LIST:-unset}"
   echo "--- compute-sanitizer"; compute-sanitizer --version 2>&1 | tail -1 || true
   echo "--- packages"
-  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|scikit-build-core|pybind11|ninja|cmake|pytest|pytest-xdist|pytest-timeout|einops|scipy) ' || true
+  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|scikit-build-core|pybind11|ninja|cmake|pytest|pytest-xdist|pytest-timeout|einops|scipy|vector-quantize-pytorch) ' || true
 } >>"$log" 2>&1
 record environment true 0 $((SECONDS - start))
 
@@ -110,7 +128,7 @@ if [[ $rehearsal == 1 ]]; then
 else
   # No isolation: the build must use the torch that runs the tests.
   step build 240 "$dir/build.log" "$python" -m pip install --no-build-isolation --no-deps -v \
-    -Ccmake.define.GMVQ_CUDA=ON -Ccmake.define.GMVQ_CUDA_ARCHITECTURES="${GMVQ_CUDA_ARCH:-90}" \
+    -Ccmake.define.GMVQ_CUDA=ON -Ccmake.define.GMVQ_CUDA_ARCHITECTURES="$arch" \
     -Ccmake.define.GMVQ_PTXAS_VERBOSE=ON "$repo"
   say "ptxas: $(grep -c 'ptxas info *: Used' "$dir/build.log") kernel reports, $(grep -E 'bytes spill' "$dir/build.log" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills, $(grep -E 'bytes stack frame' "$dir/build.log" | grep -vEc '(^|[^0-9])0 bytes stack frame') with a stack frame (full lines in build.log)"
 fi

@@ -85,11 +85,8 @@ at::Tensor aggregated_posterior_entropy_backward_cpu(const at::Tensor& grad_entr
                                                      const at::Tensor& grad_q_bar,
                                                      const at::Tensor& logits,
                                                      const at::Tensor& q_bar) {
-  check_logits(logits);
+  check_entropy_backward_inputs(grad_entropy, grad_q_bar, logits, q_bar);
   const int64_t n = logits.size(0), k = logits.size(1);
-  check_grad(grad_entropy, "grad_entropy", {}, logits);
-  check_grad(grad_q_bar, "grad_q_bar", {k}, logits);
-  check_grad(q_bar, "q_bar", {k}, logits);
   const auto acc = accumulation_type(logits.scalar_type());
   const auto l = logits.to(acc).contiguous();
   const auto q = q_bar.to(acc).contiguous();

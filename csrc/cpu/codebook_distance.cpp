@@ -18,8 +18,7 @@ at::Tensor codebook_distance_cpu(const at::Tensor& z, const std::optional<at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> codebook_distance_backward_cpu(
     const at::Tensor& grad_distance, const at::Tensor& z, const std::optional<at::Tensor>& weight,
     const at::Tensor& codebook) {
-  check_codebook_inputs(z, weight, codebook);
-  check_grad(grad_distance, "grad_distance", {z.size(0), codebook.size(0)}, z);
+  check_codebook_distance_backward_inputs(grad_distance, z, weight, codebook);
   return cpu::distance_backward(grad_distance, z, weight, codebook);
 }
 

@@ -57,18 +57,10 @@ PerturbedRows<acc_t> perturbed_rows(const DenseInputs& in, const at::Tensor& noi
           in.logits.size(1), host_noise_state(noise_state)};
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& noise_state,
-                  const std::optional<at::Tensor>& noise) {
-  check_logits(logits);
-  check_temperature(temperature, logits);
-  check_noise_state(noise_state, logits);
-  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
-}
-
 std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, const at::Tensor& temperature,
                                                      bool hard, const at::Tensor& noise_state,
                                                      const std::optional<at::Tensor>& noise) {
-  check_inputs(logits, temperature, noise_state, noise);
+  check_gumbel_argmax_inputs(logits, temperature, noise_state, noise);
   const int64_t n = logits.size(0), k = logits.size(1);
   const auto in = dense_inputs(logits, noise);
   auto sample = at::empty({n, k}, in.logits.options());
@@ -102,9 +94,8 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax_cpu(const at::Tensor& logits, c
 at::Tensor gumbel_argmax_backward_cpu(const at::Tensor& grad_sample, const at::Tensor& logits,
                                       const at::Tensor& temperature, const at::Tensor& noise_state,
                                       const std::optional<at::Tensor>& noise) {
-  check_inputs(logits, temperature, noise_state, noise);
+  check_gumbel_argmax_backward_inputs(grad_sample, logits, temperature, noise_state, noise);
   const int64_t n = logits.size(0), k = logits.size(1);
-  check_grad(grad_sample, "grad_sample", {n, k}, logits);
   const auto in = dense_inputs(logits, noise);
   const auto grad = grad_sample.to(in.logits.scalar_type()).contiguous();
   auto grad_logits = at::empty({n, k}, in.logits.options());

@@ -90,9 +90,9 @@ GMVQ_CLONES static void fill_aligned(int64_t seed, int64_t offset, uint64_t stre
 }
 
 #if GMVQ_X86_PATHS
-// rng::log_canonical on kChains vectors in step (see exp_chains): the Gumbel
-// transform ran 1.8x slower one vector at a time. VF, VI: float and int32
-// vectors of one width (8 or 16 lanes).
+// rng::log_canonical on kChains vectors in step (see exp_chains): one vector
+// at a time, the Gumbel transform's dependent chain left the pipes idle. VF,
+// VI: float and int32 vectors of one width (8 or 16 lanes).
 template <typename VF, typename VI>
 GMVQ_VECTOR_INLINE void log_canonical_chains(VF (&x)[kChains]) {
   VF t[kChains], t2[kChains], e[kChains], y[kChains];
@@ -194,8 +194,8 @@ __attribute__((target("avx2"))) GMVQ_VECTOR_INLINE void gaussian_chains(const ui
 // rounds on 2 x 8 blocks at a time in intrinsics, and the Gumbel transform on
 // kChains vectors in step. GCC lowers the vector form of the 32 x 32 -> 64-bit
 // products above to a full 64-bit multiply (three vpmuludq and shuffles per
-// product); here each round is four vpmuludq and blends (Gumbel noise 2.4x
-// faster on one Zen 3 core). Same words, same operations, same bits.
+// product); here each round is four vpmuludq and blends (git log has the
+// timings). Same words, same operations, same bits.
 template <typename Transform>
 __attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t offset, uint64_t stream,
                                                        uint64_t first_block, int64_t blocks, float* __restrict out) {
@@ -281,9 +281,8 @@ __attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t off
 
 // fill_aligned on AVX-512 machines: the rounds of fill_aligned_avx2 on 2 x 16
 // blocks at a time, and the Gumbel transform on 16-float vectors. The cloned
-// loop's AVX-512 copy ran the Philox products as full 64-bit multiplies (3.8
-// ns per Gumbel value on one Sapphire Rapids core); git log has this path's
-// figure. Same words, same operations, same bits.
+// loop's AVX-512 copy ran the Philox products as full 64-bit multiplies; git
+// log has both paths' timings. Same words, same operations, same bits.
 template <typename Transform>
 __attribute__((target("avx512f"))) void fill_aligned_avx512(int64_t seed, int64_t offset, uint64_t stream,
                                                            uint64_t first_block, int64_t blocks,

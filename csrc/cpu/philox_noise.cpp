@@ -20,9 +20,7 @@ namespace {
 constexpr int64_t kElementsPerChunk = 4096;
 
 at::Tensor philox_noise_cpu(const at::Tensor& like, const at::Tensor& noise_state, c10::string_view distribution) {
-  TORCH_CHECK(like.dim() == 2, "like must be a 2-D tensor (R, C), got ", like.dim(), "-D");
-  check_noise_state(noise_state, like);
-  const rng::NoiseDistribution kind = parse_noise_distribution(distribution);
+  const rng::NoiseDistribution kind = check_philox_noise_inputs(like, noise_state, distribution);
   const NoiseState key = host_noise_state(noise_state);
   auto out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
   float* data = out.data_ptr<float>();

@@ -259,30 +259,98 @@ struct ForwardBuffers {
   }
 };
 
+// pi = e / sum(e), e = exp(l - max l), of one row added into column_sums
+// without being stored normalised (the same products e * (1 / sum)), e in
+// `posterior`; returns lse_pi. A row whose maximum is NaN or +-inf gives its
+// verdict everywhere.
+template <typename acc_t>
+acc_t add_posterior_row(const acc_t* logits, acc_t row_max, int64_t k, acc_t* posterior, acc_t* column_sums) {
+  acc_t lse, inverse_total;
+  if (std::abs(row_max) < std::numeric_limits<acc_t>::infinity()) {
+    const acc_t total = row::exp_affine_row(logits, acc_t(1), row_max, posterior, k);
+    lse = row_max + std::log(total);
+    inverse_total = acc_t(1) / total;
+  } else {
+    std::fill(posterior, posterior + k, std::numeric_limits<acc_t>::quiet_NaN());
+    lse = row_max;
+    inverse_total = acc_t(1);
+  }
+  row::accumulate_scaled(column_sums, posterior, inverse_total, k);
+  return lse;
+}
+
+// Step 1, per row: the sample (training: index, lse_y, and y in soft
+// training) or the argmax (eval), lse_pi, and pi's column sums into
+// buffers.block_sums (rows in order).
+template <typename acc_t>
+void sample_rows(const Operands& op, const Scalars& s, int64_t n0, int64_t rows, const at::Tensor& gumbel,
+                 ForwardBuffers<acc_t>& buffers, ForwardOutputs& out) {
+  const int64_t k = op.k;
+  RowScratch<acc_t>& scratch = buffers.scratch;
+  const acc_t* l = buffers.logits.template data_ptr<acc_t>();
+  const acc_t* row_max = buffers.row_max.data();
+  int64_t* idx = out.indices.data_ptr<int64_t>();
+  acc_t* row_lse = out.row_lse.data_ptr<acc_t>();
+  std::fill(buffers.block_sums.begin(), buffers.block_sums.end(), acc_t(0));
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t r = n0 + b;
+    const acc_t* lrow = l + b * k;
+    acc_t* lse = row_lse + 2 * r;
+    if (s.training) {
+      const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
+      acc_t* y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : nullptr;
+      sample_row(op, s, r, lrow, g, scratch, idx + r, lse + 1, y);
+    } else {
+      idx[r] = row::index_of_max(lrow, row_max[b], k);
+    }
+    lse[0] = add_posterior_row(lrow, row_max[b], k, scratch.posterior.data(), buffers.block_sums.data());
+    if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
+  }
+}
+
+// Step 3, per row: latent_reg = ||z - z_q||^2 / (2 sigma_z2) and z_out = z_q +
+// s eps (training, s = ||z - z_q|| / sqrt(2 sigma_z2 D)) or z_q.
+template <typename acc_t>
+void output_rows(const Operands& op, const Scalars& s, int64_t n0, int64_t rows, RowScratch<acc_t>& scratch,
+                 ForwardOutputs& out) {
+  const int64_t d = op.d;
+  const acc_t noise_scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
+  const acc_t inverse_two_sigma = static_cast<acc_t>(1.0 / (2.0 * s.sigma_z2));
+  const acc_t* z_soft = s.soft() ? out.z_soft.data_ptr<acc_t>() : nullptr;
+  const int64_t* idx = out.indices.data_ptr<int64_t>();
+  acc_t* z_out = out.z_out.data_ptr<acc_t>();
+  acc_t* latent_reg = out.latent_reg.data_ptr<acc_t>();
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t r = n0 + b;
+    const acc_t* zq = quantized_row(op, s, z_soft, idx, r);
+    const acc_t rho2 = residual_row(op, zq, r, scratch);
+    latent_reg[r] = rho2 * inverse_two_sigma;
+    acc_t* o = z_out + r * d;
+    if (s.training) {
+      eps_row(op, s, r, scratch);
+      const acc_t scale = std::sqrt(rho2) * noise_scale;
+      const acc_t* eps = scratch.eps.data();
+      for (int64_t j = 0; j < d; ++j) o[j] = zq[j] + scale * eps[j];
+    } else {
+      std::copy(zq, zq + d, o);
+    }
+  }
+}
+
 template <typename acc_t>
 void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs& out) {
-  const int64_t n = op.n, k = op.k, d = op.d;
+  const int64_t n = op.n, k = op.k;
   const Blocking blocking(n, k, k * static_cast<int64_t>(sizeof(double)));
   // q_bar: each block's column sums of pi (acc_t, rows in order), added into
   // a float64 sum per stripe, the stripes added in order.
   at::Tensor column_total = at::empty({k}, op.z.options().dtype(at::kDouble));
   OrderedSum<double> column_sums(column_total, blocking.stripes);
-  const acc_t noise_scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
-  const acc_t inverse_two_sigma = static_cast<acc_t>(1.0 / (2.0 * s.sigma_z2));
-  acc_t* z_out = out.z_out.data_ptr<acc_t>();
-  int64_t* idx = out.indices.data_ptr<int64_t>();
-  acc_t* latent_reg = out.latent_reg.data_ptr<acc_t>();
-  acc_t* row_lse = out.row_lse.data_ptr<acc_t>();
-  acc_t* z_soft = s.soft() ? out.z_soft.data_ptr<acc_t>() : nullptr;
 
   const auto make_buffers = [&] { return ForwardBuffers<acc_t>(op, s, blocking.rows_per_block); };
   for_each_stripe(blocking, make_buffers, [&](ForwardBuffers<acc_t>& buffers, int64_t stripe, int64_t row_begin,
                                               int64_t row_end) {
     at::Tensor stripe_sums = column_sums.take();
     double* sums = stripe_sums.data_ptr<double>();
-    std::vector<acc_t>& block_sums = buffers.block_sums;
-    RowScratch<acc_t>& scratch = buffers.scratch;
-
     for (int64_t n0 = row_begin; n0 < row_end; n0 += blocking.rows_per_block) {
       const int64_t rows = std::min(blocking.rows_per_block, row_end - n0);
       at::Tensor logits = buffers.logits.narrow(0, 0, rows);
@@ -290,62 +358,15 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
       block_factor<acc_t>(op, n0, factor, buffers.row_term.data());
       block_logits<acc_t>(op, factor, buffers.row_term.data(), logits, buffers.row_max.data());
       const at::Tensor gumbel = s.training ? block_gumbel(op, n0, rows) : at::Tensor();
-      const acc_t* l = logits.data_ptr<acc_t>();
-      const acc_t* row_max = buffers.row_max.data();
-      std::fill(block_sums.begin(), block_sums.end(), acc_t(0));
-      // Per row: the sample (training) or the argmax (eval), lse of the
-      // logits, and pi's column sums.
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t r = n0 + b;
-        const acc_t* lrow = l + b * k;
-        acc_t* lse = row_lse + 2 * r;
-        if (s.training) {
-          const acc_t* g = gumbel.defined() ? gumbel.data_ptr<acc_t>() + b * k : nullptr;
-          acc_t* y = s.soft() ? buffers.sample.template data_ptr<acc_t>() + b * k : nullptr;
-          sample_row(op, s, r, lrow, g, scratch, idx + r, lse + 1, y);
-        } else {
-          idx[r] = row::index_of_max(lrow, row_max[b], k);
-        }
-        // pi = e / sum(e), e = exp(l - max l), summed into the block's columns
-        // without being stored normalised (the same products e * (1 / sum)).
-        acc_t* e = scratch.posterior.data();
-        acc_t inverse_total;
-        if (std::abs(row_max[b]) < std::numeric_limits<acc_t>::infinity()) {
-          const acc_t total = row::exp_affine_row(lrow, acc_t(1), row_max[b], e, k);
-          lse[0] = row_max[b] + std::log(total);
-          inverse_total = acc_t(1) / total;
-        } else {  // NaN or +-inf: the row's verdict, everywhere
-          std::fill(e, e + k, std::numeric_limits<acc_t>::quiet_NaN());
-          lse[0] = row_max[b];
-          inverse_total = acc_t(1);
-        }
-        if (!s.training) lse[1] = lse[0];  // unused: no tempered sample in evaluation
-        row::accumulate_scaled(block_sums.data(), e, inverse_total, k);
-      }
-      for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(block_sums[j]);
 
-      // Soft training: z_q = z_soft = y E for the block.
+      sample_rows(op, s, n0, rows, gumbel, buffers, out);
+      for (int64_t j = 0; j < k; ++j) sums[j] += static_cast<double>(buffers.block_sums[j]);
+      // Step 2, soft training: z_q = z_soft = y E for the block.
       if (s.soft()) {
         at::Tensor z_soft_block = out.z_soft.narrow(0, n0, rows);
         cpu::mm_out(z_soft_block, buffers.sample.narrow(0, 0, rows), op.codebook);
       }
-
-      // z_out = z_q + s eps (training) or z_q, and the latent term.
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t r = n0 + b;
-        const acc_t* zq = quantized_row(op, s, z_soft, idx, r);
-        const acc_t rho2 = residual_row(op, zq, r, scratch);
-        latent_reg[r] = rho2 * inverse_two_sigma;
-        acc_t* o = z_out + r * d;
-        if (s.training) {
-          eps_row(op, s, r, scratch);
-          const acc_t scale = std::sqrt(rho2) * noise_scale;
-          const acc_t* eps = scratch.eps.data();
-          for (int64_t j = 0; j < d; ++j) o[j] = zq[j] + scale * eps[j];
-        } else {
-          std::copy(zq, zq + d, o);
-        }
-      }
+      output_rows(op, s, n0, rows, buffers.scratch, out);
     }
     column_sums.give(stripe, std::move(stripe_sums));
   });
@@ -404,7 +425,7 @@ template <typename acc_t>
 struct BackwardBuffers {
   at::Tensor logits, grad_sample, sample, grad_zq, pq, factor;
   at::Tensor distance_terms;  // (D + W, K): [w z, w]^T G_l, transposed: as (B, D + W)^T (B, K)
-                              // this GEMM ran 14-40% faster than G_l^T [w z, w] (one Zen 3 core)
+                              // this GEMM ran faster than G_l^T [w z, w] (git log has the timings)
   std::vector<acc_t> row_sums, row_term;
   RowScratch<acc_t> scratch;
 

@@ -100,7 +100,7 @@ int64_t index_of_max(const T* x, T m, int64_t n) {
 
 #if GMVQ_X86_PATHS
 // The first index holding m (not NaN), 8 elements a compare: the scalar scan
-// above reads half the row on average at about one element per 1.5 cycles.
+// above reads half the row on average, one element at a time.
 __attribute__((target("avx2"))) inline int64_t index_of_value_avx2(const float* x, float m, int64_t n) {
   const __m256 target = _mm256_set1_ps(m);
   int64_t i = 0;

@@ -34,10 +34,10 @@ constexpr int64_t kTargetBlockElements = int64_t{1} << 16;
 constexpr int64_t kMaxBlockElements = int64_t{1} << 21;
 constexpr int64_t kMinBlockRows = 128;
 // Many stripes: threads that finish early take the last ones, so the tail where
-// one thread works alone is short (64 rather than 16: 5% faster at (16384, 1024, 64)
-// on 2 cores; the backward at K = 8192 ran 3-7% slower with 8 than with 32 or 64,
-// at K = 16384 4% faster with 4 than with 16: the stripes' own passes over the
-// (K, D) partial and (D + W, K) terms weigh more there).
+// one thread works alone is short. Not too many with a large codebook: there
+// the stripes' own passes over the (K, D) partial and (D + W, K) terms weigh
+// more (kPartialBytes bounds the count; git log and benchmarks/results have the
+// stripe counts' timings).
 constexpr int64_t kStripes = 64;
 // Every stripe has a partial sum (q_bar's columns, the codebook gradient) until
 // it is added in order (OrderedSum). Usually a few exist at a time, but all of
@@ -52,8 +52,8 @@ struct Blocking {
   Blocking(int64_t n, int64_t k, int64_t partial_bytes) : rows(n) {
     rows_per_block = std::max<int64_t>(1, kTargetBlockElements / k);
     // Large K: at least kMinBlockRows rows per GEMM, within the hard cap on B * K. Each
-    // block streams the whole codebook through the cache: with 16 rows a code cost
-    // 1.4x as much at K = 8192 as at K = 1024, with 128 rows 1.1x (2 Zen 3 cores).
+    // block streams the whole codebook through the cache: with few rows per block
+    // that stream, not the arithmetic, sets a code's cost at large K.
     rows_per_block = std::max(rows_per_block,
                               std::min<int64_t>(kMinBlockRows, std::max<int64_t>(1, kMaxBlockElements / k)));
     rows_per_block = std::max<int64_t>(1, std::min(rows_per_block, n));
@@ -88,9 +88,9 @@ void for_each_stripe(const Blocking& blocking, const MakeState& make_state, cons
 
 // The stripes' partial sums of one tensor, added into `total` in stripe order
 // as they come in: the bits of adding all of them in order at the end, with
-// only the few partials that arrive early alive at a time. (Keeping all 64 of
-// the codebook gradient's until the end cost 16 MiB of fresh pages per call at
-// K = 1024, D = 64: 4000 page faults, 10 ms of system time per thread.)
+// only the few partials that arrive early alive at a time. (Keeping all of the
+// codebook gradient's until the end costs fresh pages, and their page faults,
+// on every call.)
 template <typename T>
 class OrderedSum {
  public:

@@ -78,8 +78,8 @@ GMVQ_VECTOR_INLINE vfloat load_tail(const float* p, int64_t count, float fill) {
 // a time leaves the out-of-order window too few independent operations. The
 // *_chains functions advance kChains vectors in step, operation by operation;
 // each vector gets exactly the single-vector function's operations (same bits).
-// 8 rather than 4: on one Zen 3 core the spills that 8 chains cost were
-// cheaper than the idle pipes of 4 (git log has the timings).
+// 8 rather than 4: the spills that 8 chains cost were cheaper than the idle
+// pipes of 4 (git log has the timings).
 constexpr int kChains = 8;
 #define GMVQ_EACH_CHAIN _Pragma("GCC unroll 8") for (int s = 0; s < kChains; ++s)
 

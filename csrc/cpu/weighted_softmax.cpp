@@ -16,8 +16,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_softmax_cpu(const at::Tensor& z,
                                                         const std::optional<at::Tensor>& weight,
                                                         const at::Tensor& codebook,
                                                         const at::Tensor& temperature) {
-  check_codebook_inputs(z, weight, codebook);
-  check_temperature(temperature, z);
+  check_weighted_softmax_inputs(z, weight, codebook, temperature);
   const auto logits = cpu::distance_forward(z, weight, codebook).mul_(-1.0 / host_temperature(temperature));
   auto lse = at::logsumexp(logits, /*dim=*/1);
   auto probs = at::exp(logits - lse.unsqueeze(1));
@@ -35,13 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward_cpu(
     const at::Tensor& grad_probs, const at::Tensor& grad_lse, const at::Tensor& probs,
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& temperature) {
-  check_codebook_inputs(z, weight, codebook);
-  check_temperature(temperature, z);
-  const int64_t n = z.size(0), k = codebook.size(0);
-  check_grad(grad_probs, "grad_probs", {n, k}, z);
-  check_grad(grad_lse, "grad_lse", {n}, z);
-  check_grad(probs, "probs", {n, k}, z);
-
+  check_weighted_softmax_backward_inputs(grad_probs, grad_lse, probs, z, weight, codebook, temperature);
   const auto acc = accumulation_type(z.scalar_type());
   const auto p = cpu::dense(probs, acc);
   const auto g_p = cpu::dense(grad_probs, acc);

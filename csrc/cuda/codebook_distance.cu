@@ -20,8 +20,7 @@ at::Tensor codebook_distance(const at::Tensor& z, const std::optional<at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> codebook_distance_backward(
     const at::Tensor& grad_distance, const at::Tensor& z, const std::optional<at::Tensor>& weight,
     const at::Tensor& codebook) {
-  check_codebook_inputs(z, weight, codebook);
-  check_grad(grad_distance, "grad_distance", {z.size(0), codebook.size(0)}, z);
+  check_codebook_distance_backward_inputs(grad_distance, z, weight, codebook);
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = accumulation_type(z.scalar_type());
   // logits = -distance: the shared backward takes dL/dlogits.

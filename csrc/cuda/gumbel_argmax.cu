@@ -12,14 +12,6 @@
 namespace gmvq::cuda {
 namespace {
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& noise_state,
-                  const std::optional<at::Tensor>& noise) {
-  check_logits(logits);
-  check_temperature(temperature, logits);
-  check_noise_state(noise_state, logits);
-  check_noise(noise, "noise", logits.size(0), logits.size(1), logits);
-}
-
 // The soft sample y (or the one-hot) and the argmax, in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, const at::Tensor& temperature,
                                           bool one_hot, const at::Tensor& noise_state,
@@ -52,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> sample(const at::Tensor& logits, const at::Te
 std::tuple<at::Tensor, at::Tensor> gumbel_argmax(const at::Tensor& logits, const at::Tensor& temperature,
                                                  bool hard, const at::Tensor& noise_state,
                                                  const std::optional<at::Tensor>& noise) {
-  check_inputs(logits, temperature, noise_state, noise);
+  check_gumbel_argmax_inputs(logits, temperature, noise_state, noise);
   const c10::cuda::CUDAGuard guard(logits.device());
   return sample(logits, temperature, hard, noise_state, noise);
 }
@@ -60,8 +52,7 @@ std::tuple<at::Tensor, at::Tensor> gumbel_argmax(const at::Tensor& logits, const
 at::Tensor gumbel_argmax_backward(const at::Tensor& grad_sample, const at::Tensor& logits,
                                   const at::Tensor& temperature, const at::Tensor& noise_state,
                                   const std::optional<at::Tensor>& noise) {
-  check_inputs(logits, temperature, noise_state, noise);
-  check_grad(grad_sample, "grad_sample", logits.sizes(), logits);
+  check_gumbel_argmax_backward_inputs(grad_sample, logits, temperature, noise_state, noise);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto y = std::get<0>(sample(logits, temperature, /*one_hot=*/false, noise_state, noise));
   const auto g = grad_sample.to(y.scalar_type());

@@ -11,33 +11,25 @@
 namespace gmvq::cuda {
 namespace {
 
-enum class Distribution { kUniform, kGumbel, kGaussian };
+using rng::NoiseDistribution;
 
-Distribution parse_distribution(c10::string_view name) {
-  if (name == "uniform") return Distribution::kUniform;
-  if (name == "gumbel") return Distribution::kGumbel;
-  TORCH_CHECK(name == "gaussian", "distribution must be \"uniform\", \"gumbel\" or \"gaussian\", got \"",
-              std::string(name), "\"");
-  return Distribution::kGaussian;
-}
-
-__device__ __forceinline__ float transform(Distribution distribution, uint32_t word) {
+__device__ __forceinline__ float transform(NoiseDistribution distribution, uint32_t word) {
   switch (distribution) {
-    case Distribution::kUniform:
+    case NoiseDistribution::kUniform:
       return rng::uniform_from_bits(word);
-    case Distribution::kGumbel:
+    case NoiseDistribution::kGumbel:
       return rng::gumbel_from_bits(word);
     default:
       return rng::gaussian_from_bits(word);
   }
 }
 
-__global__ void philox_noise_kernel(float* out, int64_t numel, NoiseKey key_arg, Distribution distribution) {
+__global__ void philox_noise_kernel(float* out, int64_t numel, NoiseKey key_arg, NoiseDistribution distribution) {
   const int64_t block = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t first = block * 4;
   if (first >= numel) return;
   const NoiseKey key = key_arg.get();
-  const uint64_t stream = distribution == Distribution::kGaussian ? rng::kGaussianStream : rng::kGumbelStream;
+  const uint64_t stream = distribution == NoiseDistribution::kGaussian ? rng::kGaussianStream : rng::kGumbelStream;
   const rng::Philox4 words = rng::philox_block(key.seed, key.offset, stream, static_cast<uint64_t>(block));
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -46,9 +38,7 @@ __global__ void philox_noise_kernel(float* out, int64_t numel, NoiseKey key_arg,
 }
 
 at::Tensor philox_noise(const at::Tensor& like, const at::Tensor& noise_state, c10::string_view distribution) {
-  TORCH_CHECK(like.dim() == 2, "like must be a 2-D tensor (R, C), got ", like.dim(), "-D");
-  check_noise_state(noise_state, like);
-  const Distribution kind = parse_distribution(distribution);
+  const NoiseDistribution kind = check_philox_noise_inputs(like, noise_state, distribution);
   const c10::cuda::CUDAGuard guard(like.device());
   const NoiseArg noise(noise_state);
   auto out = at::empty(like.sizes(), like.options().dtype(at::kFloat));

@@ -27,8 +27,9 @@
 // Nothing here waits for the device: a device temperature and noise state are
 // read by the kernels, the indices are checked by the kernel that reads them,
 // and every loop bound comes from the shapes. Results are bitwise
-// reproducible: no atomics, fixed reduction orders, segment partials summed
-// in order.
+// reproducible: no atomics, fixed reduction orders, and the segment partials
+// added by at::sum, deterministic for a given shape and device (its order is
+// fixed, though not left to right).
 #include <torch/library.h>
 
 #include <cmath>
@@ -197,7 +198,7 @@ RowArgs<T> row_args(const Operands& ops, const NoiseArg& noise, const at::Tensor
   return r;
 }
 
-// Sum of the segment partials (S, ...) in segment order.
+// Sum of the segment partials (S, ...) over the segments (at::sum: a fixed order).
 at::Tensor sum_segments(const at::Tensor& partial) {
   return partial.size(0) == 1 ? partial.squeeze(0) : partial.sum(0);
 }

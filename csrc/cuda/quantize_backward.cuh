@@ -19,7 +19,7 @@
 //   streamed 32 at a time; per element the full G_l and the code weight c
 //   (one-hot of the index, or y in soft mode), then
 //     G_E[k] = sum_n G_l (2 w z)_n + c G_zq_n - 2 e_k sum_n G_l w_n
-//   as two products (per segment; the segments are summed in order on the host).
+//   as two products (per segment; the host adds the segments with at::sum).
 //   dL/dg = (1/T) y (G_y - beta) when the caller passed the noise.
 //
 // Warps: in the logits, 2 x 4 (16 rows x 16 codes each). In the products:
@@ -85,10 +85,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBackwardRows;
   const int64_t tiles = ceil_div(a.k, kCodeTile);
+  const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
+    stage_rows(codes_s + buffer * kCodeTile * cs, cs, a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
+  });
   stage_rows(rows_s, rs, a.rows, row0, kBackwardRows, a.n, a.rp);
   stage_rows(gzq_s, gs, a.grad_zq, row0, kBackwardRows, a.n, a.dp);
-  stage_rows(codes_s, cs, a.codes, 0, kCodeTile, a.k, a.rp);
-  cp_async_commit();
+  pipeline.start();
 
   const bool hard_training = a.training && a.hard;
   const int types = hard_training ? 3 : 2;  // c, pi (, y)
@@ -124,20 +126,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         for (int i = 0; i < 4; ++i) acc[c][part][s][i] = T(0);
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    T* codes_cur = codes_s + (tile % stages<T>()) * kCodeTile * cs;
-    if constexpr (stages<T>() == 2) {
-      if (tile + 1 < tiles) {
-        stage_rows(codes_s + ((tile + 1) % 2) * kCodeTile * cs, cs, a.codes, (tile + 1) * kCodeTile, kCodeTile,
-                   a.k, a.rp);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    T* codes_cur = codes_s + pipeline.buffer(tile) * kCodeTile * cs;
+    pipeline.begin(tile);
 
     T l[1][2][4], gy[1][2][4];
     tile_logits<Math, 1>(rows_s + 16 * lm * rs, rs, gzq_s + 16 * lm * gs, gs, codes_cur + 16 * ln * cs, cs, a.rp,
@@ -201,13 +191,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         }
       }
     }
-    __syncthreads();  // this tile's buffers are free for the next loads
-    if constexpr (stages<T>() == 1) {
-      if (tile + 1 < tiles) {
-        stage_rows(codes_s, cs, a.codes, (tile + 1) * kCodeTile, kCodeTile, a.k, a.rp);
-        cp_async_commit();
-      }
-    }
+    pipeline.end(tile);
   }
 
   // Row sums of the logits role, and the hard-mode beta partial of the
@@ -363,10 +347,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * a.rows_per_segment;
   const int64_t row_end = row_begin + a.rows_per_segment < a.n ? row_begin + a.rows_per_segment : a.n;
   const int64_t tiles = ceil_div(row_end - row_begin, kBackwardRows);
+  const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
+    const int64_t first = row_begin + tile * kBackwardRows;
+    stage_rows(rows_s + buffer * kBackwardRows * rs, rs, a.rows, first, kBackwardRows, row_end, a.rp);
+    stage_rows(gzq_s + buffer * kBackwardRows * gs, gs, a.grad_zq, first, kBackwardRows, row_end, a.dp);
+  });
   stage_rows(codes_s, cs, a.codes, col0, kCodeTile, a.k, a.rp);
-  stage_rows(rows_s, rs, a.rows, row_begin, kBackwardRows, row_end, a.rp);
-  stage_rows(gzq_s, gs, a.grad_zq, row_begin, kBackwardRows, row_end, a.dp);
-  cp_async_commit();
+  pipeline.start();
 
   const bool soft_training = a.training && !a.hard;
   const T inv_t = a.inv_temperature.get();
@@ -392,24 +379,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t r0 = row_begin + tile * kBackwardRows;
-    T* rows_cur = rows_s + (tile % stages<T>()) * kBackwardRows * rs;
-    T* gzq_cur = gzq_s + (tile % stages<T>()) * kBackwardRows * gs;
-    if constexpr (stages<T>() == 2) {
-      if (tile + 1 < tiles) {
-        const int next = (tile + 1) % 2;
-        stage_rows(rows_s + next * kBackwardRows * rs, rs, a.rows, r0 + kBackwardRows, kBackwardRows, row_end,
-                   a.rp);
-        stage_rows(gzq_s + next * kBackwardRows * gs, gs, a.grad_zq, r0 + kBackwardRows, kBackwardRows, row_end,
-                   a.dp);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    T* rows_cur = rows_s + pipeline.buffer(tile) * kBackwardRows * rs;
+    T* gzq_cur = gzq_s + pipeline.buffer(tile) * kBackwardRows * gs;
+    pipeline.begin(tile);
 
     T l[1][2][4], gy[1][2][4];
     tile_logits<Math, 1>(rows_cur + 16 * lm * rs, rs, gzq_cur + 16 * lm * gs, gs, codes_s + 16 * ln * cs, cs,
@@ -470,14 +442,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
         }
       }
     }
-    __syncthreads();  // this tile's buffers are free for the next loads
-    if constexpr (stages<T>() == 1) {
-      if (tile + 1 < tiles) {
-        stage_rows(rows_s, rs, a.rows, r0 + kBackwardRows, kBackwardRows, row_end, a.rp);
-        stage_rows(gzq_s, gs, a.grad_zq, r0 + kBackwardRows, kBackwardRows, row_end, a.dp);
-        cp_async_commit();
-      }
-    }
+    pipeline.end(tile);
   }
   cp_async_wait<0>();  // a segment without rows issued its first loads too
 

@@ -64,11 +64,61 @@ struct SweepArgs {
   T* grad_gumbel = nullptr;    // (N, K), when the noise was given (training)
 };
 
-// Tile-loop bookkeeping of a double (float) or single (double: shared memory
-// is twice as full) buffered stream of operand tiles.
+// Operand tiles stream through shared memory double buffered (float) or
+// single buffered (double: shared memory is twice as full).
 template <typename T>
 constexpr int stages() {
   return sizeof(T) == 4 ? 2 : 1;
+}
+
+// The cp.async pipeline of a sweep's streamed operand tiles, the same in all
+// four sweeps. stage(tile, buffer) issues one tile's copies into one buffer
+// (every thread of the block calls it). The sweep issues its resident operands,
+// then start() adds tile 0 to the same commit group; per tile:
+//   begin(tile)  two stages: issue tile + 1 into the other buffer, wait for
+//                this tile's group, leaving the new one in flight; one stage:
+//                wait for all; then a barrier (every thread's copies landed);
+//   ...compute on buffer(tile)...
+//   end(tile)    a barrier (the buffer is free); one stage: issue tile + 1.
+template <typename T, typename Stage>
+struct TilePipeline {
+  static constexpr int kStages = stages<T>();
+  int64_t tiles;
+  Stage stage;
+
+  __device__ __forceinline__ int buffer(int64_t tile) const { return static_cast<int>(tile % kStages); }
+  __device__ __forceinline__ void start() const {
+    stage(int64_t{0}, 0);
+    cp_async_commit();
+  }
+  __device__ __forceinline__ void begin(int64_t tile) const {
+    if constexpr (kStages == 2) {
+      if (tile + 1 < tiles) {
+        stage(tile + 1, buffer(tile + 1));
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+  __device__ __forceinline__ void end(int64_t tile) const {
+    __syncthreads();
+    if constexpr (kStages == 1) {
+      if (tile + 1 < tiles) {
+        stage(tile + 1, 0);
+        cp_async_commit();
+      }
+    }
+  }
+};
+
+template <typename T, typename Stage>
+__device__ __forceinline__ TilePipeline<T, Stage> tile_pipeline(int64_t tiles, Stage stage) {
+  return {tiles, stage};
 }
 
 // Value q (0..3) of group p, row half h (row group + 8 h) in a [P][2][4]
@@ -160,8 +210,11 @@ struct RunningLse {
     s = s * exp_shift(m, nm) + os * exp_shift(om, nm);
     m = nm;
   }
-  // Merge over the lanes whose lane index differs in the bits of `masks`
-  // (a butterfly: every lane ends with the same bits).
+  // Merge over the lanes whose index differs in bits first_mask .. last_mask
+  // (a butterfly). Each lane's result is the same run after run, but the
+  // partners of a step need not agree in the last bit: under FMA contraction
+  // merge's sum of two products rounds one product and fuses the other, and
+  // each partner rounds the other one. Callers use one lane's result (t == 0).
   __device__ __forceinline__ void merge_lanes(int first_mask, int last_mask) {
     for (int mask = first_mask; mask <= last_mask; mask <<= 1) {
       const T om = __shfl_xor_sync(0xffffffffu, m, mask);

@@ -55,9 +55,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kForwardRows;
   const int64_t tiles = ceil_div(a.k, kCodeTile);
+  const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
+    stage_rows(codes_s + buffer * kCodeTile * cs, cs, a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
+  });
   stage_rows(rows_s, rs, a.rows, row0, kForwardRows, a.n, a.rp);
-  stage_rows(codes_s, cs, a.codes, 0, kCodeTile, a.k, a.rp);
-  cp_async_commit();
+  pipeline.start();
 
   const T inv_t = a.inv_temperature.get();
   const NoiseKey key = a.training ? a.noise.get() : NoiseKey{};
@@ -77,20 +79,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
     for (int i = 0; i < 4; ++i) acc[s][i] = T(0);
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    T* codes_cur = codes_s + (tile % stages<T>()) * kCodeTile * cs;
-    if constexpr (stages<T>() == 2) {
-      if (tile + 1 < tiles) {
-        stage_rows(codes_s + ((tile + 1) % 2) * kCodeTile * cs, cs, a.codes, (tile + 1) * kCodeTile, kCodeTile,
-                   a.k, a.rp);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    T* codes_cur = codes_s + pipeline.buffer(tile) * kCodeTile * cs;
+    pipeline.begin(tile);
 
     // Logits of the warp's 16 rows x 32 codes.
     T l[P][2][4], unused[P][2][4];
@@ -178,13 +168,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
         }
       }
     }
-    __syncthreads();  // this tile's buffers are free for the next loads
-    if constexpr (stages<T>() == 1) {
-      if (tile + 1 < tiles) {
-        stage_rows(codes_s, cs, a.codes, (tile + 1) * kCodeTile, kCodeTile, a.k, a.rp);
-        cp_async_commit();
-      }
-    }
+    pipeline.end(tile);
   }
 
   // Merge the statistics: the quad's lanes, then the two code halves (warp
@@ -275,9 +259,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(Sweep
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * a.rows_per_segment;
   const int64_t row_end = row_begin + a.rows_per_segment < a.n ? row_begin + a.rows_per_segment : a.n;
   const int64_t tiles = ceil_div(row_end - row_begin, kColumnRows);
+  const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
+    stage_rows(rows_s + buffer * kColumnRows * rs, rs, a.rows, row_begin + tile * kColumnRows, kColumnRows, row_end,
+               a.rp);
+  });
   stage_rows(codes_s, cs, a.codes, col0, kCodeTile, a.k, a.rp);
-  stage_rows(rows_s, rs, a.rows, row_begin, kColumnRows, row_end, a.rp);
-  cp_async_commit();
+  pipeline.start();
 
   T sums[P][4];
 #pragma unroll
@@ -287,20 +274,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(Sweep
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t r0 = row_begin + tile * kColumnRows;
-    T* rows_cur = rows_s + (tile % stages<T>()) * kColumnRows * rs;
-    if constexpr (stages<T>() == 2) {
-      if (tile + 1 < tiles) {
-        stage_rows(rows_s + ((tile + 1) % 2) * kColumnRows * rs, rs, a.rows, r0 + kColumnRows, kColumnRows,
-                   row_end, a.rp);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    T* rows_cur = rows_s + pipeline.buffer(tile) * kColumnRows * rs;
+    pipeline.begin(tile);
     T l[P][2][4], unused[P][2][4];
     tile_logits<Math, P>(rows_cur + 16 * wm * rs, rs, rows_cur, rs, codes_s + 32 * wn * cs, cs, a.rp, a.dp,
                          false, l, unused);
@@ -318,13 +293,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(Sweep
           sums[p][q] += exp_shift(logit(row_ok && k < a.k, row_term, frag(l, p, h, q)), lse_pi);
         }
     }
-    __syncthreads();
-    if constexpr (stages<T>() == 1) {
-      if (tile + 1 < tiles) {
-        stage_rows(rows_s, rs, a.rows, r0 + kColumnRows, kColumnRows, row_end, a.rp);
-        cp_async_commit();
-      }
-    }
+    pipeline.end(tile);
   }
   cp_async_wait<0>();  // a segment without rows issued its first loads too
 

@@ -47,7 +47,16 @@ __device__ __forceinline__ uint32_t tf32_round(float x) {
 #endif
 }
 
+// Bits below the tf32 mantissa that mma ignores in an operand register.
+constexpr uint32_t kTf32DontCare = 0x1fffu;
+
+// The float value of a cvt.rna.tf32 result. The instruction's result is a
+// .tf32 in a 32-bit register whose low 13 bits the tensor cores ignore and
+// nothing promises to be zero, so they are cleared before the register is read
+// as a float (as CUTLASS's tfloat32_t does): hi = x rounded to tf32 exactly,
+// which makes x - hi exact in split().
 __device__ __forceinline__ float tf32_value(uint32_t bits) {
+  bits &= ~kTf32DontCare;
 #if defined(GMVQ_CUDA_EMULATION)
   float x;
   std::memcpy(&x, &bits, sizeof x);

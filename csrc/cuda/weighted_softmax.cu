@@ -16,8 +16,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> weighted_softmax(const at::Tensor& z,
                                                     const std::optional<at::Tensor>& weight,
                                                     const at::Tensor& codebook, const at::Tensor& temperature) {
-  check_codebook_inputs(z, weight, codebook);
-  check_temperature(temperature, z);
+  check_weighted_softmax_inputs(z, weight, codebook, temperature);
   const c10::cuda::CUDAGuard guard(z.device());
   auto probs = distance_cuda(z, weight, codebook);
   const InverseTemperature inv_temperature(temperature, probs.scalar_type());
@@ -41,12 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_softmax_backward(
     const at::Tensor& grad_probs, const at::Tensor& grad_lse, const at::Tensor& probs,
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& temperature) {
-  check_codebook_inputs(z, weight, codebook);
-  check_temperature(temperature, z);
-  const int64_t n = z.size(0), k = codebook.size(0);
-  check_grad(grad_probs, "grad_probs", {n, k}, z);
-  check_grad(grad_lse, "grad_lse", {n}, z);
-  check_grad(probs, "probs", {n, k}, z);
+  check_weighted_softmax_backward_inputs(grad_probs, grad_lse, probs, z, weight, codebook, temperature);
   const c10::cuda::CUDAGuard guard(z.device());
   const auto acc = accumulation_type(z.scalar_type());
   const auto p = probs.to(acc);

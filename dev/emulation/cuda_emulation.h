@@ -18,7 +18,8 @@
 // loads a fragment element into the wrong register or lane therefore gets a
 // wrong product here, as on the GPU. Operands keep only their tf32 bits (the
 // hardware ignores the low 13 bits of each register), and cvt_rna_tf32 rounds
-// as cvt.rna.tf32.f32 does (nearest, ties away from zero, 10 mantissa bits).
+// as cvt.rna.tf32.f32 does (nearest, ties away from zero, 10 mantissa bits),
+// leaving junk in those 13 bits (see there).
 // The products are exact; the sum runs in float32 in k order, which is one
 // valid order: the hardware's is unspecified, so results may differ from a
 // GPU's in the last bits, never in the layout.
@@ -185,14 +186,17 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask, int width = 32) {
 namespace gmvq::emulation {
 
 // cvt.rna.tf32.f32: round to nearest with ties away from zero, keeping 10
-// mantissa bits (the low 13 bits of the result are zero). Adding half a tf32
-// ulp to the magnitude and truncating does exactly that, overflow to inf
-// included; NaN and inf pass through.
+// mantissa bits. Adding half a tf32 ulp to the magnitude and truncating does
+// exactly that, overflow to inf included; NaN and inf pass through. The low 13
+// bits of the result register are the tensor cores' don't-care bits, not
+// promised to be zero: the emulation leaves x's own low bits there, so a
+// kernel that reads the register as a float without clearing them
+// (tile_math.cuh tf32_value) gets a wrong 3xTF32 split here.
 inline uint32_t cvt_rna_tf32(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
-  return (bits + 0x1000u) & 0xffffe000u;
+  return ((bits + 0x1000u) & 0xffffe000u) | (bits & 0x1fffu);
 }
 
 // The value the tensor core sees in a .tf32 operand register.

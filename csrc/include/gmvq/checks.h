@@ -47,6 +47,27 @@ void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tenso
 // philox_noise's distribution argument: "uniform", "gumbel" or "gaussian".
 rng::NoiseDistribution parse_noise_distribution(c10::string_view distribution);
 
+// Every input check of one op, called by its CPU and its CUDA kernel alike, so
+// that a device can neither skip a check nor word it differently.
+// philox_noise: like (R, C), the noise state; returns the distribution.
+rng::NoiseDistribution check_philox_noise_inputs(const at::Tensor& like, const at::Tensor& noise_state,
+                                                 c10::string_view distribution);
+void check_codebook_distance_backward_inputs(const at::Tensor& grad_distance, const at::Tensor& z,
+                                             const std::optional<at::Tensor>& weight, const at::Tensor& codebook);
+void check_weighted_softmax_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& codebook, const at::Tensor& temperature);
+void check_weighted_softmax_backward_inputs(const at::Tensor& grad_probs, const at::Tensor& grad_lse,
+                                            const at::Tensor& probs, const at::Tensor& z,
+                                            const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
+                                            const at::Tensor& temperature);
+void check_gumbel_argmax_inputs(const at::Tensor& logits, const at::Tensor& temperature,
+                                const at::Tensor& noise_state, const std::optional<at::Tensor>& noise);
+void check_gumbel_argmax_backward_inputs(const at::Tensor& grad_sample, const at::Tensor& logits,
+                                         const at::Tensor& temperature, const at::Tensor& noise_state,
+                                         const std::optional<at::Tensor>& noise);
+void check_entropy_backward_inputs(const at::Tensor& grad_entropy, const at::Tensor& grad_q_bar,
+                                   const at::Tensor& logits, const at::Tensor& q_bar);
+
 // The values of CPU-resident scalars (for CPU kernels, or CUDA kernels given CPU scalars).
 double host_temperature(const at::Tensor& temperature);
 struct NoiseState {

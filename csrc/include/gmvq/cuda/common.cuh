@@ -1,5 +1,5 @@
 // Shared pieces of the CUDA kernels: the accumulation type on the host side,
-// launch bookkeeping, warp reductions and the online softmax merge.
+// launch bookkeeping, exponentials, the argmax and warp reductions.
 //
 // Kernels work on acc_t (float, or double for float64 inputs) operands only:
 // the host converts z, weight and codebook to the accumulation type first
@@ -96,47 +96,6 @@ template <typename T>
 __device__ __forceinline__ T exp_shift(T a, T m) {
   return a == neg_inf<T>() ? T(0) : exp_acc(a - m);
 }
-
-// Online softmax statistics of one row: max m, sum s of exp(x - m) and a
-// weighted sum t of exp(x - m) * c (for sum_k pi_k c_k without a second pass).
-template <typename T>
-struct SoftmaxStats {
-  T m = neg_inf<T>();
-  T s = 0;
-  T t = 0;
-
-  __device__ __forceinline__ void add(T x, T c) {
-    if (x == neg_inf<T>()) return;
-    if (x > m) {
-      const T scale = exp_shift(m, x);
-      s = s * scale;
-      t = t * scale;
-      m = x;
-    }
-    const T p = exp_acc(x - m);
-    s += p;
-    t += p * c;
-  }
-  __device__ __forceinline__ void merge(T om, T os, T ot) {
-    const T nm = m > om ? m : om;
-    if (nm == neg_inf<T>()) return;
-    const T a = exp_shift(m, nm), b = exp_shift(om, nm);
-    s = s * a + os * b;
-    t = t * a + ot * b;
-    m = nm;
-  }
-  // Merge with the other lanes of a group of `width` consecutive lanes (a
-  // butterfly: every lane ends with the same, order-fixed result).
-  __device__ __forceinline__ void merge_lanes(int width) {
-    for (int mask = 1; mask < width; mask <<= 1) {
-      const T om = __shfl_xor_sync(0xffffffffu, m, mask);
-      const T os = __shfl_xor_sync(0xffffffffu, s, mask);
-      const T ot = __shfl_xor_sync(0xffffffffu, t, mask);
-      merge(om, os, ot);
-    }
-  }
-  __device__ __forceinline__ T lse() const { return m + log_acc(s); }
-};
 
 // Argmax with ties to the lowest index (torch.argmax's rule); NaN never wins.
 template <typename T>
