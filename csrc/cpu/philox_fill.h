@@ -190,189 +190,106 @@ __attribute__((target("avx2"))) GMVQ_VECTOR_INLINE void gaussian_chains(const ui
   }
 }
 
-// fill_aligned for AVX2 machines without AVX-512 (Zen 3 and older): the Philox
-// rounds on 2 x 8 blocks at a time in intrinsics, and the Gumbel transform on
-// kChains vectors in step. GCC lowers the vector form of the 32 x 32 -> 64-bit
-// products above to a full 64-bit multiply (three vpmuludq and shuffles per
-// product); here each round is four vpmuludq and blends (git log has the
-// timings). Same words, same operations, same bits.
-template <typename Transform>
-__attribute__((target("avx2"))) void fill_aligned_avx2(int64_t seed, int64_t offset, uint64_t stream,
-                                                       uint64_t first_block, int64_t blocks, float* __restrict out) {
-  constexpr int64_t kChunk = 64;  // blocks per transform pass (a multiple of 8 * kPhiloxGroups)
-  constexpr int kPhiloxGroups = 2;
-  const Transform transform;
-  const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
-  const __m256i mul0 = _mm256_set1_epi32(static_cast<int>(rng::kPhiloxMul0));
-  const __m256i mul1 = _mm256_set1_epi32(static_cast<int>(rng::kPhiloxMul1));
-  alignas(32) uint32_t words[4 * kChunk];
-  alignas(32) uint32_t counter_lo[8], counter_hi[8];
-  __m256i round_key0[rng::kPhiloxRounds], round_key1[rng::kPhiloxRounds];
-  for (int round = 0; round < rng::kPhiloxRounds; ++round) {
-    round_key0[round] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key) + round * rng::kPhiloxWeyl0));
-    round_key1[round] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(key >> 32) + round * rng::kPhiloxWeyl1));
-  }
-  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
-    const int64_t count = std::min(kChunk, blocks - j0);
-    // Two groups of 8 blocks per step: a round is a chain of dependent
-    // multiplies, and one group alone leaves the pipes idle.
-    for (int64_t v = 0; v < count; v += 8 * kPhiloxGroups) {  // the last groups may run past count: unused words
-      __m256i c0[kPhiloxGroups], c1[kPhiloxGroups], c2[kPhiloxGroups], c3[kPhiloxGroups];
-      for (int group = 0; group < kPhiloxGroups; ++group) {
-        const uint64_t counter = first_block + static_cast<uint64_t>(j0 + v + 8 * group) + (stream << 62);
-        if (static_cast<uint32_t>(counter) <= 0xFFFFFFFFu - 7) {  // no carry into the high word
-          c0[group] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))), lane_index);
-          c1[group] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-        } else {
-          for (int j = 0; j < 8; ++j) {
-            counter_lo[j] = static_cast<uint32_t>(counter + j);
-            counter_hi[j] = static_cast<uint32_t>((counter + j) >> 32);
-          }
-          c0[group] = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_lo));
-          c1[group] = _mm256_load_si256(reinterpret_cast<const __m256i*>(counter_hi));
-        }
-        c2[group] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
-        c3[group] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
-      }
-      for (int round = 0; round < rng::kPhiloxRounds; ++round) {
-        for (int group = 0; group < kPhiloxGroups; ++group) {
-          // 64-bit products of the even lanes, and of the odd lanes shifted down;
-          // blend 0xAA takes the odd 32-bit lanes from the second operand.
-          const __m256i even0 = _mm256_mul_epu32(c0[group], mul0);
-          const __m256i odd0 = _mm256_mul_epu32(_mm256_srli_epi64(c0[group], 32), mul0);
-          const __m256i even1 = _mm256_mul_epu32(c2[group], mul1);
-          const __m256i odd1 = _mm256_mul_epu32(_mm256_srli_epi64(c2[group], 32), mul1);
-          const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(even0, 32), odd0, 0xAA);
-          const __m256i lo0 = _mm256_blend_epi32(even0, _mm256_slli_epi64(odd0, 32), 0xAA);
-          const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(even1, 32), odd1, 0xAA);
-          const __m256i lo1 = _mm256_blend_epi32(even1, _mm256_slli_epi64(odd1, 32), 0xAA);
-          c0[group] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[group]), round_key0[round]);
-          c2[group] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[group]), round_key1[round]);
-          c1[group] = lo1;
-          c3[group] = lo0;
-        }
-      }
-      for (int group = 0; group < kPhiloxGroups; ++group) {
-        // 4 words x 8 blocks -> 8 blocks of 4 consecutive words.
-        const __m256i w01_lo = _mm256_unpacklo_epi32(c0[group], c1[group]);
-        const __m256i w01_hi = _mm256_unpackhi_epi32(c0[group], c1[group]);
-        const __m256i w23_lo = _mm256_unpacklo_epi32(c2[group], c3[group]);
-        const __m256i w23_hi = _mm256_unpackhi_epi32(c2[group], c3[group]);
-        const __m256i b04 = _mm256_unpacklo_epi64(w01_lo, w23_lo), b15 = _mm256_unpackhi_epi64(w01_lo, w23_lo);
-        const __m256i b26 = _mm256_unpacklo_epi64(w01_hi, w23_hi), b37 = _mm256_unpackhi_epi64(w01_hi, w23_hi);
-        __m256i* dst = reinterpret_cast<__m256i*>(words + 4 * (v + 8 * group));
-        _mm256_store_si256(dst + 0, _mm256_permute2x128_si256(b04, b15, 0x20));
-        _mm256_store_si256(dst + 1, _mm256_permute2x128_si256(b26, b37, 0x20));
-        _mm256_store_si256(dst + 2, _mm256_permute2x128_si256(b04, b15, 0x31));
-        _mm256_store_si256(dst + 3, _mm256_permute2x128_si256(b26, b37, 0x31));
-      }
-    }
-    float* o = out + 4 * j0;
-    int64_t i = 0;
-    if constexpr (std::is_same_v<Transform, GumbelWord>) {
-      for (; i + kVector * kChains <= 4 * count; i += kVector * kChains) gumbel_chains<vfloat, vint>(words + i, o + i);
-    } else if constexpr (std::is_same_v<Transform, GaussianWord>) {
-      for (; i + kVector * kChains <= 4 * count; i += kVector * kChains) gaussian_chains(words + i, o + i);
-    }
-    for (; i < 4 * count; ++i) o[i] = transform(words[i]);
-  }
+// The fills in intrinsics (philox_simd.inc), for AVX2 machines without
+// AVX-512 (Zen 3 and older) and for AVX-512 ones. The portable loop's clones
+// get the Philox products as full 64-bit multiplies (three vpmuludq and
+// shuffles each); here each product is two vpmuludq (even and odd lanes)
+// recombined by blends, and the Gumbel transform runs on kChains vectors in
+// step (git log has the timings). Same words, same operations, same bits.
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+using Words = __m256i;
+constexpr int kBlocks = 8;
+GMVQ_VECTOR_INLINE Words splat(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+GMVQ_VECTOR_INLINE Words add(Words a, Words b) { return _mm256_add_epi32(a, b); }
+GMVQ_VECTOR_INLINE Words load(const uint32_t* p) { return _mm256_load_si256(reinterpret_cast<const Words*>(p)); }
+GMVQ_VECTOR_INLINE Words bitwise_xor(Words a, Words b) { return _mm256_xor_si256(a, b); }
+
+// The 64-bit products of the even lanes, and of the odd lanes shifted down;
+// blend 0xAA takes the odd 32-bit lanes from the second operand.
+GMVQ_VECTOR_INLINE void products(Words c, Words mul, Words& hi, Words& lo) {
+  const Words even = _mm256_mul_epu32(c, mul), odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), mul);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-// fill_aligned on AVX-512 machines: the rounds of fill_aligned_avx2 on 2 x 16
-// blocks at a time, and the Gumbel transform on 16-float vectors. The cloned
-// loop's AVX-512 copy ran the Philox products as full 64-bit multiplies; git
-// log has both paths' timings. Same words, same operations, same bits.
-template <typename Transform>
-__attribute__((target("avx512f"))) void fill_aligned_avx512(int64_t seed, int64_t offset, uint64_t stream,
-                                                           uint64_t first_block, int64_t blocks,
-                                                           float* __restrict out) {
-  constexpr int64_t kChunk = 128;  // blocks per transform pass (a multiple of 16 * kPhiloxGroups): 2 KiB of words
-  constexpr int kPhiloxGroups = 2;
-  constexpr int kLanes16 = 16;
-  const Transform transform;
-  const uint64_t key = static_cast<uint64_t>(seed), off = static_cast<uint64_t>(offset);
-  const __m512i mul0 = _mm512_set1_epi32(static_cast<int>(rng::kPhiloxMul0));
-  const __m512i mul1 = _mm512_set1_epi32(static_cast<int>(rng::kPhiloxMul1));
-  alignas(64) uint32_t words[4 * kChunk];
-  alignas(64) uint32_t counter_lo[kLanes16], counter_hi[kLanes16];
-  __m512i round_key0[rng::kPhiloxRounds], round_key1[rng::kPhiloxRounds];
-  for (int round = 0; round < rng::kPhiloxRounds; ++round) {
-    round_key0[round] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key) + round * rng::kPhiloxWeyl0));
-    round_key1[round] =
-        _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(key >> 32) + round * rng::kPhiloxWeyl1));
-  }
-  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t j0 = 0; j0 < blocks; j0 += kChunk) {
-    const int64_t count = std::min(kChunk, blocks - j0);
-    for (int64_t v = 0; v < count; v += kLanes16 * kPhiloxGroups) {  // the last groups may run past count
-      __m512i c0[kPhiloxGroups], c1[kPhiloxGroups], c2[kPhiloxGroups], c3[kPhiloxGroups];
-      for (int group = 0; group < kPhiloxGroups; ++group) {
-        const uint64_t counter = first_block + static_cast<uint64_t>(j0 + v + kLanes16 * group) + (stream << 62);
-        if (static_cast<uint32_t>(counter) <= 0xFFFFFFFFu - (kLanes16 - 1)) {  // no carry into the high word
-          c0[group] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))),
-                                       lane_index);
-          c1[group] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
-        } else {
-          for (int j = 0; j < kLanes16; ++j) {
-            counter_lo[j] = static_cast<uint32_t>(counter + j);
-            counter_hi[j] = static_cast<uint32_t>((counter + j) >> 32);
-          }
-          c0[group] = _mm512_load_si512(counter_lo);
-          c1[group] = _mm512_load_si512(counter_hi);
-        }
-        c2[group] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off)));
-        c3[group] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(off >> 32)));
-      }
-      for (int round = 0; round < rng::kPhiloxRounds; ++round) {
-        for (int group = 0; group < kPhiloxGroups; ++group) {
-          // As fill_aligned_avx2: even and odd lanes' 64-bit products, recombined by blends.
-          const __m512i even0 = _mm512_mul_epu32(c0[group], mul0);
-          const __m512i odd0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[group], 32), mul0);
-          const __m512i even1 = _mm512_mul_epu32(c2[group], mul1);
-          const __m512i odd1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[group], 32), mul1);
-          const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even0, 32), odd0);
-          const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, even0, _mm512_slli_epi64(odd0, 32));
-          const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even1, 32), odd1);
-          const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, even1, _mm512_slli_epi64(odd1, 32));
-          c0[group] = _mm512_xor_si512(_mm512_xor_si512(hi1, c1[group]), round_key0[round]);
-          c2[group] = _mm512_xor_si512(_mm512_xor_si512(hi0, c3[group]), round_key1[round]);
-          c1[group] = lo1;
-          c3[group] = lo0;
-        }
-      }
-      for (int group = 0; group < kPhiloxGroups; ++group) {
-        // 4 words x 16 blocks -> 16 blocks of 4 consecutive words. Within each
-        // 128-bit lane l, as in AVX2: b_j holds block 4 l + j's four words.
-        const __m512i w01_lo = _mm512_unpacklo_epi32(c0[group], c1[group]);
-        const __m512i w01_hi = _mm512_unpackhi_epi32(c0[group], c1[group]);
-        const __m512i w23_lo = _mm512_unpacklo_epi32(c2[group], c3[group]);
-        const __m512i w23_hi = _mm512_unpackhi_epi32(c2[group], c3[group]);
-        const __m512i b0 = _mm512_unpacklo_epi64(w01_lo, w23_lo), b1 = _mm512_unpackhi_epi64(w01_lo, w23_lo);
-        const __m512i b2 = _mm512_unpacklo_epi64(w01_hi, w23_hi), b3 = _mm512_unpackhi_epi64(w01_hi, w23_hi);
-        // Then a 4 x 4 transpose of 128-bit lanes: output register q holds blocks 4 q .. 4 q + 3.
-        const __m512i t0 = _mm512_shuffle_i32x4(b0, b1, 0x44), t1 = _mm512_shuffle_i32x4(b2, b3, 0x44);
-        const __m512i t2 = _mm512_shuffle_i32x4(b0, b1, 0xEE), t3 = _mm512_shuffle_i32x4(b2, b3, 0xEE);
-        uint32_t* dst = words + 4 * (v + kLanes16 * group);
-        _mm512_store_si512(dst, _mm512_shuffle_i32x4(t0, t1, 0x88));
-        _mm512_store_si512(dst + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-        _mm512_store_si512(dst + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
-        _mm512_store_si512(dst + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
-      }
-    }
-    float* o = out + 4 * j0;
-    int64_t i = 0;
-    if constexpr (std::is_same_v<Transform, GumbelWord>) {
-      for (; i + kLanes16 * kChains <= 4 * count; i += kLanes16 * kChains) {
-        gumbel_chains<vfloat16, vint16>(words + i, o + i);
-      }
-      for (; i + kVector * kChains <= 4 * count; i += kVector * kChains) gumbel_chains<vfloat, vint>(words + i, o + i);
-    } else if constexpr (std::is_same_v<Transform, GaussianWord>) {
-      for (; i + kVector * kChains <= 4 * count; i += kVector * kChains) gaussian_chains(words + i, o + i);
-    }
-    for (; i < 4 * count; ++i) o[i] = transform(words[i]);
-  }
+// 4 words x 8 blocks -> 8 blocks of 4 consecutive words.
+GMVQ_VECTOR_INLINE void store_blocks(uint32_t* dst, Words c0, Words c1, Words c2, Words c3) {
+  const Words w01_lo = _mm256_unpacklo_epi32(c0, c1), w01_hi = _mm256_unpackhi_epi32(c0, c1);
+  const Words w23_lo = _mm256_unpacklo_epi32(c2, c3), w23_hi = _mm256_unpackhi_epi32(c2, c3);
+  const Words b04 = _mm256_unpacklo_epi64(w01_lo, w23_lo), b15 = _mm256_unpackhi_epi64(w01_lo, w23_lo);
+  const Words b26 = _mm256_unpacklo_epi64(w01_hi, w23_hi), b37 = _mm256_unpackhi_epi64(w01_hi, w23_hi);
+  Words* out = reinterpret_cast<Words*>(dst);
+  _mm256_store_si256(out + 0, _mm256_permute2x128_si256(b04, b15, 0x20));
+  _mm256_store_si256(out + 1, _mm256_permute2x128_si256(b26, b37, 0x20));
+  _mm256_store_si256(out + 2, _mm256_permute2x128_si256(b04, b15, 0x31));
+  _mm256_store_si256(out + 3, _mm256_permute2x128_si256(b26, b37, 0x31));
 }
+
+// The Gumbel and Gaussian transforms on 8-float chains, the rest one word at a time.
+template <typename Transform>
+GMVQ_VECTOR_INLINE void transform_words(const uint32_t* words, float* out, int64_t n) {
+  const Transform transform;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<Transform, GumbelWord>) {
+    for (; i + kVector * kChains <= n; i += kVector * kChains) gumbel_chains<vfloat, vint>(words + i, out + i);
+  } else if constexpr (std::is_same_v<Transform, GaussianWord>) {
+    for (; i + kVector * kChains <= n; i += kVector * kChains) gaussian_chains(words + i, out + i);
+  }
+  for (; i < n; ++i) out[i] = transform(words[i]);
+}
+
+#include "philox_simd.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
+using Words = __m512i;
+constexpr int kBlocks = 16;
+GMVQ_VECTOR_INLINE Words splat(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+GMVQ_VECTOR_INLINE Words add(Words a, Words b) { return _mm512_add_epi32(a, b); }
+GMVQ_VECTOR_INLINE Words load(const uint32_t* p) { return _mm512_load_si512(p); }
+GMVQ_VECTOR_INLINE Words bitwise_xor(Words a, Words b) { return _mm512_xor_si512(a, b); }
+
+// As avx2::products, with a mask for the odd 32-bit lanes.
+GMVQ_VECTOR_INLINE void products(Words c, Words mul, Words& hi, Words& lo) {
+  const Words even = _mm512_mul_epu32(c, mul), odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), mul);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// 4 words x 16 blocks -> 16 blocks of 4 consecutive words. Within each 128-bit
+// lane l, as in AVX2, b_j holds block 4 l + j's four words; then a 4 x 4
+// transpose of 128-bit lanes: output register q holds blocks 4 q .. 4 q + 3.
+GMVQ_VECTOR_INLINE void store_blocks(uint32_t* dst, Words c0, Words c1, Words c2, Words c3) {
+  const Words w01_lo = _mm512_unpacklo_epi32(c0, c1), w01_hi = _mm512_unpackhi_epi32(c0, c1);
+  const Words w23_lo = _mm512_unpacklo_epi32(c2, c3), w23_hi = _mm512_unpackhi_epi32(c2, c3);
+  const Words b0 = _mm512_unpacklo_epi64(w01_lo, w23_lo), b1 = _mm512_unpackhi_epi64(w01_lo, w23_lo);
+  const Words b2 = _mm512_unpacklo_epi64(w01_hi, w23_hi), b3 = _mm512_unpackhi_epi64(w01_hi, w23_hi);
+  const Words t0 = _mm512_shuffle_i32x4(b0, b1, 0x44), t1 = _mm512_shuffle_i32x4(b2, b3, 0x44);
+  const Words t2 = _mm512_shuffle_i32x4(b0, b1, 0xEE), t3 = _mm512_shuffle_i32x4(b2, b3, 0xEE);
+  _mm512_store_si512(dst, _mm512_shuffle_i32x4(t0, t1, 0x88));
+  _mm512_store_si512(dst + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+  _mm512_store_si512(dst + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+  _mm512_store_si512(dst + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+}
+
+// The Gumbel transform on 16-float chains first; the rest as avx2's.
+template <typename Transform>
+GMVQ_VECTOR_INLINE void transform_words(const uint32_t* words, float* out, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<Transform, GumbelWord>) {
+    for (; i + 16 * kChains <= n; i += 16 * kChains) gumbel_chains<vfloat16, vint16>(words + i, out + i);
+  }
+  avx2::transform_words<Transform>(words + i, out + i, n - i);
+}
+
+#include "philox_simd.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 // Which fill the CPU takes: the widest it has, unless GMVQ_CPU_NOISE_PATH
@@ -410,10 +327,10 @@ void fill_noise(int64_t seed, int64_t offset, uint64_t stream, uint64_t first, i
   switch (noise_path()) {
 #if GMVQ_X86_PATHS
     case NoisePath::kAvx512:
-      fill_aligned_avx512<Transform>(seed, offset, stream, first_block, blocks, out + head);
+      avx512::fill_aligned<Transform>(seed, offset, stream, first_block, blocks, out + head);
       break;
     case NoisePath::kAvx2:
-      fill_aligned_avx2<Transform>(seed, offset, stream, first_block, blocks, out + head);
+      avx2::fill_aligned<Transform>(seed, offset, stream, first_block, blocks, out + head);
       break;
 #endif
     default:
