@@ -32,20 +32,11 @@
 
 namespace gmvq::cuda::fused {
 
-constexpr int kBackwardRows = 32;
-// Accumulator slices per warp: rows D <= 4 * 8 * slices, columns D <= 2 * 8 * slices.
-template <typename T>
-constexpr int row_slices() {
-  return sizeof(T) == 4 ? 4 : 2;
-}
+// Accumulator slices per warp in the column sweep: D <= 2 * 8 * slices (the
+// row sweep's, row_slices, are in quantize_args.cuh: they bound D).
 template <typename T>
 constexpr int column_slices() {
   return sizeof(T) == 4 ? 8 : 4;
-}
-// The largest dp the backward register tiles hold.
-template <typename T>
-constexpr int max_backward_dp() {
-  return 32 * row_slices<T>();
 }
 
 template <typename T>

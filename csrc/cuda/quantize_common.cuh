@@ -1,7 +1,8 @@
 // What the four codebook sweeps of the fused quantize share (quantize.cu has
-// the overview): the operand layout, the arguments, shared-memory staging,
-// the logits of one tile in the mma register layout, the Gumbel noise of a
-// lane's four codes and the online row statistics.
+// the overview, quantize_args.cuh the arguments): the operand layout,
+// shared-memory staging and its pipeline, the launch helpers, the logits of
+// one tile in the mma register layout, the Gumbel noise of a lane's four
+// codes and the online row statistics.
 //
 // Operand layout, prepared once per call on the host (O(N D + K D)):
 //   dp = D rounded up to 8, rp = 2 dp (weight (N, D)) or dp + 8 (otherwise);
@@ -21,48 +22,20 @@
 // codes, one Philox block (philox.h words4), and no runtime-indexed arrays.
 #pragma once
 
+#include <type_traits>
+
 #include "async_copy.cuh"
-#include "gmvq/cuda/scalar_args.cuh"
 #include "gmvq/philox.h"
+#include "quantize_args.cuh"
 #include "tile_math.cuh"
 
 namespace gmvq::cuda::fused {
 
-constexpr int kBlockThreads = 256;  // 8 warps
-constexpr int kCodeTile = 64;       // codes per tile of every sweep
 constexpr int kCoefStride = kCodeTile + 4;
 
 // Shared-memory row stride for an operand of `width` elements: width + 4 is
 // 4 mod 8, so the eight groups of a fragment load hit distinct banks.
 __host__ __device__ constexpr int smem_stride(int width) { return width + 4; }
-
-template <typename T>
-struct SweepArgs {
-  int64_t n = 0, k = 0, d = 0;
-  int dp = 0, rp = 0;  // D rounded up to 8; operand width
-  const T* rows = nullptr;      // (N, rp)
-  const T* codes = nullptr;     // (K, rp)
-  const T* row_term = nullptr;  // (N,)
-  const T* gumbel = nullptr;    // given Gumbel noise (N, K), else Philox stream 0
-  ScalarArg<T> inv_temperature;
-  NoiseKey noise;
-  bool training = false, hard = true;
-  T* row_lse = nullptr;      // (N, 2): [logsumexp_k l, logsumexp_k (l + g) / T]
-  int64_t* index = nullptr;  // (N,) the sampled code
-  T* z_soft = nullptr;       // (N, D) sum_k y e_k (soft forward)
-  // Column sweeps: blockIdx.y = segment s covers rows [s rows_per_segment, (s + 1) rows_per_segment).
-  int64_t rows_per_segment = 0;
-  T* partial = nullptr;  // per segment: q_bar (K,) or G_E (K, D)
-  // Backward.
-  const T* grad_pi = nullptr;  // (K,) G_qbar / N
-  const T* grad_zq = nullptr;  // (N, dp) G_zq, zero padded
-  T* b_pi = nullptr;           // (N,) sum_k pi G_pi (the row sweep writes it)
-  T* beta = nullptr;           // (N,) sum_k y G_y (soft: the prepare kernel writes it; hard: the row sweep)
-  const T* z = nullptr;        // (N, D) z in the accumulation dtype
-  T* grad_z = nullptr;         // (N, D) the prepare kernel's part; the row sweep adds 2 w P
-  T* grad_w = nullptr;         // (N, D) or (N,), when there is a weight
-  T* grad_gumbel = nullptr;    // (N, K), when the noise was given (training)
-};
 
 // Operand tiles stream through shared memory double buffered (float) or
 // single buffered (double: shared memory is twice as full).
@@ -119,6 +92,38 @@ struct TilePipeline {
 template <typename T, typename Stage>
 __device__ __forceinline__ TilePipeline<T, Stage> tile_pipeline(int64_t tiles, Stage stage) {
   return {tiles, stage};
+}
+
+// kernel<<<grid, threads, smem>>>(args) on the current stream, after opting
+// the kernel into its dynamic shared memory (a clear error where the device
+// has too little).
+template <typename Kernel, typename Args>
+void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, const Args& args, const char* what) {
+  allow_dynamic_smem(kernel, smem, "quantize", what);
+  GMVQ_LAUNCH(kernel, grid, threads, smem, c10::cuda::getCurrentCUDAStream(), args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a run-time flag as a template argument.
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// f(Math{}) for the tile path: TensorMath (float only) or SimtMath<T>.
+template <typename T, typename F>
+void dispatch_tiles(Tiles tiles, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles == Tiles::kTensor) {
+      f(TensorMath{});
+      return;
+    }
+  }
+  f(SimtMath<T>{});
 }
 
 // Value q (0..3) of group p, row half h (row group + 8 h) in a [P][2][4]

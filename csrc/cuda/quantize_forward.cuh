@@ -18,7 +18,6 @@
 
 namespace gmvq::cuda::fused {
 
-constexpr int kForwardRows = 64;
 // z_soft accumulator slices of 8 columns per warp: D <= 2 * 8 * 8 = 128.
 constexpr int kForwardSlices = 8;
 
@@ -228,7 +227,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
 // ---------------------------------------------------------------------------
 // q_bar: column sums of pi over a segment of rows.
 // ---------------------------------------------------------------------------
-constexpr int kColumnRows = 64;
 
 template <typename T>
 struct ForwardColumnsSmem {
