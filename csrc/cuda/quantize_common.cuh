@@ -31,11 +31,63 @@
 
 namespace gmvq::cuda::fused {
 
-constexpr int kCoefStride = kCodeTile + 4;
+// Shared memory has 32 banks of 4 bytes: a warp's access takes one pass when
+// its 32 lanes (lane = 4 g + t, g = lane_group, t = lane_tig) hit 32 banks.
+//
+// Operand tiles (rows, codes, G_zq: OperandTile) are row-major in 16-byte
+// chunks (4 floats or 2 doubles, one cp.async each), XOR-swizzled per row:
+//   element (r, c) at r stride + ((c / per) ^ swizzle(r)) per + c % per,
+//   per = 16 / sizeof(T),  swizzle(r) = (r ^ (r >> 2)) & 3,
+// the row padded to whole 64-byte groups of 4 chunks (the XOR stays in its
+// group) and the stride 64 bytes past a multiple of 128 (operand_stride). The
+// sweeps read these tiles three ways (k0, c0, r0 multiples of 8; sub-tiles
+// start at multiples of 16 rows, where the swizzle repeats):
+//   A fragments    rows r0 + g, columns k0 + t            (tile_logits: rows, G_zq)
+//   B fragments    rows c0 + pair_code(j, g), that is c0 + {0, 1, 4, 5, 8, 9,
+//                  12, 13} + 2 j, columns k0 + t           (tile_logits: codes)
+//   transposed B   rows k0 + t, columns c0 + g            (the products with E,
+//                  E * E, w z, w and G_zq)
+// In float a row starts 16 banks after the one before, so chunk q of row r
+// lands on the bank group (4 banks) (q ^ m(r)) mod 8, m(r) = 4 (r & 1) +
+// swizzle(r): the 8 rows of an A fragment and the 8 of a B fragment have 8
+// different masks, and the 4 rows of a transposed fragment put their 2 chunks
+// each on 8 different groups. No access of the three is conflicted (padding
+// alone, the former stride width + 4, left the B and transposed loads 2-way).
+// Doubles (the SIMT path only) read them conflict-free too.
+template <typename T>
+__host__ __device__ constexpr int operand_stride(int width) {
+  constexpr int group = 64 / static_cast<int>(sizeof(T));  // elements of 4 chunks
+  const int padded = (width + group - 1) / group * group;
+  return padded * static_cast<int>(sizeof(T)) % 128 == 64 ? padded : padded + group;
+}
 
-// Shared-memory row stride for an operand of `width` elements: width + 4 is
-// 4 mod 8, so the eight groups of a fragment load hit distinct banks.
-__host__ __device__ constexpr int smem_stride(int width) { return width + 4; }
+template <typename T>
+struct OperandTile {
+  static constexpr int kChunkShift = sizeof(T) == 4 ? 2 : 1;  // log2 of the elements per chunk
+  T* data;
+  int stride;  // operand_stride(width)
+
+  // XOR-ing the chunk index c / per is XOR-ing c with swizzle(r) per.
+  __device__ __forceinline__ T& operator()(int r, int c) const {
+    return data[r * stride + (c ^ (((r ^ (r >> 2)) & 3) << kChunkShift))];
+  }
+  // The tile from row r0 on (r0 a multiple of 16).
+  __device__ __forceinline__ OperandTile rows_from(int r0) const { return {data + r0 * stride, stride}; }
+};
+
+// Coefficient tiles (kCodeTile columns, one row per tile row): element (r, c)
+// at r 64 + (c ^ x(r)), x(r) = 5 (r & 3) + 16 ((r ^ (r >> 2)) & 1). They are
+// written one element per lane at (row g, column c0 + 4 t + q), read as A
+// fragments (row g, column k0 + t) and, in the column sweep, transposed (row
+// k0 + t, column c0 + g). x takes 8 different values on the 8 rows g in bits
+// {0, 1, 4} (the stores) and in bits {2, 3, 4} (the A loads), and 4 on the 4
+// rows k0 + t in bits {3, 4} (the transposed loads): none is conflicted. (A
+// padded stride of 68 left the stores 4-way conflicted, the transposed loads 2-way.)
+constexpr int kCoefStride = kCodeTile;
+
+__device__ __forceinline__ int coef_offset(int r, int c) {
+  return r * kCoefStride + (c ^ (5 * (r & 3) + 16 * ((r ^ (r >> 2)) & 1)));
+}
 
 // Operand tiles stream through shared memory double buffered (float) or
 // single buffered (double: shared memory is twice as full).
@@ -139,12 +191,12 @@ __device__ __forceinline__ int pair_code(int j, int col) { return 4 * (col >> 1)
 // The products of this warp's 16 rows with its 16 P codes:
 //   l[p][j]  = rows . codes         over all rp columns,
 //   gy[p][j] = grad_zq . E          over the first dp columns (when with_gy),
-// rows_w / gzq_w: the warp's first row in shared memory (strides rs, gs);
-// codes_w: the warp's first code (stride cs). Call with the whole warp.
+// rows_w / gzq_w: the tiles from the warp's first row; codes_w: from its first
+// code. Call with the whole warp.
 template <typename Math, int P, typename T>
-__device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gzq_w, int gs, const T* codes_w,
-                                            int cs, int rp, int dp, bool with_gy, T (&l)[P][2][4],
-                                            T (&gy)[P][2][4]) {
+__device__ __forceinline__ void tile_logits(const OperandTile<T>& rows_w, const OperandTile<T>& gzq_w,
+                                            const OperandTile<T>& codes_w, int rp, int dp, bool with_gy,
+                                            T (&l)[P][2][4], T (&gy)[P][2][4]) {
 #pragma unroll
   for (int p = 0; p < P; ++p)
 #pragma unroll
@@ -155,16 +207,15 @@ __device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gz
         gy[p][j][i] = T(0);
       }
   for (int ks = 0; ks < rp; ks += kMmaK) {
-    const auto a = Math::load_a([&](int r, int kk) { return rows_w[r * rs + ks + kk]; });
+    const auto a = Math::load_a([&](int r, int kk) { return rows_w(r, ks + kk); });
     const bool gy_step = with_gy && ks < dp;  // uniform over the warp
     typename Math::A ag{};
-    if (gy_step) ag = Math::load_a([&](int r, int kk) { return gzq_w[r * gs + ks + kk]; });
+    if (gy_step) ag = Math::load_a([&](int r, int kk) { return gzq_w(r, ks + kk); });
 #pragma unroll
     for (int p = 0; p < P; ++p) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const auto b = Math::load_b(
-            [&](int kk, int col) { return codes_w[(16 * p + pair_code(j, col)) * cs + ks + kk]; });
+        const auto b = Math::load_b([&](int kk, int col) { return codes_w(16 * p + pair_code(j, col), ks + kk); });
         Math::mma(l[p][j], a, b);
         if (gy_step) Math::mma(gy[p][j], ag, b);
       }
