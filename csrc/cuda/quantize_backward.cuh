@@ -55,6 +55,12 @@ struct BackwardRowsSmem {
   }
 };
 
+// One block per SM for both backward sweeps (see forward_rows_blocks for the
+// budget; numbers in benchmarks/results/ptxas-sm90.txt): the row sweep holds
+// three coefficient tiles' products over D in registers, far above the 128 of
+// two blocks, and with an (N, D) weight more shared memory than two blocks
+// have at D = 64; the column sweep's two accumulators over D also take more
+// than 128 registers on the tensor path, so a second block would cost spills.
 template <typename T, typename Math, bool FULL>
 __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepArgs<T> a) {
   constexpr int S = row_slices<T>();

@@ -37,8 +37,29 @@ struct ForwardRowsSmem {
   }
 };
 
+// Blocks per SM the sweeps are built for (the second __launch_bounds__
+// argument), read off the ptxas report (benchmarks/results/ptxas-sm90.txt) and
+// the *Smem sizes, against sm_90's 64K registers and 228 KB of shared memory
+// per SM. Two blocks need at most 128 registers a thread and at most about
+// 113 KB each. The float row sweep without the soft sample stays within 128
+// registers on both tile paths, and its shared memory within 113 KB up to D =
+// 64 with an (N, D) weight (D = 128 with a per-row weight): two blocks, so that
+// one block's barriers, Philox draws and exponentials overlap the other's
+// products; the bound keeps ptxas at 128. The soft sample (its coefficient
+// tile and z_soft accumulators) and float64 take more registers than that:
+// one block, where a cap would spill. The q_bar sweep needs fewer registers
+// than the row sweep and as much shared memory as its hard mode: two in float.
+template <typename T, bool SOFT>
+constexpr int forward_rows_blocks() {
+  return sizeof(T) == 4 && !SOFT ? 2 : 1;
+}
+template <typename T>
+constexpr int forward_columns_blocks() {
+  return sizeof(T) == 4 ? 2 : 1;
+}
+
 template <typename T, typename Math, bool SOFT>
-__global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArgs<T> a) {
+__global__ void __launch_bounds__(kBlockThreads, forward_rows_blocks<T, SOFT>()) forward_rows_kernel(SweepArgs<T> a) {
   constexpr int P = 2;
   const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
   const int g = lane_group(), t = lane_tig();
@@ -244,7 +265,7 @@ struct ForwardColumnsSmem {
 };
 
 template <typename T, typename Math>
-__global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(SweepArgs<T> a) {
+__global__ void __launch_bounds__(kBlockThreads, forward_columns_blocks<T>()) forward_columns_kernel(SweepArgs<T> a) {
   constexpr int P = 2;
   const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
   const int g = lane_group(), t = lane_tig();
