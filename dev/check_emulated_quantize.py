@@ -11,7 +11,7 @@ and simt) in float32 and the SIMT path in float64:
 
 * quantize forward (z_out, indices, q_bar, latent_reg, row_lse, z_soft) and
   quantize_backward (grad z, weight, codebook, gumbel noise, eps noise) with
-  autograd through plain PyTorch float64 math written below, for hard, soft
+  autograd through the specification (gmvq_ext/reference.py) in float64, for hard, soft
   and eval modes, weight (N, D), (N, 1) and None, given and generated noise,
   on shapes that are no multiple of any tile, and D up to the register-tile bound;
 * generated noise against the same noise passed explicitly: every output and
@@ -31,6 +31,7 @@ Usage: dev/check_emulated_quantize.py [--quick] [--cp-async early|late]
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import math
 import os
@@ -153,43 +154,16 @@ def _build_dir(name: str) -> Path:
 
 
 # --------------------------------------------------------------------------
-# The math, in plain PyTorch (float64 autograd), with explicit noise
+# The specification: gmvq_ext/reference.py (float64 autograd, explicit noise)
 # --------------------------------------------------------------------------
-def reference(z, w, e, temperature, sigma_z2, hard, training, gumbel, eps):
-    """(z_out, indices, q_bar, latent_reg, row_lse, z_soft) of docs/math.md#quantize."""
-    import torch
-    import torch.nn.functional as F
-    n, d = z.shape
-    if w is None:
-        cross, code = z @ e.T, (e * e).sum(1)[None, :]
-        row = (z * z).sum(1, keepdim=True)
-    else:
-        ww = w.expand_as(z)
-        cross, code = (ww * z) @ e.T, ww @ (e * e).T
-        row = (ww * z * z).sum(1, keepdim=True)
-    distance = row - 2.0 * cross + code
-    logits = -(distance + (distance.clamp_min(0) - distance).detach())
-    lse_pi = torch.logsumexp(logits, 1)
-    q_bar = torch.softmax(logits, 1).mean(0)
-    z_soft = z.new_zeros(0, d)
-    if training:
-        v = logits + gumbel
-        lse_y = torch.logsumexp(v / temperature, 1)
-        y = torch.softmax(v / temperature, 1)
-        indices = v.argmax(1)
-        code_weight = y if not hard else F.one_hot(indices, e.shape[0]).to(y.dtype) + y - y.detach()
-        z_q = code_weight @ e
-        if not hard:
-            z_soft = z_q
-        scale = torch.linalg.vector_norm(z - z_q, dim=1, keepdim=True) / math.sqrt(2.0 * sigma_z2 * d)
-        z_out = z_q + scale * eps
-    else:
-        indices = logits.argmax(1)
-        lse_y = lse_pi
-        z_q = e[indices]
-        z_out = z_q
-    latent = (z - z_q).pow(2).sum(1) / (2.0 * sigma_z2)
-    return z_out, indices, q_bar, latent, torch.stack([lse_pi, lse_y], 1), z_soft
+@functools.lru_cache(maxsize=None)
+def load_reference():
+    """gmvq_ext/reference.py on its own: importing the package would load its own kernels."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gmvq_reference", REPO / "gmvq_ext" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Failures:
@@ -261,7 +235,7 @@ def run_case(ops, host_noise, fails, shape, dtype, path, weight, mode, given, ot
     ref_in = [t if t is None else t.detach().double().requires_grad_() for t in (z, w, e)]
     ref_noise = [gumbel32.double().requires_grad_(), eps32.double().requires_grad_()]
     # The kernels use the temperature tensor's (float32) value.
-    ref = reference(*ref_in, temp.item(), sigma_z2, hard, training, *ref_noise)
+    ref = load_reference().quantize(*ref_in, temp.item(), sigma_z2, hard, training, (seed, offset), *ref_noise)
     loss = (ref[0] * g_zout.double()).sum() + (ref[2] * g_qbar.double()).sum() + (ref[3] * g_lat.double()).sum()
     leaves = [t for t in ref_in + ref_noise if t is not None]
     ref_grads = dict(zip(map(id, leaves), torch.autograd.grad(loss, leaves, allow_unused=True)))

@@ -51,7 +51,15 @@ if [[ ${1:-} == --build-only ]]; then
   echo "$out/pkg"
   exit 0
 fi
-# Run from outside the tree so that gmvq_ext is the emulated package.
+# Run from outside the tree so that gmvq_ext is the emulated package; test
+# paths given relative to the caller's directory (python_tests/test_x.py::t)
+# become absolute first.
+args=()
+for arg in "$@"; do
+  if [[ $arg != -* && $arg != /* && -e ${arg%%::*} ]]; then arg=$PWD/$arg; fi
+  args+=("$arg")
+done
+set -- "${args[@]}"
 cd "$out"
 (($# == 0)) && set -- "$repo/python_tests" -x -q
 PYTHONPATH="$out/pkg" "$python" -m pytest -p no:cacheprovider --rootdir "$repo" "$@"

@@ -4,21 +4,24 @@
 #   bash dev/gpu_session.sh
 #   GMVQ_GPU_REHEARSAL=1 OUT=/tmp/rehearsal bash dev/gpu_session.sh   (no GPU: see below)
 # Steps, each with its own time limit inside GPU_SESSION_BUDGET seconds (default
-# 540: the device allows 600 a call), each logged, none stopping the rest:
+# 570, so that the whole call fits a device timeout of about 590), each logged,
+# none stopping the rest:
 #   1. the toolchain, before anything is built: nvidia-smi, cmake, gcc, nvcc,
 #      ninja, Python and its headers, scikit-build-core, pybind11, torch with
 #      its CUDA version and architecture list, TORCH_CUDA_ARCH_LIST
 #   2. build and install: the CUDA architecture pinned both ways (GMVQ_CUDA_ARCH,
 #      default 90, as GMVQ_CUDA_ARCHITECTURES for CMake and, as 9.0, in
-#      TORCH_CUDA_ARCH_LIST for torch's own CMake code),
-#      nvcc -Xptxas=-v (GMVQ_PTXAS_VERBOSE) so build.log has every kernel's
-#      registers, shared memory and spills; then vector-quantize-pytorch's
-#      wheels from build/wheels (dev/fetch_bench_wheels.sh), --no-deps
-#      --no-index into a folder of their own, never torch
-#   3. dev/gpu_smoke.py: every op against the CPU op and the float64
-#      reference, both tile paths, bitwise repeats, the headline timings
-#   4. the CUDA rows of the test suite, `pytest -k cuda`, in parallel
-#   5. compute-sanitizer memcheck and racecheck on small cases of every kernel
+#      TORCH_CUDA_ARCH_LIST for torch's own CMake code), nvcc -Xptxas=-v
+#      (GMVQ_PTXAS_VERBOSE) so build.log has every kernel's registers, shared
+#      memory and spills; then vector-quantize-pytorch's wheels from
+#      build/wheels (dev/fetch_bench_wheels.sh), --no-deps --no-index into a
+#      folder of their own, never torch
+#   3. dev/gpu_smoke.py: the headline timings first, then the ceilings, then
+#      every op against the CPU op and the float64 reference, both tile paths,
+#      bitwise repeats
+#   4. compute-sanitizer memcheck and racecheck, filtered to the gmvq kernels,
+#      on one small case per tile path and every unfused op
+#   5. the CUDA rows of the test suite, `pytest -m "not slow" -k cuda`
 #   6. with the time left: benchmarks/bench_unfused.py, benchmarks/bench_quantize.py
 # Files, in one folder $OUT/<gpu>_<date>/ (the device returns 8 files at most,
 # 2 folders deep): session.log build.log smoke.jsonl pytest.log junit.xml
@@ -37,7 +40,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
 rehearsal=${GMVQ_GPU_REHEARSAL:-0}
 export PYTHONUNBUFFERED=1
-budget=${GPU_SESSION_BUDGET:-540}
+budget=${GPU_SESSION_BUDGET:-570}
 start=$SECONDS
 
 if [[ $rehearsal == 1 ]]; then
@@ -127,7 +130,7 @@ if [[ $rehearsal == 1 ]]; then
   fi
 else
   # No isolation: the build must use the torch that runs the tests.
-  step build 240 "$dir/build.log" "$python" -m pip install --no-build-isolation --no-deps -v \
+  step build 220 "$dir/build.log" "$python" -m pip install --no-build-isolation --no-deps -v \
     -Ccmake.define.GMVQ_CUDA=ON -Ccmake.define.GMVQ_CUDA_ARCHITECTURES="$arch" \
     -Ccmake.define.GMVQ_PTXAS_VERBOSE=ON "$repo"
   say "ptxas: $(grep -c 'ptxas info *: Used' "$dir/build.log") kernel reports, $(grep -E 'bytes spill' "$dir/build.log" | grep -vc ' 0 bytes spill stores, 0 bytes spill loads') with spills, $(grep -E 'bytes stack frame' "$dir/build.log" | grep -vEc '(^|[^0-9])0 bytes stack frame') with a stack frame (full lines in build.log)"
@@ -170,12 +173,38 @@ else
   say "no wheels in build/wheels (dev/fetch_bench_wheels.sh): vector-quantize-pytorch is skipped unless installed"
 fi
 
-# 3. Smoke: every op, both tile paths, the headline timings (one process).
-step smoke 170 "$log" "$python" "$repo/dev/gpu_smoke.py" --out "$smoke"
+# 3. Smoke: the headline timings, the ceilings, every op on both tile paths (one process).
+step smoke 150 "$log" "$python" "$repo/dev/gpu_smoke.py" --out "$smoke"
 say "smoke: $(grep -c '"ok": true' "$smoke") ok lines, $(grep -c '"ok": false' "$smoke") failed lines in smoke.jsonl"
 
-# 4. The CUDA rows of every op's test file. Files that need the sample data
-#    (shared/data, absent on the device) hold no CUDA test: not collected.
+# 4. compute-sanitizer on the gmvq kernels only (torch's own kernels are not
+#    instrumented: they cost most of an unfiltered run's time), one small case
+#    per tile path and every unfused op, with no caching allocator: each
+#    tensor its own allocation, so an overrun past it is seen.
+if [[ $rehearsal == 1 ]]; then
+  echo "rehearsal: compute-sanitizer skipped (no device)" >>"$dir/sanitizer.log"
+  printf '{"name": "sanitizer", "ok": true, "skipped": "rehearsal: no device"}\n' >>"$smoke"
+elif ! command -v compute-sanitizer >/dev/null; then
+  echo "compute-sanitizer not found" >>"$dir/sanitizer.log"
+  record sanitizer false 127 0 "compute-sanitizer not found"
+  failed=1
+else
+  filter=()
+  if compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name'; then
+    filter=(--kernel-name kns=gmvq)
+  else
+    echo "this compute-sanitizer has no --kernel-name: every kernel is checked" >>"$dir/sanitizer.log"
+  fi
+  for tool in memcheck racecheck; do
+    echo "=== $tool ${filter[*]}" >>"$dir/sanitizer.log"
+    step "sanitizer_$tool" 45 "$dir/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
+      --tool $tool "${filter[@]}" --error-exitcode 3 --print-limit 20 "$python" "$repo/dev/gpu_smoke.py" --sanitizer-cases
+  done
+fi
+
+# 5. The CUDA rows of every op's test file, the slow ones left out. Files that
+#    need the sample data (shared/data, absent on the device) hold no CUDA
+#    test: not collected.
 ignores=()
 for f in "$repo"/python_tests/test_*.py; do
   grep -q SAMPLE_DATA "$f" && ignores+=(--ignore "$f")
@@ -194,26 +223,9 @@ fi
 plugin_args=()
 "$python" -c 'import xdist' 2>/dev/null && plugin_args+=(-n "$workers")
 "$python" -c 'import pytest_timeout' 2>/dev/null && plugin_args+=(--timeout 60)
-step pytest 120 "$dir/pytest.log" "$python" -m pytest "$repo/python_tests" -k "$select" "${plugin_args[@]}" \
-  -p no:cacheprovider -rfE --rootdir "$repo" --junitxml="$dir/junit.xml" "${ignores[@]}"
+step pytest 100 "$dir/pytest.log" "$python" -m pytest "$repo/python_tests" -m "not slow" -k "$select" \
+  "${plugin_args[@]}" -p no:cacheprovider -rfE --rootdir "$repo" --junitxml="$dir/junit.xml" "${ignores[@]}"
 tail -3 "$dir/pytest.log" | tee -a "$log"
-
-# 5. compute-sanitizer on small cases of every kernel (no caching allocator:
-#    each tensor its own allocation, so an overrun past it is seen).
-if [[ $rehearsal == 1 ]]; then
-  echo "rehearsal: compute-sanitizer skipped (no device)" >>"$dir/sanitizer.log"
-  printf '{"name": "sanitizer", "ok": true, "skipped": "rehearsal: no device"}\n' >>"$smoke"
-elif ! command -v compute-sanitizer >/dev/null; then
-  echo "compute-sanitizer not found" >>"$dir/sanitizer.log"
-  record sanitizer false 127 0 "compute-sanitizer not found"
-  failed=1
-else
-  for tool in memcheck racecheck; do
-    echo "=== $tool" >>"$dir/sanitizer.log"
-    step "sanitizer_$tool" 75 "$dir/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool \
-      --error-exitcode 3 --print-limit 20 "$python" "$repo/dev/gpu_smoke.py" --sanitizer-cases
-  done
-fi
 
 # 6. With the time left: the unfused ops, then the rest of bench_quantize (the
 #    headline shape's baselines are in smoke.jsonl). Both write their JSON after

@@ -107,6 +107,11 @@ def tolerance(dtype: torch.dtype, scale: float = 1.0, atol_scale: float = 1.0) -
     return dict(rtol=tol["rtol"] * scale, atol=tol["atol"] * scale * atol_scale)
 
 
+def distance_scale(d: int) -> float:
+    """Tolerance factor for values built on a distance, which cancels terms of size ~ 2 D."""
+    return max(1.0, d / 8)
+
+
 # ---------------------------------------------------------------- inputs
 # The weight argument of make_codebook_inputs: absent, one per dimension, one per row.
 WEIGHT_MODES = [None, "full", "scalar"]
@@ -332,3 +337,56 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, worker):
         torch.save(worker(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+# Indices near ties (docs/math.md, "Indices near ties"). A float32 kernel's
+# logit l[n, k], and l + g, lies within gamma * E[n, k] of the exact value,
+# E[n, k] = sum_d w (|z| + |e_k|)^2 + |g[n, k]|, gamma from the path's error
+# model. Its argmax must equal the float64 reference's where the reference's
+# top-2 gap exceeds twice the row's error; elsewhere another index is a near
+# tie: allowed when the code it picks is that close to the maximum, and counted.
+def logit_error_factor(path: str, dtype: torch.dtype, d: int, full_weight: bool) -> float:
+    """gamma of the CUDA "tensor" path (3xTF32, truncating accumulation), the CUDA "simt" path
+    (FFMA chains) or the "cpu" op (a GEMM of depth D + W), in float32 or float64 arithmetic."""
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    dp = -(-d // 8) * 8
+    rp = 2 * dp if full_weight else dp + 8  # the CUDA kernels' operand width
+    per_path = {"tensor": 12 + 7.5 * rp, "simt": rp, "cpu": 2 * d if full_weight else d + 1}[path]
+    return (per_path + d + 4) * u
+
+
+def quantize_logits_and_scale(z, w, e, training: bool, state, gumbel=None):
+    """The float64 reference's logits of quantize (plus the Gumbel noise in training: `gumbel`, or
+    the op's own from `state`) and their error scale E, both (N, K) on the CPU."""
+    z64, e64 = z.detach().cpu().double(), e.detach().cpu().double()
+    w64 = None if w is None else w.detach().cpu().double()
+    logits = -reference.codebook_distance(z64, w64, e64)
+    scale = reference.codebook_distance(z64.abs(), w64, -e64.abs())
+    if training:
+        n, k = logits.shape
+        g = gumbel if gumbel is not None else reference.gumbel_noise(state.cpu(), n, k)
+        g = g.detach().cpu().double()
+        logits, scale = logits + g, scale + g.abs()
+    return logits, scale
+
+
+def near_tie_limit(rows: int) -> float:
+    """How many near ties a check accepts: the bound is a worst case, and on the tests'
+    inputs under half a percent of the rows lie within it."""
+    return max(2, 0.02 * rows)
+
+
+def compare_indices(indices, logits, row_error) -> dict:
+    """A kernel's indices against the argmax of float64 `logits`, given each row's largest logit
+    error: {"near_ties": rows whose top-2 gap is at most twice it, "mismatched": the rows that
+    differ (a list), "unexplained": those of them that are no near tie or picked a code further
+    than twice the error below the maximum}."""
+    got = indices.detach().cpu().long()
+    top = logits.topk(min(2, logits.shape[1]), dim=1).values
+    gap = top[:, 0] - top[:, -1] if logits.shape[1] > 1 else torch.full_like(top[:, 0], float("inf"))
+    near = gap <= 2 * row_error
+    mismatched = got != logits.argmax(1)
+    picked = logits.gather(1, got.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    unexplained = mismatched & (~near | (picked < top[:, 0] - 2 * row_error))
+    return {"near_ties": int(near.sum()), "mismatched": mismatched.nonzero()[:, 0].tolist(),
+            "unexplained": unexplained.nonzero()[:, 0].tolist()}

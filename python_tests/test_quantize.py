@@ -18,9 +18,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gmvq_ext import ops, reference
-from helpers import (BUILD_INFO, CPU_VECTOR_PATHS, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
-                     LOW_PRECISION_DTYPES, PACKAGE_PARENT, WEIGHT_MODES, assert_close, cuda_tiles, make_codebook_inputs,
-                     present, requires_cuda, subprocess_env, tolerance, upcast)
+from helpers import (CPU_VECTOR_PATHS, CUDA_KERNEL_DEVICES, DEVICES, EMULATED, FLOAT_DTYPES, HAS_CUDA,
+                     LOW_PRECISION_DTYPES, PACKAGE_PARENT, WEIGHT_MODES, assert_close, compare_indices, cuda_tiles,
+                     distance_scale, logit_error_factor, make_codebook_inputs, near_tie_limit, present,
+                     quantize_logits_and_scale, requires_cuda, subprocess_env, tolerance, upcast)
 
 SEED, OFFSET = 1234, 7
 TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
@@ -637,10 +638,9 @@ def test_cuda_peak_memory_stays_far_below_n_by_k(mode):
 # over CUDA_KERNEL_DEVICES also run on the emulated kernels (helpers.EMULATED).
 # ---------------------------------------------------------------------------
 # (N, K, D): no multiple of any tile; several row blocks, code tiles and D
-# slices. The smallest top-2 gap of the perturbed logits (about 100) over these
-# inputs and keys is 1.7e-4 in float64, ~10x the float32 rounding: the indices
-# must agree exactly. Emulated: one row block, two code tiles, D not a multiple of 8.
+# slices. Emulated: one row block, two code tiles, D not a multiple of 8.
 TILE_SHAPE = (45, 70, 13) if EMULATED else (517, 131, 61)
+
 # float32 on both tile paths; float64 always takes the SIMT path.
 TILE_PATHS = [(torch.float32, "tensor"), (torch.float32, "simt"), (torch.float64, "simt")]
 OP_MODES = {"hard": (True, True), "soft": (False, True), "eval": (True, False)}
@@ -680,6 +680,19 @@ def float64_reference(z, w, e, hard, training, temperature, state, upstream, gum
     return [o.detach() for o in out], grads
 
 
+def near_tie_rows(indices, z, w, e, training, state, gumbel, path, dtype):
+    """compare_indices of a kernel's (or the CPU op's, path "cpu") indices against the float64
+    reference, with the path's error bound; asserts that every difference is a near tie and that
+    near ties stay rare (near_tie_limit). Returns the rows that differ."""
+    logits, scale = quantize_logits_and_scale(z, w, e, training, state, gumbel)
+    full_weight = w is not None and w.shape[1] == z.shape[1] and z.shape[1] != 1
+    row_error = logit_error_factor(path, dtype, z.shape[1], full_weight) * scale.max(1).values
+    result = compare_indices(indices, logits, row_error)
+    assert not result["unexplained"], result
+    assert result["near_ties"] <= near_tie_limit(z.shape[0]), result
+    return result["mismatched"]
+
+
 @pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
 @pytest.mark.parametrize("dtype,path", TILE_PATHS, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("weight", WEIGHT_MODES, ids=str)
@@ -698,28 +711,42 @@ def test_tile_paths_match_the_cpu_op_and_the_reference(device, dtype, path, weig
     with cuda_tiles(path):
         out, grads = op_forward_backward(z, w, e, hard, training, temperature, state, gumbel, eps,
                                          upstream=upstream)
-    scale = max(1.0, d / 8)  # the distance cancels terms of size ~ 2 D
+    scale = distance_scale(d)
     names = ["z_out", "indices", "q_bar", "latent_reg", "row_lse", "z_soft"]
+    # Indices: equal to the reference's wherever its top-2 gap exceeds the error bound. Rows
+    # that took another code at a near tie (and the CPU op's, on a GPU) leave the row-wise
+    # comparisons, and the codebook gradient, which sums over every row, is then not compared.
+    differing = set(near_tie_rows(out[1], z, w, e, training, state, gumbel, path, dtype))
     expected = []
     if HAS_CUDA:  # the package's CPU op (absent under the emulation)
-        expected.append(op_forward_backward(*to_cpu([z, w, e]), hard, training, temperature, state,
-                                            *to_cpu([gumbel, eps]), upstream=to_cpu(upstream)))
+        cpu = op_forward_backward(*to_cpu([z, w, e]), hard, training, temperature, state, *to_cpu([gumbel, eps]),
+                                  upstream=to_cpu(upstream))
+        differing |= set(near_tie_rows(cpu[0][1], z, w, e, training, state, gumbel, "cpu", dtype))
+        expected.append(cpu)
     ref_out, ref_grads = float64_reference(z, w, e, hard, training, temperature, state, upstream, gumbel, eps)
     expected.append((ref_out, [g if g is not None else torch.zeros(0, dtype=torch.float64) for g in ref_grads]))
+    keep = torch.tensor([i not in differing for i in range(n)])
+    row_wise = {"z_out", "indices", "latent_reg"}
     for want_out, want_grads in expected:
-        assert torch.equal(out[1].cpu(), want_out[1])
         for name, a, b in zip(names, out, want_out):
-            if name == "indices":
-                continue
             assert a.shape == b.shape, name
+            if name in row_wise:
+                a, b = a.cpu()[keep], b.cpu()[keep]
+            if name == "indices":
+                assert torch.equal(a, b)
+                continue
             if name == "row_lse" and not training:  # eval has no y: only lse_pi is specified
                 a, b = a[:, 0], b[:, 0]
             assert_close(a, b, dtype, scale=scale)
-        for a, b, source in zip(grads, want_grads, [z, w, e, gumbel, eps]):
+        for i, (a, b, source) in enumerate(zip(grads, want_grads, [z, w, e, gumbel, eps])):
             if source is None:
                 assert a.numel() == 0
                 continue
             assert a.shape == source.shape and a.dtype == source.dtype
+            if i == 2 and differing:  # the codebook gradient sums every row
+                continue
+            if i != 2:
+                a, b = a.cpu()[keep], b.cpu()[keep]
             magnitude = max(1.0, b.abs().max().item()) if b.numel() else 1.0
             assert_close(a, b, dtype, scale=scale * magnitude)
 

@@ -45,7 +45,6 @@ def test_loss_matches_the_math():
     out, idx, loss, info = q(x)
     rows = x.movedim(1, -1).reshape(-1, 8)
     z, w = rows[:, :4], F.softplus(rows[:, 4:])
-    n = rows.shape[0]
     ref = reference.quantize(z, w, q.codebook.detach(), 2.0, 0.7, True, True, (0, int(offset)))
     torch.testing.assert_close(out.movedim(1, -1).reshape(-1, 4), ref[0])
     assert torch.equal(idx.reshape(-1), ref[1])

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from gmvq_ext import ops
-from helpers import EMULATED, PACKAGE_PARENT, make_codebook_inputs, make_logits, subprocess_env
+from helpers import EMULATED, PACKAGE_PARENT, make_codebook_inputs, subprocess_env
 
 pytestmark = [
     pytest.mark.skipif(EMULATED, reason="checks the CPU kernels, which the emulation replaces"),

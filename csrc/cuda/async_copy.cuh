@@ -42,11 +42,12 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Rows [row0, row0 + rows) of a row-major (total_rows, width) matrix into a
-// shared tile with row stride `stride` (elements); rows past total_rows become
-// zeros. width and stride are multiples of 16 bytes. All threads of the
-// block take part; the caller commits and waits.
-template <typename T>
-__device__ __forceinline__ void stage_rows(T* tile, int stride, const T* src, int64_t row0, int rows,
+// shared tile: tile(r, c) is where element (r, c) goes, and the 16 bytes from
+// a column c that is a multiple of 16 bytes stay together there (a chunk);
+// rows past total_rows become zeros. width is a multiple of 16 bytes. All
+// threads of the block take part; the caller commits and waits.
+template <typename Tile, typename T>
+__device__ __forceinline__ void stage_rows(const Tile& tile, const T* src, int64_t row0, int rows,
                                            int64_t total_rows, int width) {
   constexpr int kPerCopy = 16 / static_cast<int>(sizeof(T));
   const int copies_per_row = width / kPerCopy;
@@ -54,7 +55,7 @@ __device__ __forceinline__ void stage_rows(T* tile, int stride, const T* src, in
     const int r = i / copies_per_row, c = (i % copies_per_row) * kPerCopy;
     const int64_t row = row0 + r;
     const bool valid = row < total_rows;
-    cp_async_16(tile + r * stride + c, valid ? src + row * width + c : src, valid ? 16 : 0);
+    cp_async_16(&tile(r, c), valid ? src + row * width + c : src, valid ? 16 : 0);
   }
 }
 

@@ -24,6 +24,11 @@
 // path. The variable is read at each call (a getenv), so a benchmark can
 // measure both paths in one process by changing os.environ between calls.
 //
+// This file is the host entry: the operands, the checks, the launch order.
+// The kernels are launched from quantize_forward.cu and quantize_backward.cu
+// (quantize_args.cuh declares them): three translation units that compile in
+// parallel.
+//
 // Nothing here waits for the device: a device temperature and noise state are
 // read by the kernels, the indices are checked by the kernel that reads them,
 // and every loop bound comes from the shapes. Results are bitwise
@@ -35,18 +40,16 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
-#include <type_traits>
 
 #include "gmvq/checks.h"
-#include "quantize_backward.cuh"
-#include "quantize_forward.cuh"
-#include "quantize_rows.cuh"
+#include "quantize_args.cuh"
 
 namespace gmvq::cuda {
 namespace {
 
 using fused::RowArgs;
 using fused::SweepArgs;
+using fused::Tiles;
 
 // The operands of quantize_common.cuh's layout, in the accumulation dtype.
 struct Operands {
@@ -86,8 +89,6 @@ struct Operands {
   }
 };
 
-enum class Tiles { kSimt, kTensor };
-
 Tiles tile_path(at::ScalarType acc) {
   if (acc == at::kDouble) return Tiles::kSimt;  // tensor cores hold no float64 products here
   int device = 0, major = 0;
@@ -101,33 +102,6 @@ Tiles tile_path(at::ScalarType acc) {
   TORCH_CHECK(major >= 8, "GMVQ_CUDA_TILES=tensor needs a GPU of compute capability 8.0 or newer, this one is ",
               major, ".x");
   return Tiles::kTensor;
-}
-
-template <typename T_, typename Math_>
-struct Path {
-  using T = T_;
-  using Math = Math_;
-};
-
-// f(Path<T, Math>{}) for the accumulation dtype and the tile path.
-template <typename F>
-void dispatch_path(at::ScalarType acc, F&& f) {
-  if (acc == at::kDouble) {
-    f(Path<double, SimtMath<double>>{});
-  } else if (tile_path(acc) == Tiles::kTensor) {
-    f(Path<float, TensorMath>{});
-  } else {
-    f(Path<float, SimtMath<float>>{});
-  }
-}
-
-template <typename F>
-void dispatch_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 // The register tiles hold a bounded D (quantize_backward.cuh).
@@ -149,13 +123,6 @@ int64_t column_segments(int64_t n, int64_t k, int64_t row_tile) {
   if (row_tiles == 0) return 1;
   const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(row_tiles, ceil_div(528, code_tiles)));
   return ceil_div(row_tiles, ceil_div(row_tiles, wanted));
-}
-
-template <typename Kernel, typename Args>
-void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, const Args& args, const char* what) {
-  allow_dynamic_smem(kernel, smem, "quantize", what);
-  GMVQ_LAUNCH(kernel, grid, threads, smem, c10::cuda::getCurrentCUDAStream(), args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -228,27 +195,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto z_out = at::empty({n, d}, opts);
   auto latent_reg = at::empty({n}, opts);
   at::Tensor q_bar;
-  dispatch_path(acc, [&](auto path) {
-    using T = typename decltype(path)::T;
-    using Math = typename decltype(path)::Math;
+  dispatch_acc(acc, [&](auto tag) {
+    using T = decltype(tag);
+    const Tiles tiles = tile_path(acc);
     check_dimension<T>(ops);
     auto args = sweep_args<T>(ops, inv_temperature, noise, gumbel, hard, training);
     args.row_lse = row_lse.data_ptr<T>();
     args.index = indices.data_ptr<int64_t>();
     args.z_soft = soft ? z_soft.data_ptr<T>() : nullptr;
-    const fused::ForwardRowsSmem<T> rows_smem(ops.rp, soft);
-    dispatch_bool(soft, [&](auto soft_c) {
-      launch(fused::forward_rows_kernel<T, Math, decltype(soft_c)::value>, dim3(ceil_div(n, fused::kForwardRows)),
-             fused::kBlockThreads, rows_smem.bytes, args, "the forward row sweep at this D");
-    });
+    fused::launch_forward_rows<T>(tiles, args, soft);
 
     const int64_t segments = column_segments(n, k, fused::kColumnRows);
     auto partial = at::empty({segments, k}, opts);
     args.partial = partial.data_ptr<T>();
     args.rows_per_segment = ceil_div(ceil_div(n, fused::kColumnRows), segments) * fused::kColumnRows;
-    const fused::ForwardColumnsSmem<T> columns_smem(ops.rp);
-    launch(fused::forward_columns_kernel<T, Math>, dim3(ceil_div(k, fused::kCodeTile), segments),
-           fused::kBlockThreads, columns_smem.bytes, args, "the q_bar sweep at this D");
+    fused::launch_forward_columns<T>(tiles, args, segments);
     q_bar = sum_segments(partial).div_(static_cast<double>(n));
 
     auto finish = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
@@ -256,8 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     finish.z_soft = soft ? z_soft.data_ptr<T>() : nullptr;
     finish.z_out = z_out.data_ptr<T>();
     finish.latent_reg = latent_reg.data_ptr<T>();
-    launch(fused::forward_finish_kernel<T>, dim3(ceil_div(n, fused::kRowsPerBlock)), fused::kRowsPerBlock * 32, 0,
-           finish, "the per-row finish");
+    fused::launch_forward_finish<T>(finish);
   });
   return {z_out.to(z.scalar_type()), indices, q_bar, latent_reg, row_lse, z_soft};
 }
@@ -304,9 +264,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   if (eps_noise.has_value()) grad_eps = training ? at::empty({n, d}, opts) : at::zeros({n, d}, opts);
   if (gumbel_noise.has_value()) grad_gumbel = training ? at::empty({n, k}, opts) : at::zeros({n, k}, opts);
 
-  dispatch_path(acc, [&](auto path) {
-    using T = typename decltype(path)::T;
-    using Math = typename decltype(path)::Math;
+  dispatch_acc(acc, [&](auto tag) {
+    using T = decltype(tag);
+    const Tiles tiles = tile_path(acc);
     check_dimension<T>(ops);
     auto prepare = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
     prepare.index = index.data_ptr<int64_t>();
@@ -317,8 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     prepare.grad_zq = grad_zq.data_ptr<T>();
     prepare.grad_eps = training && grad_eps.defined() ? grad_eps.data_ptr<T>() : nullptr;
     prepare.beta = beta.data_ptr<T>();
-    launch(fused::backward_prepare_kernel<T>, dim3(ceil_div(n, fused::kRowsPerBlock)), fused::kRowsPerBlock * 32,
-           0, prepare, "the per-row gradients");
+    fused::launch_backward_prepare<T>(prepare);
 
     auto args = sweep_args<T>(ops, inv_temperature, noise, gumbel, hard, training);
     args.row_lse = lse.data_ptr<T>();
@@ -335,15 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     auto partial = at::empty({segments, k, d}, opts);
     args.partial = partial.data_ptr<T>();
     args.rows_per_segment = ceil_div(ceil_div(n, fused::kBackwardRows), segments) * fused::kBackwardRows;
-    const fused::BackwardRowsSmem<T> rows_smem(ops.rp, ops.dp);
-    const fused::BackwardColumnsSmem<T> columns_smem(ops.rp, ops.dp);
-    dispatch_bool(ops.full_weight, [&](auto full_c) {
-      constexpr bool kFull = decltype(full_c)::value;
-      launch(fused::backward_rows_kernel<T, Math, kFull>, dim3(ceil_div(n, fused::kBackwardRows)),
-             fused::kBlockThreads, rows_smem.bytes, args, "the backward row sweep at this D");
-      launch(fused::backward_columns_kernel<T, Math, kFull>, dim3(ceil_div(k, fused::kCodeTile), segments),
-             fused::kBlockThreads, columns_smem.bytes, args, "the codebook-gradient sweep at this D");
-    });
+    fused::launch_backward_rows<T>(tiles, args, ops.full_weight);
+    fused::launch_backward_columns<T>(tiles, args, segments, ops.full_weight);
     grad_e = sum_segments(partial);
   });
   const auto cast_like = [](const at::Tensor& g, const at::Tensor& ref) {

@@ -32,20 +32,11 @@
 
 namespace gmvq::cuda::fused {
 
-constexpr int kBackwardRows = 32;
-// Accumulator slices per warp: rows D <= 4 * 8 * slices, columns D <= 2 * 8 * slices.
-template <typename T>
-constexpr int row_slices() {
-  return sizeof(T) == 4 ? 4 : 2;
-}
+// Accumulator slices per warp in the column sweep: D <= 2 * 8 * slices (the
+// row sweep's, row_slices, are in quantize_args.cuh: they bound D).
 template <typename T>
 constexpr int column_slices() {
   return sizeof(T) == 4 ? 8 : 4;
-}
-// The largest dp the backward register tiles hold.
-template <typename T>
-constexpr int max_backward_dp() {
-  return 32 * row_slices<T>();
 }
 
 template <typename T>
@@ -53,8 +44,8 @@ struct BackwardRowsSmem {
   int rs, gs, cs;
   int64_t rows, gzq, codes, coef, sums, bytes;
   __host__ __device__ explicit BackwardRowsSmem(int rp, int dp) {
-    rs = cs = smem_stride(rp);
-    gs = smem_stride(dp);
+    rs = cs = operand_stride<T>(rp);
+    gs = operand_stride<T>(dp);
     rows = 0;
     gzq = rows + int64_t{kBackwardRows} * rs * sizeof(T);
     codes = gzq + int64_t{kBackwardRows} * gs * sizeof(T);
@@ -64,6 +55,12 @@ struct BackwardRowsSmem {
   }
 };
 
+// One block per SM for both backward sweeps (see forward_rows_blocks for the
+// budget; numbers in benchmarks/results/ptxas-sm90.txt): the row sweep holds
+// three coefficient tiles' products over D in registers, far above the 128 of
+// two blocks, and with an (N, D) weight more shared memory than two blocks
+// have at D = 64; the column sweep's two accumulators over D also take more
+// than 128 registers on the tensor path, so a second block would cost spills.
 template <typename T, typename Math, bool FULL>
 __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepArgs<T> a) {
   constexpr int S = row_slices<T>();
@@ -72,24 +69,24 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
   const int g = lane_group(), t = lane_tig();
   const BackwardRowsSmem<T> layout(a.rp, a.dp);
   unsigned char* smem = dynamic_smem<unsigned char>();
-  T* rows_s = reinterpret_cast<T*>(smem + layout.rows);
-  T* gzq_s = reinterpret_cast<T*>(smem + layout.gzq);
+  const OperandTile<T> rows_t{reinterpret_cast<T*>(smem + layout.rows), layout.rs};
+  const OperandTile<T> gzq_t{reinterpret_cast<T*>(smem + layout.gzq), layout.gs};
   T* codes_s = reinterpret_cast<T*>(smem + layout.codes);
   T* coef_s = reinterpret_cast<T*>(smem + layout.coef);
   T* sums_s = reinterpret_cast<T*>(smem + layout.sums);
-  const int rs = layout.rs, gs = layout.gs, cs = layout.cs;
-  const auto coef_at = [&](int type, int r, int c) -> T& {
-    return coef_s[(type * kBackwardRows + r) * kCoefStride + c];
+  const auto codes_buffer = [&](int buffer) {
+    return OperandTile<T>{codes_s + buffer * kCodeTile * layout.cs, layout.cs};
   };
+  const auto coef_at = [&](int type, int r, int c) -> T& { return coef_s[coef_offset(type * kBackwardRows + r, c)]; };
   const auto sum_at = [&](int what, int w, int r) -> T& { return sums_s[(what * 4 + w) * kBackwardRows + r]; };
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBackwardRows;
   const int64_t tiles = ceil_div(a.k, kCodeTile);
   const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
-    stage_rows(codes_s + buffer * kCodeTile * cs, cs, a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
+    stage_rows(codes_buffer(buffer), a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
   });
-  stage_rows(rows_s, rs, a.rows, row0, kBackwardRows, a.n, a.rp);
-  stage_rows(gzq_s, gs, a.grad_zq, row0, kBackwardRows, a.n, a.dp);
+  stage_rows(rows_t, a.rows, row0, kBackwardRows, a.n, a.rp);
+  stage_rows(gzq_t, a.grad_zq, row0, kBackwardRows, a.n, a.dp);
   pipeline.start();
 
   const bool hard_training = a.training && a.hard;
@@ -126,11 +123,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         for (int i = 0; i < 4; ++i) acc[c][part][s][i] = T(0);
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    T* codes_cur = codes_s + pipeline.buffer(tile) * kCodeTile * cs;
+    const OperandTile<T> codes_cur = codes_buffer(pipeline.buffer(tile));
     pipeline.begin(tile);
 
     T l[1][2][4], gy[1][2][4];
-    tile_logits<Math, 1>(rows_s + 16 * lm * rs, rs, gzq_s + 16 * lm * gs, gs, codes_cur + 16 * ln * cs, cs, a.rp,
+    tile_logits<Math, 1>(rows_t.rows_from(16 * lm), gzq_t.rows_from(16 * lm), codes_cur.rows_from(16 * ln), a.rp,
                          a.dp, a.training, l, gy);
     const int64_t k0 = tile * kCodeTile + 16 * ln + 4 * t;
     T grad_pi[4];
@@ -158,7 +155,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
         coef_at(1, r, code) = pi;
         if (hard_training) coef_at(2, r, code) = y;
         if constexpr (!FULL) {
-          const T norm = codes_cur[code * cs + a.dp];  // |e_k|^2 (0 past K)
+          const T norm = codes_cur(code, a.dp);  // |e_k|^2 (0 past K)
           q_part[0][h] += c * norm;
           q_part[1][h] += pi * norm;
           q_part[2][h] += y * norm;
@@ -177,7 +174,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
           const int col = 8 * (ps + 4 * s);
           if (col < a.dp) {
             e_frag[s] = Math::load_b(
-                [&](int k, int cc) { return codes_cur[(kk + k) * cs + part * a.dp + col + cc]; });
+                [&](int k, int cc) { return codes_cur(kk + k, part * a.dp + col + cc); });
           }
         }
 #pragma unroll
@@ -217,7 +214,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
       if (col >= a.dp) break;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        beta_part[i >> 1] += gzq_s[(16 * pm + c_row(i)) * gs + col + c_col(i)] * acc[2][0][s][i];
+        beta_part[i >> 1] += gzq_t(16 * pm + c_row(i), col + c_col(i)) * acc[2][0][s][i];
       }
     }
 #pragma unroll
@@ -263,7 +260,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_rows_kernel(SweepAr
       if (n >= a.n || d >= a.d) continue;
       const T y_term = hard_training ? inv_t * beta[h] : T(0);
       const T p_val = acc[0][0][s][i] - b_pi[h] * acc[1][0][s][i] - y_term * acc[2][0][s][i];
-      const T w = rows_s[r * rs + a.dp + (FULL ? d : 0)];
+      const T w = rows_t(r, a.dp + (FULL ? d : 0));
       a.grad_z[n * a.d + d] += T(2) * w * p_val;
       if (a.grad_w != nullptr) {
         const T z = a.z[n * a.d + d];
@@ -315,8 +312,8 @@ struct BackwardColumnsSmem {
   int rs, gs, cs;
   int64_t codes, rows, gzq, coef, sums, bytes;
   __host__ __device__ explicit BackwardColumnsSmem(int rp, int dp) {
-    rs = cs = smem_stride(rp);
-    gs = smem_stride(dp);
+    rs = cs = operand_stride<T>(rp);
+    gs = operand_stride<T>(dp);
     codes = 0;
     rows = codes + int64_t{kCodeTile} * cs * sizeof(T);
     gzq = rows + int64_t{stages<T>()} * kBackwardRows * rs * sizeof(T);
@@ -333,15 +330,18 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
   const int g = lane_group(), t = lane_tig();
   const BackwardColumnsSmem<T> layout(a.rp, a.dp);
   unsigned char* smem = dynamic_smem<unsigned char>();
-  T* codes_s = reinterpret_cast<T*>(smem + layout.codes);
+  const OperandTile<T> codes_t{reinterpret_cast<T*>(smem + layout.codes), layout.cs};
   T* rows_s = reinterpret_cast<T*>(smem + layout.rows);
   T* gzq_s = reinterpret_cast<T*>(smem + layout.gzq);
   T* coef_s = reinterpret_cast<T*>(smem + layout.coef);
   T* sums_s = reinterpret_cast<T*>(smem + layout.sums);
-  const int rs = layout.rs, gs = layout.gs, cs = layout.cs;
-  const auto coef_at = [&](int type, int r, int c) -> T& {
-    return coef_s[(type * kBackwardRows + r) * kCoefStride + c];
+  const auto rows_buffer = [&](int buffer) {
+    return OperandTile<T>{rows_s + buffer * kBackwardRows * layout.rs, layout.rs};
   };
+  const auto gzq_buffer = [&](int buffer) {
+    return OperandTile<T>{gzq_s + buffer * kBackwardRows * layout.gs, layout.gs};
+  };
+  const auto coef_at = [&](int type, int r, int c) -> T& { return coef_s[coef_offset(type * kBackwardRows + r, c)]; };
 
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kCodeTile;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * a.rows_per_segment;
@@ -349,10 +349,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
   const int64_t tiles = ceil_div(row_end - row_begin, kBackwardRows);
   const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
     const int64_t first = row_begin + tile * kBackwardRows;
-    stage_rows(rows_s + buffer * kBackwardRows * rs, rs, a.rows, first, kBackwardRows, row_end, a.rp);
-    stage_rows(gzq_s + buffer * kBackwardRows * gs, gs, a.grad_zq, first, kBackwardRows, row_end, a.dp);
+    stage_rows(rows_buffer(buffer), a.rows, first, kBackwardRows, row_end, a.rp);
+    stage_rows(gzq_buffer(buffer), a.grad_zq, first, kBackwardRows, row_end, a.dp);
   });
-  stage_rows(codes_s, cs, a.codes, col0, kCodeTile, a.k, a.rp);
+  stage_rows(codes_t, a.codes, col0, kCodeTile, a.k, a.rp);
   pipeline.start();
 
   const bool soft_training = a.training && !a.hard;
@@ -379,13 +379,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t r0 = row_begin + tile * kBackwardRows;
-    T* rows_cur = rows_s + pipeline.buffer(tile) * kBackwardRows * rs;
-    T* gzq_cur = gzq_s + pipeline.buffer(tile) * kBackwardRows * gs;
+    const OperandTile<T> rows_cur = rows_buffer(pipeline.buffer(tile));
+    const OperandTile<T> gzq_cur = gzq_buffer(pipeline.buffer(tile));
     pipeline.begin(tile);
 
     T l[1][2][4], gy[1][2][4];
-    tile_logits<Math, 1>(rows_cur + 16 * lm * rs, rs, gzq_cur + 16 * lm * gs, gs, codes_s + 16 * ln * cs, cs,
-                         a.rp, a.dp, a.training, l, gy);
+    tile_logits<Math, 1>(rows_cur.rows_from(16 * lm), gzq_cur.rows_from(16 * lm), codes_t.rows_from(16 * ln), a.rp,
+                         a.dp, a.training, l, gy);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = 16 * lm + g + 8 * h;
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
       const T b_pi = row_ok ? a.b_pi[n] : T(0);
       const T beta = row_ok && a.training ? a.beta[n] : T(0);
       const int64_t index = row_ok ? a.index[n] : -1;
-      const T w_row = rows_cur[r * rs + a.dp];  // (N, 1) weight or 1 (unused for (N, D))
+      const T w_row = rows_cur(r, a.dp);  // (N, 1) weight or 1 (unused for (N, D))
       T noise[4] = {T(0), T(0), T(0), T(0)};
       if (a.training && row_ok && k0 < a.k) lane_gumbel(a, key, n, k0, noise);
 #pragma unroll
@@ -432,12 +432,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
       for (int s = 0; s < S; ++s) {
         const int col = 8 * (ps + 2 * s);
         if (col >= a.dp) break;  // uniform over the warp
-        const auto wz = Math::load_b([&](int k, int c) { return rows_cur[(kk + k) * rs + col + c]; });
-        const auto gzq = Math::load_b([&](int k, int c) { return gzq_cur[(kk + k) * gs + col + c]; });
+        const auto wz = Math::load_b([&](int k, int c) { return rows_cur(kk + k, col + c); });
+        const auto gzq = Math::load_b([&](int k, int c) { return gzq_cur(kk + k, col + c); });
         Math::mma(acc_e[s], neg_grad, wz);
         Math::mma(acc_e[s], weight, gzq);
         if constexpr (FULL) {
-          const auto w = Math::load_b([&](int k, int c) { return rows_cur[(kk + k) * rs + a.dp + col + c]; });
+          const auto w = Math::load_b([&](int k, int c) { return rows_cur(kk + k, a.dp + col + c); });
           Math::mma(acc_w[s], grad, w);
         }
       }
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) backward_columns_kernel(Swee
       const int code = 16 * pm + c_row(i);
       const int64_t k = col0 + code, d = col + c_col(i);
       if (k >= a.k || d >= a.d) continue;
-      const T e = codes_s[code * cs + d];
+      const T e = codes_t(code, d);
       const T w_total = FULL ? acc_w[s][i] : sums_s[code] + sums_s[kCodeTile + code];
       dst[k * a.d + d] = acc_e[s][i] - T(2) * e * w_total;
     }

@@ -1,7 +1,8 @@
 // What the four codebook sweeps of the fused quantize share (quantize.cu has
-// the overview): the operand layout, the arguments, shared-memory staging,
-// the logits of one tile in the mma register layout, the Gumbel noise of a
-// lane's four codes and the online row statistics.
+// the overview, quantize_args.cuh the arguments): the operand layout,
+// shared-memory staging and its pipeline, the launch helpers, the logits of
+// one tile in the mma register layout, the Gumbel noise of a lane's four
+// codes and the online row statistics.
 //
 // Operand layout, prepared once per call on the host (O(N D + K D)):
 //   dp = D rounded up to 8, rp = 2 dp (weight (N, D)) or dp + 8 (otherwise);
@@ -21,48 +22,72 @@
 // codes, one Philox block (philox.h words4), and no runtime-indexed arrays.
 #pragma once
 
+#include <type_traits>
+
 #include "async_copy.cuh"
-#include "gmvq/cuda/scalar_args.cuh"
 #include "gmvq/philox.h"
+#include "quantize_args.cuh"
 #include "tile_math.cuh"
 
 namespace gmvq::cuda::fused {
 
-constexpr int kBlockThreads = 256;  // 8 warps
-constexpr int kCodeTile = 64;       // codes per tile of every sweep
-constexpr int kCoefStride = kCodeTile + 4;
-
-// Shared-memory row stride for an operand of `width` elements: width + 4 is
-// 4 mod 8, so the eight groups of a fragment load hit distinct banks.
-__host__ __device__ constexpr int smem_stride(int width) { return width + 4; }
+// Shared memory has 32 banks of 4 bytes: a warp's access takes one pass when
+// its 32 lanes (lane = 4 g + t, g = lane_group, t = lane_tig) hit 32 banks.
+//
+// Operand tiles (rows, codes, G_zq: OperandTile) are row-major in 16-byte
+// chunks (4 floats or 2 doubles, one cp.async each), XOR-swizzled per row:
+//   element (r, c) at r stride + ((c / per) ^ swizzle(r)) per + c % per,
+//   per = 16 / sizeof(T),  swizzle(r) = (r ^ (r >> 2)) & 3,
+// the row padded to whole 64-byte groups of 4 chunks (the XOR stays in its
+// group) and the stride 64 bytes past a multiple of 128 (operand_stride). The
+// sweeps read these tiles three ways (k0, c0, r0 multiples of 8; sub-tiles
+// start at multiples of 16 rows, where the swizzle repeats):
+//   A fragments    rows r0 + g, columns k0 + t            (tile_logits: rows, G_zq)
+//   B fragments    rows c0 + pair_code(j, g), that is c0 + {0, 1, 4, 5, 8, 9,
+//                  12, 13} + 2 j, columns k0 + t           (tile_logits: codes)
+//   transposed B   rows k0 + t, columns c0 + g            (the products with E,
+//                  E * E, w z, w and G_zq)
+// In float a row starts 16 banks after the one before, so chunk q of row r
+// lands on the bank group (4 banks) (q ^ m(r)) mod 8, m(r) = 4 (r & 1) +
+// swizzle(r): the 8 rows of an A fragment and the 8 of a B fragment have 8
+// different masks, and the 4 rows of a transposed fragment put their 2 chunks
+// each on 8 different groups. No access of the three is conflicted (padding
+// alone, the former stride width + 4, left the B and transposed loads 2-way).
+// Doubles (the SIMT path only) read them conflict-free too.
+template <typename T>
+__host__ __device__ constexpr int operand_stride(int width) {
+  constexpr int group = 64 / static_cast<int>(sizeof(T));  // elements of 4 chunks
+  const int padded = (width + group - 1) / group * group;
+  return padded * static_cast<int>(sizeof(T)) % 128 == 64 ? padded : padded + group;
+}
 
 template <typename T>
-struct SweepArgs {
-  int64_t n = 0, k = 0, d = 0;
-  int dp = 0, rp = 0;  // D rounded up to 8; operand width
-  const T* rows = nullptr;      // (N, rp)
-  const T* codes = nullptr;     // (K, rp)
-  const T* row_term = nullptr;  // (N,)
-  const T* gumbel = nullptr;    // given Gumbel noise (N, K), else Philox stream 0
-  ScalarArg<T> inv_temperature;
-  NoiseKey noise;
-  bool training = false, hard = true;
-  T* row_lse = nullptr;      // (N, 2): [logsumexp_k l, logsumexp_k (l + g) / T]
-  int64_t* index = nullptr;  // (N,) the sampled code
-  T* z_soft = nullptr;       // (N, D) sum_k y e_k (soft forward)
-  // Column sweeps: blockIdx.y = segment s covers rows [s rows_per_segment, (s + 1) rows_per_segment).
-  int64_t rows_per_segment = 0;
-  T* partial = nullptr;  // per segment: q_bar (K,) or G_E (K, D)
-  // Backward.
-  const T* grad_pi = nullptr;  // (K,) G_qbar / N
-  const T* grad_zq = nullptr;  // (N, dp) G_zq, zero padded
-  T* b_pi = nullptr;           // (N,) sum_k pi G_pi (the row sweep writes it)
-  T* beta = nullptr;           // (N,) sum_k y G_y (soft: the prepare kernel writes it; hard: the row sweep)
-  const T* z = nullptr;        // (N, D) z in the accumulation dtype
-  T* grad_z = nullptr;         // (N, D) the prepare kernel's part; the row sweep adds 2 w P
-  T* grad_w = nullptr;         // (N, D) or (N,), when there is a weight
-  T* grad_gumbel = nullptr;    // (N, K), when the noise was given (training)
+struct OperandTile {
+  static constexpr int kChunkShift = sizeof(T) == 4 ? 2 : 1;  // log2 of the elements per chunk
+  T* data;
+  int stride;  // operand_stride(width)
+
+  // XOR-ing the chunk index c / per is XOR-ing c with swizzle(r) per.
+  __device__ __forceinline__ T& operator()(int r, int c) const {
+    return data[r * stride + (c ^ (((r ^ (r >> 2)) & 3) << kChunkShift))];
+  }
+  // The tile from row r0 on (r0 a multiple of 16).
+  __device__ __forceinline__ OperandTile rows_from(int r0) const { return {data + r0 * stride, stride}; }
 };
+
+// Coefficient tiles (kCodeTile columns, one row per tile row): element (r, c)
+// at r 64 + (c ^ x(r)), x(r) = 5 (r & 3) + 16 ((r ^ (r >> 2)) & 1). They are
+// written one element per lane at (row g, column c0 + 4 t + q), read as A
+// fragments (row g, column k0 + t) and, in the column sweep, transposed (row
+// k0 + t, column c0 + g). x takes 8 different values on the 8 rows g in bits
+// {0, 1, 4} (the stores) and in bits {2, 3, 4} (the A loads), and 4 on the 4
+// rows k0 + t in bits {3, 4} (the transposed loads): none is conflicted. (A
+// padded stride of 68 left the stores 4-way conflicted, the transposed loads 2-way.)
+constexpr int kCoefStride = kCodeTile;
+
+__device__ __forceinline__ int coef_offset(int r, int c) {
+  return r * kCoefStride + (c ^ (5 * (r & 3) + 16 * ((r ^ (r >> 2)) & 1)));
+}
 
 // Operand tiles stream through shared memory double buffered (float) or
 // single buffered (double: shared memory is twice as full).
@@ -121,6 +146,38 @@ __device__ __forceinline__ TilePipeline<T, Stage> tile_pipeline(int64_t tiles, S
   return {tiles, stage};
 }
 
+// kernel<<<grid, threads, smem>>>(args) on the current stream, after opting
+// the kernel into its dynamic shared memory (a clear error where the device
+// has too little).
+template <typename Kernel, typename Args>
+void launch(Kernel kernel, dim3 grid, int threads, int64_t smem, const Args& args, const char* what) {
+  allow_dynamic_smem(kernel, smem, "quantize", what);
+  GMVQ_LAUNCH(kernel, grid, threads, smem, c10::cuda::getCurrentCUDAStream(), args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// f(std::true_type{}) or f(std::false_type{}): a run-time flag as a template argument.
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// f(Math{}) for the tile path: TensorMath (float only) or SimtMath<T>.
+template <typename T, typename F>
+void dispatch_tiles(Tiles tiles, F&& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles == Tiles::kTensor) {
+      f(TensorMath{});
+      return;
+    }
+  }
+  f(SimtMath<T>{});
+}
+
 // Value q (0..3) of group p, row half h (row group + 8 h) in a [P][2][4]
 // set of C fragments: code 16 p + 4 tig + q of the warp's codes.
 template <typename T, int P>
@@ -134,12 +191,12 @@ __device__ __forceinline__ int pair_code(int j, int col) { return 4 * (col >> 1)
 // The products of this warp's 16 rows with its 16 P codes:
 //   l[p][j]  = rows . codes         over all rp columns,
 //   gy[p][j] = grad_zq . E          over the first dp columns (when with_gy),
-// rows_w / gzq_w: the warp's first row in shared memory (strides rs, gs);
-// codes_w: the warp's first code (stride cs). Call with the whole warp.
+// rows_w / gzq_w: the tiles from the warp's first row; codes_w: from its first
+// code. Call with the whole warp.
 template <typename Math, int P, typename T>
-__device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gzq_w, int gs, const T* codes_w,
-                                            int cs, int rp, int dp, bool with_gy, T (&l)[P][2][4],
-                                            T (&gy)[P][2][4]) {
+__device__ __forceinline__ void tile_logits(const OperandTile<T>& rows_w, const OperandTile<T>& gzq_w,
+                                            const OperandTile<T>& codes_w, int rp, int dp, bool with_gy,
+                                            T (&l)[P][2][4], T (&gy)[P][2][4]) {
 #pragma unroll
   for (int p = 0; p < P; ++p)
 #pragma unroll
@@ -150,16 +207,15 @@ __device__ __forceinline__ void tile_logits(const T* rows_w, int rs, const T* gz
         gy[p][j][i] = T(0);
       }
   for (int ks = 0; ks < rp; ks += kMmaK) {
-    const auto a = Math::load_a([&](int r, int kk) { return rows_w[r * rs + ks + kk]; });
+    const auto a = Math::load_a([&](int r, int kk) { return rows_w(r, ks + kk); });
     const bool gy_step = with_gy && ks < dp;  // uniform over the warp
     typename Math::A ag{};
-    if (gy_step) ag = Math::load_a([&](int r, int kk) { return gzq_w[r * gs + ks + kk]; });
+    if (gy_step) ag = Math::load_a([&](int r, int kk) { return gzq_w(r, ks + kk); });
 #pragma unroll
     for (int p = 0; p < P; ++p) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const auto b = Math::load_b(
-            [&](int kk, int col) { return codes_w[(16 * p + pair_code(j, col)) * cs + ks + kk]; });
+        const auto b = Math::load_b([&](int kk, int col) { return codes_w(16 * p + pair_code(j, col), ks + kk); });
         Math::mma(l[p][j], a, b);
         if (gy_step) Math::mma(gy[p][j], ag, b);
       }

@@ -18,7 +18,6 @@
 
 namespace gmvq::cuda::fused {
 
-constexpr int kForwardRows = 64;
 // z_soft accumulator slices of 8 columns per warp: D <= 2 * 8 * 8 = 128.
 constexpr int kForwardSlices = 8;
 
@@ -27,7 +26,7 @@ struct ForwardRowsSmem {
   int rs, cs;
   int64_t rows, codes, coef, tile_max, stats, index, bytes;
   __host__ __device__ ForwardRowsSmem(int rp, bool soft) {
-    rs = cs = smem_stride(rp);
+    rs = cs = operand_stride<T>(rp);
     rows = 0;
     codes = rows + int64_t{kForwardRows} * rs * sizeof(T);
     coef = codes + int64_t{stages<T>()} * kCodeTile * cs * sizeof(T);
@@ -38,27 +37,50 @@ struct ForwardRowsSmem {
   }
 };
 
+// Blocks per SM the sweeps are built for (the second __launch_bounds__
+// argument), read off the ptxas report (benchmarks/results/ptxas-sm90.txt) and
+// the *Smem sizes, against sm_90's 64K registers and 228 KB of shared memory
+// per SM. Two blocks need at most 128 registers a thread and at most about
+// 113 KB each. The float row sweep without the soft sample stays within 128
+// registers on both tile paths, and its shared memory within 113 KB up to D =
+// 64 with an (N, D) weight (D = 128 with a per-row weight): two blocks, so that
+// one block's barriers, Philox draws and exponentials overlap the other's
+// products; the bound keeps ptxas at 128. The soft sample (its coefficient
+// tile and z_soft accumulators) and float64 take more registers than that:
+// one block, where a cap would spill. The q_bar sweep needs fewer registers
+// than the row sweep and as much shared memory as its hard mode: two in float.
+template <typename T, bool SOFT>
+constexpr int forward_rows_blocks() {
+  return sizeof(T) == 4 && !SOFT ? 2 : 1;
+}
+template <typename T>
+constexpr int forward_columns_blocks() {
+  return sizeof(T) == 4 ? 2 : 1;
+}
+
 template <typename T, typename Math, bool SOFT>
-__global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArgs<T> a) {
+__global__ void __launch_bounds__(kBlockThreads, forward_rows_blocks<T, SOFT>()) forward_rows_kernel(SweepArgs<T> a) {
   constexpr int P = 2;
   const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
   const int g = lane_group(), t = lane_tig();
   const ForwardRowsSmem<T> layout(a.rp, SOFT);
   unsigned char* smem = dynamic_smem<unsigned char>();
-  T* rows_s = reinterpret_cast<T*>(smem + layout.rows);
+  const OperandTile<T> rows_t{reinterpret_cast<T*>(smem + layout.rows), layout.rs};
   T* codes_s = reinterpret_cast<T*>(smem + layout.codes);
   T* coef_s = reinterpret_cast<T*>(smem + layout.coef);
   T* tile_max_s = reinterpret_cast<T*>(smem + layout.tile_max);
   T* stats_s = reinterpret_cast<T*>(smem + layout.stats);
   int64_t* index_s = reinterpret_cast<int64_t*>(smem + layout.index);
-  const int rs = layout.rs, cs = layout.cs;
+  const auto codes_buffer = [&](int buffer) {
+    return OperandTile<T>{codes_s + buffer * kCodeTile * layout.cs, layout.cs};
+  };
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kForwardRows;
   const int64_t tiles = ceil_div(a.k, kCodeTile);
   const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
-    stage_rows(codes_s + buffer * kCodeTile * cs, cs, a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
+    stage_rows(codes_buffer(buffer), a.codes, tile * kCodeTile, kCodeTile, a.k, a.rp);
   });
-  stage_rows(rows_s, rs, a.rows, row0, kForwardRows, a.n, a.rp);
+  stage_rows(rows_t, a.rows, row0, kForwardRows, a.n, a.rp);
   pipeline.start();
 
   const T inv_t = a.inv_temperature.get();
@@ -79,13 +101,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
     for (int i = 0; i < 4; ++i) acc[s][i] = T(0);
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    T* codes_cur = codes_s + pipeline.buffer(tile) * kCodeTile * cs;
+    const OperandTile<T> codes_cur = codes_buffer(pipeline.buffer(tile));
     pipeline.begin(tile);
 
     // Logits of the warp's 16 rows x 32 codes.
     T l[P][2][4], unused[P][2][4];
-    tile_logits<Math, P>(rows_s + 16 * wm * rs, rs, rows_s, rs, codes_cur + 32 * wn * cs, cs, a.rp, a.dp,
-                         false, l, unused);
+    tile_logits<Math, P>(rows_t.rows_from(16 * wm), rows_t, codes_cur.rows_from(32 * wn), a.rp, a.dp, false, l,
+                         unused);
     const int64_t col0 = tile * kCodeTile;
     T y_arg[P][2][4];
     T tile_max[2] = {neg_inf<T>(), neg_inf<T>()};
@@ -145,7 +167,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
           for (int q = 0; q < 4; ++q) {
             const T e = exp_shift(frag(y_arg, p, h, q), y_lse[h].m);
             y_lse[h].s += e;
-            if constexpr (SOFT) coef_s[(16 * wm + g + 8 * h) * kCoefStride + 32 * wn + 16 * p + 4 * t + q] = e;
+            if constexpr (SOFT) coef_s[coef_offset(16 * wm + g + 8 * h, 32 * wn + 16 * p + 4 * t + q)] = e;
           }
       }
       if constexpr (SOFT) {
@@ -157,12 +179,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
           for (int i = 0; i < 4; ++i) acc[s][i] *= scale[i >> 1];
         for (int kk = 0; kk < kCodeTile; kk += kMmaK) {
           const auto y_frag =
-              Math::load_a([&](int r, int k) { return coef_s[(16 * wm + r) * kCoefStride + kk + k]; });
+              Math::load_a([&](int r, int k) { return coef_s[coef_offset(16 * wm + r, kk + k)]; });
 #pragma unroll
           for (int s = 0; s < kForwardSlices; ++s) {
             const int col = 8 * (wn + 2 * s);
             if (col >= a.dp) break;  // uniform over the warp
-            const auto e_frag = Math::load_b([&](int k, int c) { return codes_cur[(kk + k) * cs + col + c]; });
+            const auto e_frag = Math::load_b([&](int k, int c) { return codes_cur(kk + k, col + c); });
             Math::mma(acc[s], y_frag, e_frag);
           }
         }
@@ -228,14 +250,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_rows_kernel(SweepArg
 // ---------------------------------------------------------------------------
 // q_bar: column sums of pi over a segment of rows.
 // ---------------------------------------------------------------------------
-constexpr int kColumnRows = 64;
 
 template <typename T>
 struct ForwardColumnsSmem {
   int rs, cs;
   int64_t codes, rows, sums, bytes;
   __host__ __device__ explicit ForwardColumnsSmem(int rp) {
-    rs = cs = smem_stride(rp);
+    rs = cs = operand_stride<T>(rp);
     codes = 0;
     rows = codes + int64_t{kCodeTile} * cs * sizeof(T);
     sums = rows + int64_t{stages<T>()} * kColumnRows * rs * sizeof(T);
@@ -244,26 +265,27 @@ struct ForwardColumnsSmem {
 };
 
 template <typename T, typename Math>
-__global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(SweepArgs<T> a) {
+__global__ void __launch_bounds__(kBlockThreads, forward_columns_blocks<T>()) forward_columns_kernel(SweepArgs<T> a) {
   constexpr int P = 2;
   const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
   const int g = lane_group(), t = lane_tig();
   const ForwardColumnsSmem<T> layout(a.rp);
   unsigned char* smem = dynamic_smem<unsigned char>();
-  T* codes_s = reinterpret_cast<T*>(smem + layout.codes);
+  const OperandTile<T> codes_t{reinterpret_cast<T*>(smem + layout.codes), layout.cs};
   T* rows_s = reinterpret_cast<T*>(smem + layout.rows);
   T* sums_s = reinterpret_cast<T*>(smem + layout.sums);
-  const int rs = layout.rs, cs = layout.cs;
+  const auto rows_buffer = [&](int buffer) {
+    return OperandTile<T>{rows_s + buffer * kColumnRows * layout.rs, layout.rs};
+  };
 
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kCodeTile;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * a.rows_per_segment;
   const int64_t row_end = row_begin + a.rows_per_segment < a.n ? row_begin + a.rows_per_segment : a.n;
   const int64_t tiles = ceil_div(row_end - row_begin, kColumnRows);
   const auto pipeline = tile_pipeline<T>(tiles, [&](int64_t tile, int buffer) {
-    stage_rows(rows_s + buffer * kColumnRows * rs, rs, a.rows, row_begin + tile * kColumnRows, kColumnRows, row_end,
-               a.rp);
+    stage_rows(rows_buffer(buffer), a.rows, row_begin + tile * kColumnRows, kColumnRows, row_end, a.rp);
   });
-  stage_rows(codes_s, cs, a.codes, col0, kCodeTile, a.k, a.rp);
+  stage_rows(codes_t, a.codes, col0, kCodeTile, a.k, a.rp);
   pipeline.start();
 
   T sums[P][4];
@@ -274,11 +296,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) forward_columns_kernel(Sweep
 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t r0 = row_begin + tile * kColumnRows;
-    T* rows_cur = rows_s + pipeline.buffer(tile) * kColumnRows * rs;
+    const OperandTile<T> rows_cur = rows_buffer(pipeline.buffer(tile));
     pipeline.begin(tile);
     T l[P][2][4], unused[P][2][4];
-    tile_logits<Math, P>(rows_cur + 16 * wm * rs, rs, rows_cur, rs, codes_s + 32 * wn * cs, cs, a.rp, a.dp,
-                         false, l, unused);
+    tile_logits<Math, P>(rows_cur.rows_from(16 * wm), rows_cur, codes_t.rows_from(32 * wn), a.rp, a.dp, false, l,
+                         unused);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t n = r0 + 16 * wm + g + 8 * h;

@@ -13,36 +13,10 @@
 //   assertion, which surfaces as a CUDA error at the next synchronising call.
 #pragma once
 
-#include "gmvq/cuda/scalar_args.cuh"
 #include "gmvq/philox.h"
+#include "quantize_args.cuh"
 
 namespace gmvq::cuda::fused {
-
-constexpr int kRowsPerBlock = 8;  // one warp each
-
-template <typename T>
-struct RowArgs {
-  int64_t n = 0, k = 0, d = 0;
-  int dp = 0, rp = 0;
-  const T* z = nullptr;           // (N, D)
-  const T* codes = nullptr;       // (K, rp), E in part 0
-  const int64_t* index = nullptr; // (N,) hard / eval
-  const T* z_soft = nullptr;      // (N, D) soft training
-  const T* eps = nullptr;         // given (N, D), else Philox stream 1
-  NoiseKey noise;
-  bool training = false, soft = false;
-  T sigma_z2 = 1, c0 = 1;          // c0 = sqrt(2 sigma_z2 D)
-  // forward
-  T* z_out = nullptr;       // (N, D)
-  T* latent_reg = nullptr;  // (N,)
-  // backward
-  const T* grad_z_out = nullptr;       // (N, D)
-  const T* grad_latent_reg = nullptr;  // (N,)
-  T* grad_z = nullptr;                 // (N, D)
-  T* grad_zq = nullptr;                // (N, dp)
-  T* grad_eps = nullptr;               // (N, D), when eps was given (training)
-  T* beta = nullptr;                   // (N,), soft training
-};
 
 // Calls f(d, eps_d) for this lane's elements of row n, by Philox blocks of
 // stream 1 (elements n D + d): one Philox call per four elements.

@@ -20,9 +20,19 @@
 // hardware ignores the low 13 bits of each register), and cvt_rna_tf32 rounds
 // as cvt.rna.tf32.f32 does (nearest, ties away from zero, 10 mantissa bits),
 // leaving junk in those 13 bits (see there).
-// The products are exact; the sum runs in float32 in k order, which is one
-// valid order: the hardware's is unspecified, so results may differ from a
-// GPU's in the last bits, never in the layout.
+// The products are exact. How the hardware adds them to the float32
+// accumulator is unspecified; GMVQ_EMULATE_MMA_ACCUMULATION picks a model:
+//   nearest (the default): the sum runs in float32 in k order, each addition
+//     rounded to nearest;
+//   truncate: the measured behaviour of V100 and A100 tensor cores (Fasi et
+//     al. 2021, "Numerical behavior of NVIDIA tensor cores"), not verified for
+//     Hopper: in blocks of four products, each product and the accumulator are
+//     aligned to the largest exponent among them and cut to float32's 24 bits
+//     there (truncated, not rounded), and the block's sum is truncated to
+//     float32 too. Per mma this loses up to about 20 units of float32's
+//     unit roundoff of the largest term (docs/math.md, "Indices near ties").
+// Either way results may differ from a GPU's in the last bits, never in the
+// layout.
 //
 // cp.async: each thread queues its copies; cp_async_commit closes a group and
 // cp_async_wait(n) performs all but the newest n groups. With
@@ -39,6 +49,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <barrier>
 #include <cmath>
@@ -207,6 +218,52 @@ inline float tf32_operand(uint32_t bits) {
   return x;
 }
 
+enum class MmaAccumulation { kNearest, kTruncate };
+
+inline MmaAccumulation mma_accumulation() {
+  static const MmaAccumulation mode = [] {
+    const char* env = std::getenv("GMVQ_EMULATE_MMA_ACCUMULATION");
+    const std::string name = env == nullptr ? "nearest" : env;
+    if (name == "nearest") return MmaAccumulation::kNearest;
+    if (name != "truncate") {
+      std::fprintf(stderr, "GMVQ_EMULATE_MMA_ACCUMULATION must be nearest or truncate, got %s\n", name.c_str());
+      std::abort();
+    }
+    return MmaAccumulation::kTruncate;
+  }();
+  return mode;
+}
+
+// float32 toward zero: a float64 rounded to nearest, stepped back when that
+// rounding moved away from zero.
+inline float to_float_toward_zero(double x) {
+  float f = static_cast<float>(x);
+  if (std::fabs(static_cast<double>(f)) > std::fabs(x)) f = std::nextafter(f, 0.0f);
+  return f;
+}
+
+// acc + sum of the products (exact tf32 x tf32 products, in float64), in the
+// truncating model: every term cut toward zero to a multiple of the float32
+// ulp of the largest one, the exact sum of the cut terms (at most 26
+// significant bits: exact in float64) then truncated to float32.
+inline float truncating_block(float acc, const double* products, int count) {
+  double terms[5] = {acc, 0, 0, 0, 0};
+  for (int i = 0; i < count; ++i) terms[i + 1] = products[i];
+  double largest = 0;
+  for (int i = 0; i <= count; ++i) largest = std::max(largest, std::fabs(terms[i]));
+  if (largest == 0 || !std::isfinite(largest)) {
+    double sum = terms[0];
+    for (int i = 1; i <= count; ++i) sum += terms[i];
+    return static_cast<float>(sum);
+  }
+  int exponent = 0;
+  std::frexp(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
+  const double quantum = std::ldexp(1.0, exponent - 24);
+  double sum = 0;
+  for (int i = 0; i <= count; ++i) sum += std::trunc(terms[i] / quantum) * quantum;
+  return to_float_toward_zero(sum);
+}
+
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, d (see the
 // header comment). PTX ISA fragment layout, groupID = lane / 4,
 // threadID_in_group = lane % 4:
@@ -234,10 +291,18 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
     B[tig + 4][group] = tf32_operand(r[5]);
   }
   const int group = lane / 4, tig = lane % 4;
+  const bool truncate = mma_accumulation() == MmaAccumulation::kTruncate;
   for (int i = 0; i < 4; ++i) {
     const int row = group + 8 * (i / 2), col = 2 * tig + i % 2;
     float sum = d[i];
-    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];  // tf32 products are exact in float32
+    if (truncate) {
+      double products[8];
+      for (int k = 0; k < 8; ++k) products[k] = static_cast<double>(A[row][k]) * B[k][col];
+      sum = truncating_block(sum, products, 4);
+      sum = truncating_block(sum, products + 4, 4);
+    } else {
+      for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];  // tf32 products are exact in float32
+    }
     d[i] = sum;
   }
 }

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch.utils.data import Dataset
 
 from .common import SPLITS, DataError, load_image, to_signed_unit
