@@ -205,9 +205,11 @@ fi
 # 5. The CUDA rows of every op's test file, the slow ones left out. Files that
 #    need the sample data (shared/data, absent on the device) hold no CUDA
 #    test: not collected.
+# A file needs the data when it names SAMPLE_DATA or imports another test module
+# (test_train's runs, image_folders): those all train on the samples.
 ignores=()
 for f in "$repo"/python_tests/test_*.py; do
-  grep -q SAMPLE_DATA "$f" && ignores+=(--ignore "$f")
+  grep -qE 'SAMPLE_DATA|^from (test_[a-z_]+|image_folders) import' "$f" && ignores+=(--ignore "$f")
 done
 if [[ $rehearsal == 1 ]]; then
   # The bitwise-repeat rows (the others are the smoke's checks again, or the device-side
