@@ -351,7 +351,7 @@ def logit_error_factor(path: str, dtype: torch.dtype, d: int, full_weight: bool)
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     dp = -(-d // 8) * 8
     rp = 2 * dp if full_weight else dp + 8  # the CUDA kernels' operand width
-    per_path = {"tensor": 12 + 7.5 * rp, "simt": rp, "cpu": 2 * d if full_weight else d + 1}[path]
+    per_path = {"tensor": 12 + 9 * rp, "simt": rp, "cpu": 2 * d if full_weight else d + 1}[path]
     return (per_path + d + 4) * u
 
 

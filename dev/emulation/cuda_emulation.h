@@ -29,8 +29,8 @@
 //     Hopper: in blocks of four products, each product and the accumulator are
 //     aligned to the largest exponent among them and cut to float32's 24 bits
 //     there (truncated, not rounded), and the block's sum is truncated to
-//     float32 too. Per mma this loses up to about 20 units of float32's
-//     unit roundoff of the largest term (docs/math.md, "Indices near ties").
+//     float32 too. Per mma this loses less than 24 units of float32's unit
+//     roundoff of the largest term (docs/math.md, "Indices near ties").
 // Either way results may differ from a GPU's in the last bits, never in the
 // layout.
 //
