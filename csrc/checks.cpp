@@ -69,13 +69,15 @@ void check_noise_state(const at::Tensor& noise_state, const at::Tensor& ref) {
 void check_quantize_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
                            const at::Tensor& codebook, const at::Tensor& temperature, double sigma_z2,
                            const at::Tensor& noise_state, const std::optional<at::Tensor>& gumbel_noise,
-                           const std::optional<at::Tensor>& eps_noise) {
+                           const std::optional<at::Tensor>& eps_noise, double noise_scale) {
   check_codebook_inputs(z, weight, codebook);
   check_temperature(temperature, z);
   check_positive_finite(sigma_z2, "sigma_z2");
   check_noise_state(noise_state, z);
   check_noise(gumbel_noise, "gumbel_noise", z.size(0), codebook.size(0), z);
   check_noise(eps_noise, "eps_noise", z.size(0), z.size(1), z);
+  TORCH_CHECK(std::isfinite(noise_scale) && noise_scale >= 0.0,
+              "noise_scale must be finite and non-negative (0: no Gaussian noise), got ", noise_scale);
 }
 
 void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar,

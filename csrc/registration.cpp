@@ -46,14 +46,15 @@ TORCH_LIBRARY(gmvq, m) {
   // else (0, D). Both are state for the backward (flash-attention's softmax_lse).
   m.def(
       "quantize(Tensor z, Tensor? weight, Tensor codebook, Tensor temperature, float sigma_z2,"
-      " bool hard, bool training, Tensor noise_state, Tensor? gumbel_noise, Tensor? eps_noise)"
+      " bool hard, bool training, Tensor noise_state, Tensor? gumbel_noise, Tensor? eps_noise,"
+      " float noise_scale=1.0)"
       " -> (Tensor z_out, Tensor indices, Tensor q_bar, Tensor latent_reg, Tensor row_lse,"
       " Tensor z_soft)");
   m.def(
       "quantize_backward(Tensor grad_z_out, Tensor grad_q_bar, Tensor grad_latent_reg, Tensor z,"
       " Tensor? weight, Tensor codebook, Tensor indices, Tensor row_lse, Tensor z_soft,"
       " Tensor temperature, float sigma_z2, bool hard, bool training, Tensor noise_state,"
-      " Tensor? gumbel_noise, Tensor? eps_noise)"
+      " Tensor? gumbel_noise, Tensor? eps_noise, float noise_scale=1.0)"
       " -> (Tensor grad_z, Tensor grad_weight, Tensor grad_codebook, Tensor grad_gumbel_noise,"
       " Tensor grad_eps_noise)");
 }

@@ -95,13 +95,20 @@ def check_distribution(distribution: str) -> None:
                  lambda: f'distribution must be "uniform", "gumbel" or "gaussian", got "{distribution}"')
 
 
-def check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise) -> None:
+def check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                          noise_scale: float = 1.0) -> None:
     check_codebook_inputs(z, weight, codebook)
     check_temperature(temperature, z)
     check_positive_finite(sigma_z2, "sigma_z2")
     check_noise_state(noise_state, z)
     check_noise(gumbel_noise, "gumbel_noise", z.shape[0], codebook.shape[0], z)
     check_noise(eps_noise, "eps_noise", z.shape[0], z.shape[1], z)
+    check_noise_scale(noise_scale)
+
+
+def check_noise_scale(noise_scale: float) -> None:
+    torch._check(math.isfinite(noise_scale) and noise_scale >= 0,
+                 lambda: f"noise_scale must be finite and non-negative (0: no Gaussian noise), got {noise_scale}")
 
 
 def check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,

@@ -94,13 +94,14 @@ def aggregated_posterior_entropy(logits: Tensor):
 
 def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature: Temperature = 1.0,
              sigma_z2: float = 0.5, hard: bool = True, training: bool = True, noise_state: NoiseState = (0, 0),
-             gumbel_noise: Optional[Tensor] = None, eps_noise: Optional[Tensor] = None):
+             gumbel_noise: Optional[Tensor] = None, eps_noise: Optional[Tensor] = None, noise_scale: float = 1.0):
     """The fused GM-VQ bottleneck: (z_out, indices, q_bar, latent_reg).
 
     See ``gmvq_ext.reference.quantize`` for the exact semantics; the op itself
-    also returns the row statistics its backward reuses."""
+    also returns the row statistics its backward reuses. ``noise_scale`` 0
+    draws no Gaussian noise at all (z_out = z_q in training too)."""
     outputs = _ops.quantize(z, weight, codebook, _temperature(temperature), sigma_z2, hard, training,
-                            _noise_state(noise_state), gumbel_noise, eps_noise)
+                            _noise_state(noise_state), gumbel_noise, eps_noise, noise_scale)
     return outputs[:4]
 
 
@@ -192,8 +193,10 @@ def _(grad_entropy, grad_q_bar, logits, q_bar):
 
 
 @torch.library.register_fake("gmvq::quantize")
-def _(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise):
-    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise)
+def _(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise,
+      noise_scale=1.0):
+    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                                 noise_scale)
     acc = _acc(z.dtype)
     n, d = z.shape
     soft_rows = n if training and not hard else 0
@@ -204,8 +207,9 @@ def _(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, g
 
 @torch.library.register_fake("gmvq::quantize_backward")
 def _(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices, row_lse, z_soft, temperature,
-      sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise):
-    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise)
+      sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise, noise_scale=1.0):
+    checks.check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                                 noise_scale)
     checks.check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z,
                                          codebook, hard, training)
     return (_like_or_absent(z, z), _like_or_absent(weight, z), _like_or_absent(codebook, z),
@@ -301,11 +305,12 @@ torch.library.register_autograd(
 
 
 def _setup_quantize(ctx, inputs, output):
-    z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise = inputs
+    z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel_noise, eps_noise, noise_scale = \
+        inputs
     _refuse_temperature_gradient(temperature)
     _, indices, _, _, row_lse, z_soft = output
     ctx.mark_non_differentiable(indices, row_lse, z_soft)  # backward state, not results to differentiate
-    ctx.flags = (sigma_z2, hard, training)
+    ctx.flags = (sigma_z2, hard, training, noise_scale)
     ctx.save_for_backward(z, weight, codebook, indices, row_lse, z_soft, temperature, noise_state, gumbel_noise,
                           eps_noise)
 
@@ -313,7 +318,7 @@ def _setup_quantize(ctx, inputs, output):
 def _backward_quantize(ctx, grad_z_out, grad_indices, grad_q_bar, grad_latent_reg, grad_row_lse, grad_z_soft):
     z, weight, codebook, indices, row_lse, z_soft, temperature, noise_state, gumbel_noise, eps_noise = \
         ctx.saved_tensors
-    sigma_z2, hard, training = ctx.flags
+    sigma_z2, hard, training, noise_scale = ctx.flags
     acc = _acc(z.dtype)
     grad_z_out = _grad_or_zeros(grad_z_out, z)
     if grad_q_bar is None:
@@ -322,10 +327,10 @@ def _backward_quantize(ctx, grad_z_out, grad_indices, grad_q_bar, grad_latent_re
         grad_latent_reg = z.new_zeros((z.shape[0],), dtype=acc)
     grads = _ops.quantize_backward(grad_z_out, grad_q_bar, grad_latent_reg, z, weight, codebook, indices, row_lse,
                                    z_soft, temperature, sigma_z2, hard, training, noise_state, gumbel_noise,
-                                   eps_noise)
+                                   eps_noise, noise_scale)
     grad_z, grad_weight, grad_codebook, grad_gumbel, grad_eps = grads
     return (grad_z, _present(grad_weight, weight), grad_codebook, None, None, None, None, None,
-            _present(grad_gumbel, gumbel_noise), _present(grad_eps, eps_noise))
+            _present(grad_gumbel, gumbel_noise), _present(grad_eps, eps_noise), None)
 
 
 torch.library.register_autograd("gmvq::quantize", _backward_quantize, setup_context=_setup_quantize)

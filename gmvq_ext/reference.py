@@ -270,11 +270,12 @@ def aggregated_posterior_entropy(logits: Tensor):
 
 def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature, sigma_z2: float, hard: bool,
              training: bool, noise_state, gumbel_noise: Optional[Tensor] = None,
-             eps_noise: Optional[Tensor] = None):
+             eps_noise: Optional[Tensor] = None, noise_scale: float = 1.0):
     """The whole GM-VQ bottleneck: (z_out, indices, q_bar, latent_reg, row_lse, z_soft).
 
     training: Gumbel-softmax code c (hard: straight-through one-hot), z_q = c @ E,
-              z_out = z_q + s * eps with s = ||z - z_q|| / sqrt(2 sigma_z2 D).
+              z_out = z_q + s * eps with s = noise_scale ||z - z_q|| / sqrt(2 sigma_z2 D)
+              (noise_scale 0: z_out = z_q, no eps drawn or used).
     eval:     argmax code, z_out = z_q = E[idx], no noise.
     q_bar is the mean of softmax(logits) (no temperature, no noise);
     latent_reg[n] = ||z[n] - z_q[n]||^2 / (2 sigma_z2).
@@ -294,9 +295,12 @@ def quantize(z: Tensor, weight: Optional[Tensor], codebook: Tensor, temperature,
         if not hard:
             z_soft = z_q
         lse_sample = torch.logsumexp((logits + g.to(acc)) / temperature, dim=1)
-        eps = eps_noise if eps_noise is not None else gaussian_noise(noise_state, n, d, z.device)
-        scale = torch.linalg.vector_norm(z_acc - z_q, dim=1, keepdim=True) / math.sqrt(2.0 * sigma_z2 * d)
-        z_out = z_q + scale * eps.to(acc)
+        if noise_scale > 0:
+            eps = eps_noise if eps_noise is not None else gaussian_noise(noise_state, n, d, z.device)
+            c0 = math.sqrt(2.0 * sigma_z2 * d) / noise_scale
+            z_out = z_q + torch.linalg.vector_norm(z_acc - z_q, dim=1, keepdim=True) / c0 * eps.to(acc)
+        else:
+            z_out = z_q
     else:
         indices = logits.argmax(dim=1) if n > 0 else torch.empty(0, dtype=torch.long, device=z.device)
         z_q = e_acc[indices]

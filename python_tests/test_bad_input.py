@@ -55,12 +55,12 @@ VALID = {
                                                             logits=m.t(N, K), q_bar=m.t(K)),
     "quantize": lambda m: dict(z=m.t(N, D), weight=m.t(N, D), codebook=m.t(K, D), temperature=m.temperature(),
                                sigma_z2=0.5, hard=True, training=True, noise_state=m.state(),
-                               gumbel_noise=m.t(N, K), eps_noise=m.t(N, D)),
+                               gumbel_noise=m.t(N, K), eps_noise=m.t(N, D), noise_scale=0.5),
     "quantize_backward": lambda m: dict(grad_z_out=m.t(N, D), grad_q_bar=m.t(K), grad_latent_reg=m.t(N),
                                         z=m.t(N, D), weight=None, codebook=m.t(K, D),
                                         indices=m.t(N, dtype=torch.int64), row_lse=m.t(N, 2), z_soft=m.t(0, D),
                                         temperature=m.temperature(), sigma_z2=0.5, hard=True, training=True,
-                                        noise_state=m.state(), gumbel_noise=None, eps_noise=None),
+                                        noise_state=m.state(), gumbel_noise=None, eps_noise=None, noise_scale=0.5),
 }
 
 
@@ -174,6 +174,9 @@ TABLE = [
     *noise_rows("quantize", "eps_noise", D),
     row("quantize_backward", "codebook", "d-mismatch", codebook=lambda m: m.t(K, D + 1)),
     *bad_sigma("quantize_backward"),
+    *[row(op, "noise_scale", label, noise_scale=lambda m, v=value: v)
+      for op in ("quantize", "quantize_backward") for label, value in (("negative", -1.0), ("nan", math.nan),
+                                                                      ("inf", math.inf))],
     *bad_temperature("quantize_backward"),
     row("quantize_backward", "row_lse", "wrong-shape", row_lse=lambda m: m.t(N, 1)),
     row("quantize_backward", "row_lse", "float64", row_lse=lambda m: m.t(N, 2, dtype=torch.float64)),

@@ -29,16 +29,18 @@ TEMPERATURE, SIGMA_Z2 = 0.7, 0.5
 MODES = {"train_hard": (True, True), "train_soft": (False, True), "eval": (True, False)}
 
 
-def kernel(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel=None, eps=None):
+def kernel(z, weight, codebook, temperature, sigma_z2, hard, training, noise_state, gumbel=None, eps=None,
+           noise_scale=1.0):
     """torch.ops.gmvq.quantize itself, all six outputs (the typed wrapper returns four)."""
     return torch.ops.gmvq.quantize(z, weight, codebook, torch.tensor(temperature, dtype=torch.float64), sigma_z2,
-                                   hard, training, ops.noise_state(*noise_state), gumbel, eps)
+                                   hard, training, ops.noise_state(*noise_state), gumbel, eps, noise_scale)
 
 
-def run(fn, z, weight, codebook, mode, gumbel=None, eps=None, seed=SEED, offset=OFFSET):
+def run(fn, z, weight, codebook, mode, gumbel=None, eps=None, seed=SEED, offset=OFFSET, noise_scale=1.0):
     """(z_out, indices, q_bar, latent_reg, row_lse, z_soft) of `kernel` or `reference.quantize`."""
     hard, training = MODES[mode]
-    return fn(z, weight, codebook, TEMPERATURE, SIGMA_Z2, hard, training, (seed, offset), gumbel, eps)
+    return fn(z, weight, codebook, TEMPERATURE, SIGMA_Z2, hard, training, (seed, offset), gumbel, eps,
+              noise_scale=noise_scale)
 
 
 def upstream_grads(n, k, d, dtype, device, seed=1):
@@ -300,8 +302,62 @@ def test_gradcheck(device, mode, weight):
     assert torch.autograd.gradcheck(fn, (z, w, e))  # noise from Philox
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("noise_scale", [0.0, 0.3])
+def test_gradcheck_with_a_noise_scale(device, noise_scale):
+    n, k, d = 6, 5, 3
+    z, w, e = make_codebook_inputs(n, k, d, dtype=torch.float64, device=device, weight="full", requires_grad=True)
+    gumbel, eps = explicit_noise(n, k, d, torch.float64, device, True)
+
+    def fn(z, w, e, gumbel, eps):
+        z_out, _, q_bar, latent_reg, _, _ = run(kernel, z, w, e, "train_soft", gumbel, eps, noise_scale=noise_scale)
+        return z_out, q_bar, latent_reg
+
+    assert torch.autograd.gradcheck(fn, (z, w, e, gumbel, eps))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("noise_scale", [0.0, 0.5, 2.0])
+def test_noise_scale_matches_reference(device, mode, noise_scale):
+    """z_out = z_q + noise_scale * s * eps; 0: z_q itself, and eps_noise gets a zero gradient."""
+    n, k, d = 37, 19, 5
+    z, w, e = make_codebook_inputs(n, k, d, device=device, weight="full", requires_grad=True)
+    gumbel, eps = explicit_noise(n, k, d, torch.float32, device, True)
+    inputs = [z, w, e, gumbel, eps]
+    grads = upstream_grads(n, k, d, torch.float32, device)
+    got = run(kernel, z, w, e, mode, gumbel, eps, noise_scale=noise_scale)
+    want = run(reference.quantize, z, w, e, mode, gumbel, eps, noise_scale=noise_scale)
+    torch.testing.assert_close(got[1], want[1])
+    for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
+        torch.testing.assert_close(a, b, **tolerance(torch.float32))
+    got_grads = grads_of(got, grads, inputs)
+    for a, b in zip(got_grads, grads_of(want, grads, inputs)):
+        torch.testing.assert_close(a, b, **tolerance(torch.float32))
+
+    hard, training = MODES[mode]
+    z_q = got[5] if training and not hard else e[got[1]]
+    paper = run(kernel, z, w, e, mode, gumbel, eps)  # noise_scale 1
+    # The noise is linear in noise_scale; the code and the latent term do not depend on it.
+    torch.testing.assert_close(got[0] - z_q, (noise_scale if training else 0.0) * (paper[0] - z_q),
+                               **tolerance(torch.float32))
+    assert torch.equal(got[1], paper[1]) and torch.equal(got[3], paper[3])
+    if noise_scale == 0.0:
+        assert torch.equal(got[0], z_q.detach())
+        assert torch.count_nonzero(got_grads[4]) == 0
+
+
+def test_noise_scale_one_is_the_default_bit_for_bit():
+    z, w, e = make_codebook_inputs(37, 19, 5, weight="full")
+    for mode in MODES:
+        default = run(kernel, z, w, e, mode)
+        explicit = run(kernel, z, w, e, mode, noise_scale=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+
+
 def _opcheck_samples(device):
-    for mode, weight, noise in itertools.product(MODES, ["full", None], [False, True]):
+    samples = itertools.product(MODES, ["full", None], [False, True])
+    for number, (mode, weight, noise) in enumerate(samples):
         n, k, d = 9, 6, 4
         z, w, e = make_codebook_inputs(n, k, d, device=device, weight=weight, requires_grad=True)
         gumbel, eps = explicit_noise(n, k, d, torch.float32, device, True) if noise else (None, None)
@@ -310,7 +366,8 @@ def _opcheck_samples(device):
         scalar_device = "cpu" if noise else device
         temperature = torch.tensor(TEMPERATURE, device=scalar_device)
         state = ops.noise_state(SEED, OFFSET, device=scalar_device)
-        yield mode, (z, w, e, temperature, SIGMA_Z2, hard, training, state, gumbel, eps)
+        noise_scale = (1.0, 0.0, 0.5)[number % 3]
+        yield mode, (z, w, e, temperature, SIGMA_Z2, hard, training, state, gumbel, eps, noise_scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -322,15 +379,16 @@ def test_opcheck_quantize(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_quantize_backward(device):
     for _, args in _opcheck_samples(device):
-        z, w, e, temperature, sigma_z2, hard, training, state, gumbel, eps = args
+        z, w, e, temperature, sigma_z2, hard, training, state, gumbel, eps, noise_scale = args
         z, w, e = (t if t is None else t.detach() for t in (z, w, e))
         gumbel, eps = (t if t is None else t.detach() for t in (gumbel, eps))
         _, indices, _, _, row_lse, z_soft = torch.ops.gmvq.quantize(z, w, e, temperature, sigma_z2, hard, training,
-                                                                    state, gumbel, eps)
+                                                                    state, gumbel, eps, noise_scale)
         grads = upstream_grads(z.shape[0], e.shape[0], z.shape[1], z.dtype, device)
         torch.library.opcheck(
             torch.ops.gmvq.quantize_backward.default,
-            (*grads, z, w, e, indices, row_lse, z_soft, temperature, sigma_z2, hard, training, state, gumbel, eps))
+            (*grads, z, w, e, indices, row_lse, z_soft, temperature, sigma_z2, hard, training, state, gumbel, eps,
+             noise_scale))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -476,6 +534,9 @@ def test_bad_inputs_name_the_argument(device):
         ops.quantize(z, w, e, 1.0, 0.5, True, True, (0, 0), torch.zeros(5, 5, device=device))
     with pytest.raises(RuntimeError, match="sigma_z2 must be finite and > 0"):
         ops.quantize(z, w, e, 1.0, 0.0)
+    for noise_scale in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="noise_scale must be finite and non-negative"):
+            ops.quantize(z, w, e, noise_scale=noise_scale)
     with pytest.raises(RuntimeError, match="codebook must have D = 3"):
         ops.quantize(z, w, e[:, :2])
     # CUDA checks the range on the device (an asynchronous assert, no host sync), and so does its

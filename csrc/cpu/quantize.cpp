@@ -55,16 +55,21 @@ using cpu::OrderedSum;
 struct Scalars {
   double inverse_temperature;
   double sigma_z2;
+  double noise_scale;  // z_out's Gaussian noise is noise_scale * s * eps; 0: none drawn
   bool hard;
   bool training;
   NoiseState key;
 
   bool soft() const { return training && !hard; }
+  bool noisy() const { return training && noise_scale > 0.0; }
+  // sqrt(2 sigma_z2 D) / noise_scale: z_out = z_q + (||r|| / c0) eps (noisy only).
+  double c0(int64_t d) const { return std::sqrt(2.0 * sigma_z2 * static_cast<double>(d)) / noise_scale; }
 };
 
-Scalars read_scalars(const at::Tensor& temperature, double sigma_z2, bool hard, bool training,
+Scalars read_scalars(const at::Tensor& temperature, double sigma_z2, double noise_scale, bool hard, bool training,
                      const at::Tensor& noise_state) {
-  return {1.0 / host_temperature(temperature), sigma_z2, hard, training, host_noise_state(noise_state)};
+  return {1.0 / host_temperature(temperature), sigma_z2, noise_scale, hard, training,
+          host_noise_state(noise_state)};
 }
 
 // The inputs in the accumulation dtype (O(N D + K D) memory) and the codebook's
@@ -309,12 +314,12 @@ void sample_rows(const Operands& op, const Scalars& s, int64_t n0, int64_t rows,
 }
 
 // Step 3, per row: latent_reg = ||z - z_q||^2 / (2 sigma_z2) and z_out = z_q +
-// s eps (training, s = ||z - z_q|| / sqrt(2 sigma_z2 D)) or z_q.
+// s eps (training with noise, s = noise_scale ||z - z_q|| / sqrt(2 sigma_z2 D)) or z_q.
 template <typename acc_t>
 void output_rows(const Operands& op, const Scalars& s, int64_t n0, int64_t rows, RowScratch<acc_t>& scratch,
                  ForwardOutputs& out) {
   const int64_t d = op.d;
-  const acc_t noise_scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
+  const acc_t inverse_c0 = s.noisy() ? static_cast<acc_t>(1.0 / s.c0(d)) : acc_t(0);
   const acc_t inverse_two_sigma = static_cast<acc_t>(1.0 / (2.0 * s.sigma_z2));
   const acc_t* z_soft = s.soft() ? out.z_soft.data_ptr<acc_t>() : nullptr;
   const int64_t* idx = out.indices.data_ptr<int64_t>();
@@ -326,9 +331,9 @@ void output_rows(const Operands& op, const Scalars& s, int64_t n0, int64_t rows,
     const acc_t rho2 = residual_row(op, zq, r, scratch);
     latent_reg[r] = rho2 * inverse_two_sigma;
     acc_t* o = z_out + r * d;
-    if (s.training) {
+    if (s.noisy()) {
       eps_row(op, s, r, scratch);
-      const acc_t scale = std::sqrt(rho2) * noise_scale;
+      const acc_t scale = std::sqrt(rho2) * inverse_c0;
       const acc_t* eps = scratch.eps.data();
       for (int64_t j = 0; j < d; ++j) o[j] = zq[j] + scale * eps[j];
     } else {
@@ -380,10 +385,12 @@ void quantize_forward_impl(const Operands& op, const Scalars& s, ForwardOutputs&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cpu(
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
-    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise,
+    double noise_scale) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                        noise_scale);
   const Operands op = prepare(z, weight, codebook, gumbel_noise, eps_noise);
-  const Scalars s = read_scalars(temperature, sigma_z2, hard, training, noise_state);
+  const Scalars s = read_scalars(temperature, sigma_z2, noise_scale, hard, training, noise_state);
   const auto options = op.z.options();
   ForwardOutputs out{at::empty({op.n, op.d}, options), at::empty({op.n}, options.dtype(at::kLong)),
                      at::empty({op.k}, options), at::empty({op.n}, options), at::empty({op.n, 2}, options),
@@ -448,7 +455,7 @@ template <typename acc_t>
 void residual_gradients(const Operands& op, const Scalars& s, const BackwardInputs& in, int64_t n0,
                         int64_t rows, RowScratch<acc_t>& scratch, acc_t* grad_zq, BackwardOutputs& out) {
   const int64_t d = op.d;
-  const acc_t c0 = static_cast<acc_t>(std::sqrt(2.0 * s.sigma_z2 * static_cast<double>(d)));
+  const acc_t c0 = s.noisy() ? static_cast<acc_t>(s.c0(d)) : acc_t(1);
   const acc_t inverse_sigma = static_cast<acc_t>(1.0 / s.sigma_z2);
   const acc_t* grad_z_out = in.grad_z_out.data_ptr<acc_t>();
   const acc_t* grad_latent = in.grad_latent_reg.data_ptr<acc_t>();
@@ -465,7 +472,7 @@ void residual_gradients(const Operands& op, const Scalars& s, const BackwardInpu
     // (alpha / c0) r / ||r||, alpha = <G_z_out, eps>, taken as 0 at r = 0 like
     // torch's norm backward.
     acc_t coef = grad_latent[r] * inverse_sigma;
-    if (s.training) {
+    if (s.noisy()) {
       eps_row(op, s, r, scratch);
       const acc_t rho = std::sqrt(rho2);
       const acc_t alpha = row::row_dot(gzo, scratch.eps.data(), d);
@@ -662,8 +669,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& indices, const at::Tensor& row_lse, const at::Tensor& z_soft,
     const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
-    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise,
+    double noise_scale) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                        noise_scale);
   check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,
                                 hard, training);
   const int64_t n = z.size(0), k = codebook.size(0);
@@ -675,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   }
 
   const Operands op = prepare(z, weight, codebook, gumbel_noise, eps_noise);
-  const Scalars s = read_scalars(temperature, sigma_z2, hard, training, noise_state);
+  const Scalars s = read_scalars(temperature, sigma_z2, noise_scale, hard, training, noise_state);
   const auto acc = op.z.scalar_type();
   const BackwardInputs in{grad_z_out.to(acc).contiguous(),
                           grad_q_bar.to(acc).contiguous() / static_cast<double>(std::max<int64_t>(n, 1)),
@@ -685,9 +694,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   out.grad_z = at::empty({n, op.d}, op.z.options());
   out.grad_weight = op.weight.defined() ? at::empty(op.weight.sizes(), op.z.options()) : at::Tensor();
   out.grad_codebook = at::empty({k, op.d}, op.z.options());
-  // Evaluation uses neither noise: their gradients are 0.
+  // Evaluation uses neither noise, and noise_scale 0 no Gaussian noise: their gradients are 0.
   if (gumbel_noise.has_value() && training) out.grad_gumbel = at::empty({n, k}, op.z.options());
-  if (eps_noise.has_value() && training) out.grad_eps = at::empty({n, op.d}, op.z.options());
+  if (eps_noise.has_value() && s.noisy()) out.grad_eps = at::empty({n, op.d}, op.z.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "quantize_backward_cpu", [&] {
     quantize_backward_impl<scalar_t>(op, s, in, out);
   });

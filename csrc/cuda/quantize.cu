@@ -147,7 +147,7 @@ SweepArgs<T> sweep_args(const Operands& ops, const InverseTemperature& inv_tempe
 
 template <typename T>
 RowArgs<T> row_args(const Operands& ops, const NoiseArg& noise, const at::Tensor& eps, double sigma_z2,
-                    bool hard, bool training) {
+                    double noise_scale, bool hard, bool training) {
   RowArgs<T> r;
   r.n = ops.n;
   r.k = ops.k;
@@ -160,8 +160,9 @@ RowArgs<T> row_args(const Operands& ops, const NoiseArg& noise, const at::Tensor
   r.noise = noise.key();
   r.training = training;
   r.soft = training && !hard;
+  r.noisy = training && noise_scale > 0.0;
   r.sigma_z2 = static_cast<T>(sigma_z2);
-  r.c0 = static_cast<T>(std::sqrt(2.0 * sigma_z2 * static_cast<double>(ops.d)));
+  if (r.noisy) r.c0 = static_cast<T>(std::sqrt(2.0 * sigma_z2 * static_cast<double>(ops.d)) / noise_scale);
   return r;
 }
 
@@ -173,8 +174,10 @@ at::Tensor sum_segments(const at::Tensor& partial) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize(
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& temperature, double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
-    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise,
+    double noise_scale) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                        noise_scale);
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
   const auto acc = accumulation_type(z.scalar_type());
@@ -188,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const InverseTemperature inv_temperature(temperature, acc);
   const NoiseArg noise(noise_state);
   const auto gumbel = training && gumbel_noise.has_value() ? to_acc(*gumbel_noise, acc) : at::Tensor();
-  const auto eps = training && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
+  const bool noisy = training && noise_scale > 0.0;
+  const auto eps = noisy && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
   auto row_lse = at::empty({n, 2}, opts);
   auto indices = at::empty({n}, opts.dtype(at::kLong));
   auto z_soft = at::empty({soft ? n : 0, d}, opts);
@@ -212,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     fused::launch_forward_columns<T>(tiles, args, segments);
     q_bar = sum_segments(partial).div_(static_cast<double>(n));
 
-    auto finish = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
+    auto finish = row_args<T>(ops, noise, eps, sigma_z2, noise_scale, hard, training);
     finish.index = indices.data_ptr<int64_t>();
     finish.z_soft = soft ? z_soft.data_ptr<T>() : nullptr;
     finish.z_out = z_out.data_ptr<T>();
@@ -227,8 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
     const at::Tensor& z, const std::optional<at::Tensor>& weight, const at::Tensor& codebook,
     const at::Tensor& indices, const at::Tensor& row_lse, const at::Tensor& z_soft, const at::Tensor& temperature,
     double sigma_z2, bool hard, bool training, const at::Tensor& noise_state,
-    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise) {
-  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise);
+    const std::optional<at::Tensor>& gumbel_noise, const std::optional<at::Tensor>& eps_noise,
+    double noise_scale) {
+  check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
+                        noise_scale);
   check_quantize_backward_state(grad_z_out, grad_q_bar, grad_latent_reg, indices, row_lse, z_soft, z, codebook,
                                 hard, training);
   const c10::cuda::CUDAGuard guard(z.device());
@@ -247,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   const InverseTemperature inv_temperature(temperature, acc);
   const NoiseArg noise(noise_state);
   const auto gumbel = training && gumbel_noise.has_value() ? to_acc(*gumbel_noise, acc) : at::Tensor();
-  const auto eps = training && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
+  const bool noisy = training && noise_scale > 0.0;
+  const auto eps = noisy && eps_noise.has_value() ? to_acc(*eps_noise, acc) : at::Tensor();
   const auto g_out = to_acc(grad_z_out, acc);
   const auto g_lat = to_acc(grad_latent_reg, acc);
   const auto grad_pi = (grad_q_bar.to(acc) / static_cast<double>(n)).contiguous();
@@ -261,21 +268,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
   auto beta = at::empty({n}, opts);  // soft: the prepare kernel; hard: the row sweep; eval: unused
   at::Tensor grad_w = weight.has_value() ? at::empty({n, weight->size(1)}, opts) : at::Tensor();
   at::Tensor grad_eps, grad_gumbel, grad_e;
-  if (eps_noise.has_value()) grad_eps = training ? at::empty({n, d}, opts) : at::zeros({n, d}, opts);
+  if (eps_noise.has_value()) grad_eps = noisy ? at::empty({n, d}, opts) : at::zeros({n, d}, opts);
   if (gumbel_noise.has_value()) grad_gumbel = training ? at::empty({n, k}, opts) : at::zeros({n, k}, opts);
 
   dispatch_acc(acc, [&](auto tag) {
     using T = decltype(tag);
     const Tiles tiles = tile_path(acc);
     check_dimension<T>(ops);
-    auto prepare = row_args<T>(ops, noise, eps, sigma_z2, hard, training);
+    auto prepare = row_args<T>(ops, noise, eps, sigma_z2, noise_scale, hard, training);
     prepare.index = index.data_ptr<int64_t>();
     prepare.z_soft = soft ? z_q_soft.data_ptr<T>() : nullptr;
     prepare.grad_z_out = g_out.data_ptr<T>();
     prepare.grad_latent_reg = g_lat.data_ptr<T>();
     prepare.grad_z = grad_z.data_ptr<T>();
     prepare.grad_zq = grad_zq.data_ptr<T>();
-    prepare.grad_eps = training && grad_eps.defined() ? grad_eps.data_ptr<T>() : nullptr;
+    prepare.grad_eps = noisy && grad_eps.defined() ? grad_eps.data_ptr<T>() : nullptr;
     prepare.beta = beta.data_ptr<T>();
     fused::launch_backward_prepare<T>(prepare);
 

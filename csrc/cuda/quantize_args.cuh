@@ -72,7 +72,8 @@ struct RowArgs {
   const T* eps = nullptr;         // given (N, D), else Philox stream 1
   NoiseKey noise;
   bool training = false, soft = false;
-  T sigma_z2 = 1, c0 = 1;          // c0 = sqrt(2 sigma_z2 D)
+  bool noisy = false;              // training with noise_scale > 0: z_out gets (|r| / c0) eps
+  T sigma_z2 = 1, c0 = 1;          // c0 = sqrt(2 sigma_z2 D) / noise_scale
   // forward
   T* z_out = nullptr;       // (N, D)
   T* latent_reg = nullptr;  // (N,)
@@ -81,7 +82,7 @@ struct RowArgs {
   const T* grad_latent_reg = nullptr;  // (N,)
   T* grad_z = nullptr;                 // (N, D)
   T* grad_zq = nullptr;                // (N, dp)
-  T* grad_eps = nullptr;               // (N, D), when eps was given (training)
+  T* grad_eps = nullptr;               // (N, D), when eps was given (noisy)
   T* beta = nullptr;                   // (N,), soft training
 };
 

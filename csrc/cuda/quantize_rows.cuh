@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) forward_finish_kernel(RowA
   rho2 = sum_lanes(rho2, 32);
   if (lane == 0) a.latent_reg[n] = rho2 / (T(2) * a.sigma_z2);
   T* out = a.z_out + n * a.d;
-  if (!a.training) {
+  if (!a.noisy) {
     for (int64_t d = lane; d < a.d; d += 32) out[d] = zq[d];
     return;
   }
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) backward_prepare_kernel(Ro
     const T r = z[d] - zq[d];
     rho2 += r * r;
   }
-  if (a.training) {
+  if (a.noisy) {
     const NoiseKey key = a.noise.get();
     for_each_eps(a, key, n, [&](int64_t d, T eps) { alpha += g_out[d] * eps; });
   }
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) backward_prepare_kernel(Ro
   alpha = sum_lanes(alpha, 32);
   const T rho = sqrt(rho2);
   // d z_out / d r through the scale |r| / c0 is (alpha / c0) r / |r|, taken as 0 at r = 0.
-  const T through_scale = a.training && rho > T(0) ? alpha / (rho * a.c0) : T(0);
+  const T through_scale = a.noisy && rho > T(0) ? alpha / (rho * a.c0) : T(0);
   const T coefficient = through_scale + a.grad_latent_reg[n] / a.sigma_z2;
   const T noise_scale = rho / a.c0;  // s = |r| / c0, the factor of eps in z_out
   T beta = T(0);

@@ -54,8 +54,8 @@ def aggregated_posterior_entropy(logits: Tensor):
 
 
 def quantize(z: Tensor, weight, codebook: Tensor, temperature, sigma_z2: float, hard: bool, training: bool,
-             noise_state: Tensor, gumbel_noise=None, eps_noise=None):
+             noise_state: Tensor, gumbel_noise=None, eps_noise=None, noise_scale: float = 1.0):
     """(z_out, indices, q_bar, latent_reg) of the fused bottleneck."""
     outputs = implementation("quantize", z.device)(z, weight, codebook, temperature, sigma_z2, hard, training,
-                                                   noise_state, gumbel_noise, eps_noise)
+                                                   noise_state, gumbel_noise, eps_noise, noise_scale)
     return outputs[:4]

@@ -37,7 +37,7 @@ void check_noise_state(const at::Tensor& noise_state, const at::Tensor& ref);
 void check_quantize_inputs(const at::Tensor& z, const std::optional<at::Tensor>& weight,
                            const at::Tensor& codebook, const at::Tensor& temperature, double sigma_z2,
                            const at::Tensor& noise_state, const std::optional<at::Tensor>& gumbel_noise,
-                           const std::optional<at::Tensor>& eps_noise);
+                           const std::optional<at::Tensor>& eps_noise, double noise_scale);
 // quantize_backward's own inputs: the gradients, the forward's indices and saved state.
 void check_quantize_backward_state(const at::Tensor& grad_z_out, const at::Tensor& grad_q_bar,
                                    const at::Tensor& grad_latent_reg, const at::Tensor& indices,
