@@ -62,6 +62,11 @@ PRINT_LOCK = threading.Lock()
 # baselines (VQ-VAE + l2, SQ-VAE) get a lever of their own each. The budget is
 # two CPU cores for about an hour: wider searches are a flag away.
 LR = ("lr", (1e-3, 3e-3, 1e-2))
+# Loss weights are in the units of each system's bound (docs/math.md, "Units of
+# the objective"); the candidates are those of the 2026-11-28 study, which ran
+# before the units existed, converted exactly (times P / M = 48 at sigma_x2 =
+# 0.5, CIFAR-10 at 4x downsampling). The VQ-VAE family's squared norms now sum
+# over D: its regulariser weighs 64 / 48 of what it did then.
 SYSTEMS: dict[str, tuple[str, list]] = {
     "VQ-VAE": ("vqvae", [LR]),
     "VQ-VAE + l2": ("vqvae-l2", [LR, ("commitment", (0.25, 1.0))]),
@@ -70,23 +75,24 @@ SYSTEMS: dict[str, tuple[str, list]] = {
     "VQ-VAE + Affine": ("vqvae-affine", [LR]),
     "VQ-VAE + OPT": ("vqvae-opt", [LR]),
     "VQ-VAE + Affine + OPT": ("vqvae-affine-opt", [LR]),
-    "SQ-VAE": ("sqvae", [LR, ("latent_weight", (2e-3, 1e-2))]),
+    "SQ-VAE": ("sqvae", [LR, ("latent_weight", (0.096, 0.48))]),
     "Gumbel-VQ": ("gumbel", [LR]),
     "GM-VQ": ("gmvq", [
         LR,
+        ("beta", (48.0,)),  # the KL weight of the study: 1 beside a plain MSE
         # sigma_z2 scales the training noise s = ||z - e|| / sqrt(2 sigma_z2 D) and the
-        # latent term down together; noise=False removes the noise, keeping the term.
+        # latent term down together; noise_scale 0 removes the noise, keeping the term.
         ("sigma_z2", (0.5, 8.0)),
-        ("noise", (True, False)),
+        ("noise_scale", (1.0, 0.0)),
         ("temperature", ((2.0, 0.1), (0.5, 0.05))),
         # The latent term's weight, soft samples (z_q = y E) instead of hard ones, and
         # the precision weight per dimension, per vector or none (plain distances).
-        ("gamma", (0.1, 1.0, 0.01)),
+        ("gamma", (4.8, 48.0, 0.48)),
         ("hard", (True, False)),
         ("weight", ("full", "scalar", None)),
     ]),
     # GM-VQ + Entropy: GM-VQ's chosen settings, then the larger entropy weight.
-    "GM-VQ + Entropy": ("gmvq-entropy", [("beta", (5.0, 10.0))]),
+    "GM-VQ + Entropy": ("gmvq-entropy", [("beta", (240.0, 480.0))]),
 }
 # Systems whose tuned settings start from another's (GM-VQ + Entropy from GM-VQ).
 INHERITS = {"GM-VQ + Entropy": "GM-VQ"}
@@ -287,12 +293,24 @@ def lever_default(system: str, lever: str):
     return None
 
 
+def system_levers(system: str) -> list:
+    """Every lever of a system, its parent's (INHERITS) included."""
+    levers = []
+    while system:
+        levers = SYSTEMS[system][1] + levers
+        system = INHERITS.get(system)
+    return levers
+
+
 def tune_run(args, system: str, settings: dict) -> Run:
+    # Every lever is passed to the trainer, those not searched yet at their first candidate,
+    # so a run never depends on the package's defaults (which the study itself changes).
+    full = {**{lever: values[0] for lever, values in system_levers(system)}, **settings}
     # A lever at its default (other than the learning rate, which every name carries)
     # leaves the name alone: the previous round's best run is this run, not run twice.
     named = {k: v for k, v in settings.items() if k == "lr" or v != lever_default(system, k)}
     return Run(name=f"tune-{slug(system)}-{settings_slug(named)}", phase="tune", system=system,
-               dataset="cifar10", settings=dict(settings), seed=0, epochs=args.tune_epochs, val=True)
+               dataset="cifar10", settings=full, seed=0, epochs=args.tune_epochs, val=True)
 
 
 def unique(runs: list[Run]) -> list[Run]:

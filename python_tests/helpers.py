@@ -229,7 +229,7 @@ def _grads(outputs, use, upstream, inputs):
 # GaussianMixtureVQ in the paper's settings, with the straight-through hard sample:
 # what test_quantizers_gmvq.py's expected values are written for (the package's
 # defaults, chosen on validation, are tested there on their own).
-GMVQ_PAPER = dict(sigma_z2=0.5, noise=True, temperature_start=2.0, temperature_end=0.1, hard=True)
+GMVQ_PAPER = dict(beta=1.0, sigma_z2=0.5, noise_scale=1.0, temperature_start=2.0, temperature_end=0.1, hard=True)
 # The options make_quantizer gives a registered quantizer beyond K and D; dead codes
 # are replaced after 2 unused steps, so that the contract's few training forwards replace some.
 QUANTIZER_OPTIONS = {

@@ -20,10 +20,12 @@ make = functools.partial(make_quantizer, "gmvq")
 
 
 def test_defaults_are_the_validation_choice():
-    # experiments/investigate.py, 2026-11-28 (CIFAR-10 validation): sigma_z2 8, no training
-    # noise, temperature 0.5 -> 0.05, soft samples; the decoder then sees y E itself.
+    # experiments/investigate.py, 2026-11-28 (CIFAR-10 validation): beta 1, gamma 0.1, sigma_z2 8
+    # beside a plain MSE, no training noise, temperature 0.5 -> 0.05, soft samples; in the ALBO's
+    # units (docs/math.md, times P / M = 48 at sigma_x2 = 0.5): beta 48, gamma 0.1 * 48 * 0.5 / 8.
     q = GaussianMixtureVQ(dim=4, codebook_size=16)
-    assert (q.sigma_z2, q.noise, q.hard, q.gamma, q.beta, q.weight_mode) == (8.0, False, False, 0.1, 1.0, "full")
+    assert (q.sigma_z2, q.noise_scale, q.hard, q.gamma, q.beta, q.weight_mode) == (0.5, 0.0, False, 0.3, 48.0,
+                                                                                     "full")
     q.set_progress(0, 10)
     assert float(q.temperature) == pytest.approx(0.5)
     q.set_progress(10, 10)
@@ -185,13 +187,22 @@ def test_the_reference_runs_only_where_no_kernel_exists(monkeypatch, train):
 
 
 def test_without_training_noise_the_decoder_sees_the_code():
-    q = make(noise=False).train()
+    q = make(noise_scale=0.0).train()
     q(feature_map(q, seed=3))
-    out, idx, _, _ = q(feature_map(q, seed=4))
-    assert torch.equal(out.movedim(1, -1), q.codebook.detach()[idx])
     noisy = make()
-    noisy.load_state_dict(q.state_dict())
-    assert not torch.equal(noisy.train()(feature_map(q, seed=4))[0], out)
+    noisy.load_state_dict(q.state_dict())  # the same codebook and noise offset
+    out, idx, loss, _ = q(feature_map(q, seed=4))
+    assert torch.equal(out.movedim(1, -1), q.codebook.detach()[idx])
+    noisy_out, noisy_idx, noisy_loss, _ = noisy.train()(feature_map(q, seed=4))
+    assert not torch.equal(noisy_out, out)
+    # The noise is apart from the objective: the same codes, the same loss.
+    assert torch.equal(noisy_idx, idx) and torch.equal(noisy_loss, loss)
+
+
+@pytest.mark.parametrize("noise_scale", [-0.5, float("nan")])
+def test_bad_noise_scale_is_refused(noise_scale):
+    with pytest.raises(ValueError, match="noise_scale must be finite and non-negative"):
+        make(noise_scale=noise_scale)
 
 
 def test_posterior_is_the_weighted_softmax():
@@ -274,7 +285,7 @@ def _distributed_rows(rank: int) -> torch.Tensor:
 
 def _distributed_rank(rank: int, world_size: int) -> dict:
     torch.manual_seed(rank)  # different random codebooks: k-means + broadcast must agree
-    q = GaussianMixtureVQ(dim=4, codebook_size=16, gamma=0.0, beta=1.0, **GMVQ_PAPER).train()
+    q = GaussianMixtureVQ(dim=4, codebook_size=16, **{**GMVQ_PAPER, "gamma": 0.0}).train()
     rows = _distributed_rows(rank).requires_grad_(True)
     _, _, loss, info = q(rows)
     loss.backward()

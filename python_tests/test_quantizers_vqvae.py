@@ -4,7 +4,6 @@ The interface contract is tested in test_quantizers_contract.py."""
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from helpers import feature_map, make_quantizer
 
@@ -20,8 +19,11 @@ def test_nearest_code_and_losses():
     assert torch.equal(idx, distances.argmin(1))
     codes = q.codebook.detach()[idx]
     torch.testing.assert_close(out.detach(), codes)
-    torch.testing.assert_close(info["loss/codebook"], F.mse_loss(codes, z.detach()))
-    torch.testing.assert_close(info["loss/commitment"], 0.25 * F.mse_loss(z.detach(), codes))
+    # Squared norms per latent vector (summed over D), averaged over the 50 vectors.
+    squared_norms = ((codes - z.detach()) ** 2).sum(1)
+    torch.testing.assert_close(info["loss/codebook"], squared_norms.mean())
+    torch.testing.assert_close(info["loss/commitment"], 0.25 * squared_norms.mean())
+    torch.testing.assert_close(loss.detach(), 1.25 * squared_norms.mean())
     # Soft and hard perplexity coincide: the posterior is one-hot.
     assert torch.equal(info["perplexity"], info["perplexity_hard"])
 
@@ -42,9 +44,9 @@ def test_codebook_loss_moves_codes_commitment_moves_encoder():
     _, idx, loss, _ = q(z)
     loss.backward()
     codes = q.codebook.detach()[idx]
-    n_elements = z.numel()
-    torch.testing.assert_close(z.grad, 0.25 * 2 * (z.detach() - codes) / n_elements)
-    expected = torch.zeros_like(q.codebook).index_add_(0, idx, 2 * (codes - z.detach()) / n_elements)
+    n_vectors = z.shape[0]  # squared norms per vector, averaged over the vectors
+    torch.testing.assert_close(z.grad, 0.25 * 2 * (z.detach() - codes) / n_vectors)
+    expected = torch.zeros_like(q.codebook).index_add_(0, idx, 2 * (codes - z.detach()) / n_vectors)
     torch.testing.assert_close(q.codebook.grad, expected)
 
 

@@ -58,7 +58,7 @@ def test_the_codebook_loss_trains_the_map_by_the_chain_rule():
     loss.backward()
     codes = q.codebook_vectors().detach()[idx]
     # d(codebook loss)/de_n = 2 (e_n - z_n) / (N D); the decoder's gradient does not reach the codes.
-    grad_e = 2 * (codes - z.detach()) / z.numel()
+    grad_e = 2 * (codes - z.detach()) / z.shape[0]  # per-vector squared norms, averaged over vectors
     raw = q.codebook.detach()[idx]
     torch.testing.assert_close(q.affine_bias.grad, AFFINE_LR * grad_e.sum(0))
     torch.testing.assert_close(q.affine_weight.grad, AFFINE_LR * (grad_e * raw).sum(0))

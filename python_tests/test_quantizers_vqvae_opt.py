@@ -84,7 +84,7 @@ def test_synchronised_update_gradients(cls):
     torch.testing.assert_close(q.codebook.grad, expected)
     if cls is AffineAlternatingVQ:
         # The map's own parameters: nu * g plus the codebook loss, both through e = a c + b.
-        grad_e = nu * g + 2 * (codes[idx] - z.detach()) / z.numel()
+        grad_e = nu * g + 2 * (codes[idx] - z.detach()) / z.shape[0]
         torch.testing.assert_close(q.affine_bias.grad, q.affine_lr * grad_e.sum(0))
         raw = q.codebook.detach()[idx]
         torch.testing.assert_close(q.affine_weight.grad, q.affine_lr * (grad_e * raw).sum(0))
@@ -98,8 +98,8 @@ def test_without_synchronisation_the_outer_loss_leaves_the_raw_codes_alone():
     assert q.codebook.grad is None or not q.codebook.grad.any()
     # The loss still reports the codebook term (at the moved codes) and trains the encoder by commitment.
     codes = q.codebook.detach()[idx]
-    torch.testing.assert_close(info["loss/codebook"], (codes - z.detach()).pow(2).mean())
-    torch.testing.assert_close(z.grad, 1 + 0.25 * 2 * (z.detach() - codes) / z.numel())
+    torch.testing.assert_close(info["loss/codebook"], (codes - z.detach()).pow(2).sum(1).mean())
+    torch.testing.assert_close(z.grad, 1 + 0.25 * 2 * (z.detach() - codes) / z.shape[0])
 
 
 @pytest.mark.parametrize("cls", VARIANTS)

@@ -4,8 +4,10 @@ Every quantizer maps an encoder output x to
 ``(quantized, indices, loss, info) = quantizer(x)``:
   quantized  the decoder input, x's layout with ``code_dim`` channels;
   indices    int64, x's shape without the channel dimension;
-  loss       a scalar to add to the reconstruction loss (the quantizer's own
-             weighted terms);
+  loss       a scalar: the quantizer's own weighted terms per latent vector, in
+             the units of its bound (nats, or squared norms summed over D);
+             ``gmvq_ext.objective`` adds it, times latent vectors / pixel-
+             channels, to MSE / (2 sigma_x2);
   info       detached float tensors: "perplexity" (exp H of the batch's mean
              soft posterior), "perplexity_hard", "codes_used", and each loss
              term as "loss/<name>".

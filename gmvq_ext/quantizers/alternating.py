@@ -87,11 +87,11 @@ batch and the codebooks and velocities stay identical.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import collectives
 from .affine import AffineVQ
+from .base import mean_squared_distance
 from .vqvae import VectorQuantizer
 
 
@@ -149,7 +149,7 @@ class AlternatingVQ(VectorQuantizer):
 
     def _codebook_loss(self, z: Tensor, z_q: Tensor, indices: Tensor) -> Tensor:
         # The raw codes took their step on this term in _assign; only the map's own parameters learn from it here.
-        return F.mse_loss(self.codebook_map(self.codebook.detach())[indices], z.detach())
+        return mean_squared_distance(self.codebook_map(self.codebook.detach())[indices], z.detach())
 
     def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
         # Value z_q; the encoder gets g, the code additionally nu * g (module docstring, step 4).

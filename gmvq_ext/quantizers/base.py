@@ -28,6 +28,12 @@ def entropy(probs: Tensor) -> Tensor:
     return -(probs * torch.log(probs.clamp_min(LOG_CLAMP))).sum(-1)
 
 
+def mean_squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    """mean_n ||a[n] - b[n]||^2 over (N, D) rows: a squared norm per latent
+    vector, the quantizers' loss unit (docs/math.md, "Units of the objective")."""
+    return (a - b).pow(2).sum() / max(a.shape[0], 1)
+
+
 def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
     """How often each code was chosen, (K,) int64.
 

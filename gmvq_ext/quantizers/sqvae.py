@@ -5,7 +5,8 @@ One learned variance s^2 = exp(log_variance) shared by every dimension:
   training:  c = gumbel_softmax(logits, tau) (soft by default, as in SQ-VAE),
              quantized = c @ E;
   eval:      quantized = E[argmax_k logits].
-Loss = latent_weight * (KL_discrete + KL_gaussian), averaged over vectors:
+Loss = latent_weight * (KL_discrete + KL_gaussian), averaged over vectors (nats
+per latent vector, the units of docs/math.md "Units of the objective"):
   KL_discrete = sum_k P log P + log K   (= KL(P || Uniform), >= 0),
   KL_gaussian = ||z - quantized||^2 / (2 s^2).
 Gradients reach s^2 through both terms: the learned variance shrinks as
@@ -13,11 +14,13 @@ reconstruction improves, so the quantisation anneals itself ("self-annealing").
 
 Simplifications, documented:
   * SQ-VAE sums its terms per image and pairs them with a reconstruction term
-    dim_x/2 * log(MSE) (a learned decoder variance). Here every term is a
-    mean per latent vector, added to the trainer's mean-squared error; the
-    default latent_weight 2e-3 ~ 2 * MSE * (latent vectors / pixel
-    elements) with MSE ~ 0.01 and 16x16 latents of a 32x32x3 image, which
-    gives the two terms the relative gradient scale they have in SQ-VAE.
+    dim_x/2 * log(MSE) (a learned decoder variance). Here the trainer's
+    reconstruction term is MSE / (2 sigma_x2) with a fixed sigma_x2, and
+    latent_weight = 1 is SQ-VAE's own bound at that sigma_x2. The default
+    0.096 is the weight this package used before its objective was put in
+    these units (2e-3 beside a plain MSE, chosen as ~ 2 * MSE * (latent
+    vectors / pixel elements) with MSE ~ 0.01), expressed exactly in them at
+    sigma_x2 = 0.5 and 4x downsampling (times P / M = 48).
   * The temperature follows the shared schedule (2.0 -> 0.1, as the GM-VQ
     paper does for every Gumbel baseline) instead of SQ-VAE's 1e-5 decay.
   * log_variance starts at 0 (s^2 = 1) unless given.
@@ -38,7 +41,7 @@ from .base import Quantizer, entropy, usage_statistics
 class SQVAEQuantizer(Quantizer):
     """input_channels = code_dim = D."""
 
-    def __init__(self, dim: int = 64, codebook_size: int = 1024, *, latent_weight: float = 2e-3,
+    def __init__(self, dim: int = 64, codebook_size: int = 1024, *, latent_weight: float = 0.096,
                  log_variance_init: float = 0.0, hard: bool = False, seed: int = 0,
                  channel_first: Optional[bool] = None, temperature_start: float = 2.0,
                  temperature_end: float = 0.1):

@@ -1,8 +1,12 @@
 """VQ-VAE, its l2 and dead-code-replacement remedies and both at once (Table 1 baselines).
 
 * ``VectorQuantizer`` (van den Oord et al. 2017): nearest code, straight-through
-  gradient, loss = ||sg(z) - e||^2 + commitment * ||z - sg(e)||^2 (means over
-  elements, as in the authors' and most public implementations).
+  gradient, loss = ||sg(z) - e||^2 + commitment * ||z - sg(e)||^2, squared norms
+  of each latent vector (summed over D, as the paper writes them) averaged
+  over the vectors: the per-latent-vector units of docs/math.md "Units of the
+  objective", so that the trainer's MSE / (2 sigma_x2) + (M / P) * loss is the
+  VQ-VAE paper's loss (its reconstruction term at sigma_x2 = 0.5). Most public
+  implementations take means over elements, which is this loss / D.
 * ``NormalizedVQ`` (Yu et al. 2022, ViT-VQGAN): the same on l2-normalised
   encoder outputs and codes (the decoder receives unit vectors). ViT-VQGAN's
   low-dimensional factorised lookup is not included: D is the code dim.
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from . import collectives, noise
 from .backend import codebook_distance
-from .base import Quantizer, code_counts, usage_statistics
+from .base import Quantizer, code_counts, mean_squared_distance, usage_statistics
 
 
 class VectorQuantizer(Quantizer):
@@ -84,7 +88,7 @@ class VectorQuantizer(Quantizer):
             indices = self._assign(z)
             z_q = self.codebook_vectors()[indices]
             codebook_loss = self._codebook_loss(z, z_q, indices)
-            commitment_loss = self.commitment * F.mse_loss(z, z_q.detach())
+            commitment_loss = self.commitment * mean_squared_distance(z, z_q.detach())
             quantized = self._straight_through(z, z_q)
             counts = code_counts(indices, self.codebook_size)
             if self.training:
@@ -101,8 +105,8 @@ class VectorQuantizer(Quantizer):
         return codebook_distance(z.detach(), None, self.codebook_vectors().detach()).argmin(1)
 
     def _codebook_loss(self, z: Tensor, z_q: Tensor, indices: Tensor) -> Tensor:
-        """||sg(z) - e||^2, mean over elements: moves the chosen codes towards the encoder outputs."""
-        return F.mse_loss(z_q, z.detach())
+        """||sg(z) - e||^2, mean over vectors: moves the chosen codes towards the encoder outputs."""
+        return mean_squared_distance(z_q, z.detach())
 
     def _straight_through(self, z: Tensor, z_q: Tensor) -> Tensor:
         """The decoder sees z_q, the encoder gets the decoder's gradient.

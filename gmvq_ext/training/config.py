@@ -16,6 +16,7 @@ import inspect
 
 from ..data import DATASETS, IMAGE_SIZE
 from ..models import DOWNSAMPLING_CHOICES, LATENT_DOWNSAMPLING, image_size_problem
+from ..objective import DEFAULT_SIGMA_X2
 from ..quantizers import QUANTIZERS
 
 # The paper's settings (Yan et al. 2024, section 5): AdamW, batch 256,
@@ -33,10 +34,13 @@ FOLDER_ONLY_FLAGS = ("image_size", "split_file", "skip_bad_images")
 WARMUP_START_FACTOR = 0.2
 QUANTIZER_NAMES = tuple(QUANTIZERS)  # the registry of gmvq_ext.quantizers: every quantizer by name
 # Flags that set one keyword of the quantizer's constructor (None: the quantizer's default).
-QUANTIZER_FLAGS = ("beta", "gamma", "sigma_z2", "commitment")
+QUANTIZER_FLAGS = ("beta", "gamma", "sigma_z2", "noise_scale", "commitment")
 # The value of a run-defining argument in checkpoints written before the flag existed.
 RUN_DEFINING_BEFORE = {"precision": "fp32", "commitment": None, "image_size": None, "split_file": None,
-                       "skip_bad_images": False, "downsampling": LATENT_DOWNSAMPLING}
+                       "skip_bad_images": False, "downsampling": LATENT_DOWNSAMPLING,
+                       # Runs before --sigma-x2 trained another objective (a plain MSE beside the quantizer's
+                       # loss in other units): they cannot be continued by this version.
+                       "sigma_x2": "none (an objective before the ALBO's units; continue it with gmvq_ext 0.1)"}
 PRECISIONS = ("fp32", "bf16-mixed")
 
 
@@ -109,9 +113,17 @@ def build_parser() -> TrainingParser:
                "beyond 4); default 4, the paper's")
     model("--codebook-size", type=int, help="K; default 1024")
     model("--dim", type=int, help="code dimension D; default 64")
-    model("--beta", type=float, help="GM-VQ: weight of KL(q_bar || uniform) (default 1; gmvq-entropy 5)")
-    model("--gamma", type=float, help="GM-VQ: weight of the latent term")
-    model("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2")
+    model("--sigma-x2", type=float, default=DEFAULT_SIGMA_X2,
+          help="the decoder's variance sigma_x^2: the loss is MSE / (2 sigma_x^2) + (latent vectors / pixel-channels) "
+               "* the quantizer's loss per latent vector, the bound per pixel-channel (docs/math.md, Units of the "
+               f"objective); default {DEFAULT_SIGMA_X2} (the reconstruction term is the plain MSE)")
+    model("--beta", type=float,
+          help="GM-VQ: weight of KL(q_bar || uniform); 1 is the ALBO (default 48; gmvq-entropy 240)")
+    model("--gamma", type=float, help="GM-VQ: weight of the latent term; 1 is the ALBO (default 0.3)")
+    model("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2 of the latent term (default 0.5)")
+    model("--noise-scale", type=float,
+          help="GM-VQ: training noise, times the paper's s = ||z - z_q|| / sqrt(2 sigma_z^2 D); 1 the paper's, "
+               "0 none (default 0)")
     model("--commitment", type=float, help="VQ-VAE family: commitment weight (default 0.25)")
     model("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
           help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, replace_after=50, "
@@ -185,6 +197,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--dist-timeout must be positive, got {args.dist_timeout}")
     if args.lr <= 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.num_workers < 0:
         parser.error("--lr must be positive and --weight-decay, --warmup-epochs, --num-workers non-negative")
+    if not (args.sigma_x2 > 0 and args.sigma_x2 < float("inf")):
+        parser.error(f"--sigma-x2 must be finite and positive, got {args.sigma_x2}")
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.dataset == "folder" and args.image_size is None:
@@ -225,6 +239,8 @@ def quantizer_options(args) -> dict:
         options[name] = value
     for item in getattr(args, "quantizer_option", None) or []:
         keyword, value = parse_option(item)
+        if keyword == "noise" and "noise_scale" in accepted:  # GM-VQ's switch before noise_scale (gmvq_ext 0.1)
+            keyword, value = "noise_scale", 1.0 if value else 0.0
         if keyword not in accepted or keyword in ("dim", "codebook_size"):
             raise ValueError(f"--quantizer-option {keyword}: the {args.quantizer} quantizer takes "
                              f"{sorted(accepted - {'dim', 'codebook_size'})}")

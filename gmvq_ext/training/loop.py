@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from ..data import collate_images
 from ..files import write_json_atomic
+from ..objective import latent_fraction, per_pixel_bound
 from ..quantizers.backend import has_kernel
 from . import checkpoint as ckpt
 from . import process_group
@@ -191,7 +192,8 @@ def run(args, ctx: process_group.Context) -> dict | None:
                     reconstruction, indices, quantizer_loss, info = forward(images)
                     mse = F.mse_loss(reconstruction, images)
                     mse, quantizer_loss, info = inject.terms(position.step + 1, mse, quantizer_loss, info)
-                    loss = mse + quantizer_loss
+                    # The negative bound per pixel-channel (gmvq_ext/objective.py): a weight of 1 means the paper's.
+                    loss = per_pixel_bound(mse, quantizer_loss, latent_fraction(images, indices), args.sigma_x2)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 inject.gradient(position.step + 1, bare)
