@@ -31,9 +31,10 @@ class GaussianMixtureVQ(Quantizer):
     latent_reg[n] = ||z_hat[n] - z_q[n]||^2 / (2 sigma_z2), where q_bar is the
     aggregated posterior of the whole (global, under torch.distributed)
     batch. beta = gamma = 1 is the ALBO's own regulariser; a trainer adds it,
-    times M / P, to MSE / (2 sigma_x2) (``gmvq_ext.objective``). ``info`` holds both terms as added to the loss ("loss/latent",
-    "loss/kl_uniform"), "entropy" H(q_bar), "temperature", and the usage
-    statistics of ``base.usage_statistics``.
+    times M / P, to MSE / (2 sigma_x2) (``gmvq_ext.objective``). ``info``
+    holds both terms as added to the loss ("loss/latent", "loss/kl_uniform"),
+    "entropy" H(q_bar), "temperature", and the usage statistics of
+    ``base.usage_statistics``.
 
     Codebook: a K x D parameter (the optimiser trains it, weight decay
     included), initialised by k-means on the first training batch's z_hat
