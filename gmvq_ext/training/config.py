@@ -118,7 +118,7 @@ def build_parser() -> TrainingParser:
                "* the quantizer's loss per latent vector, the bound per pixel-channel (docs/math.md, Units of the "
                f"objective); default {DEFAULT_SIGMA_X2} (the reconstruction term is the plain MSE)")
     model("--beta", type=float,
-          help="GM-VQ: weight of KL(q_bar || uniform); 1 is the ALBO (default 48; gmvq-entropy 240)")
+          help="GM-VQ: weight of KL(q_bar || uniform); 1 is the ALBO (default 1; gmvq-entropy 5)")
     model("--gamma", type=float, help="GM-VQ: weight of the latent term; 1 is the ALBO (default 0.3)")
     model("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2 of the latent term (default 0.5)")
     model("--noise-scale", type=float,
