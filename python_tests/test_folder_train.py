@@ -151,7 +151,9 @@ def test_psnr_and_ssim_in_results_and_evaluate_match_an_independent_computation(
     ssim = np.mean([ssim_reference(r, x) for r, x in zip(reconstructions, images)])
     for reported in (results, printed):
         assert reported["test_psnr"] == pytest.approx(psnr, rel=1e-6)
-        assert reported["test_ssim"] == pytest.approx(ssim, abs=2e-6)
+        # torchmetrics works in float32, the reference in float64: E[a^2] - mu^2 cancels where a
+        # reconstruction is flat (var + c2 down to 9e-4), a few 1e-6 on this run's few codes.
+        assert reported["test_ssim"] == pytest.approx(ssim, abs=1e-5)
     assert 0 < ssim < 1 and 5 < psnr < 40
 
 
