@@ -101,3 +101,16 @@ def test_the_trainer_minimises_the_bound_with_its_sigma_x2(tmp_path):
     assert bad.returncode == 2 and "--sigma-x2 must be finite and positive" in bad.stderr
     nan = run_cli(*SMALL, "--epochs", "1", "--sigma-x2", "nan", "--out", str(tmp_path / "nan"))
     assert nan.returncode == 2 and "--sigma-x2 must be finite and positive" in nan.stderr
+
+
+def test_a_run_from_before_the_units_is_not_continued():
+    """Its checkpoint trained another objective: --resume refuses it, naming --sigma-x2."""
+    from gmvq_ext.training.config import RUN_DEFINING, parse_args
+    from gmvq_ext.training.resume import check_same_run
+
+    args = parse_args([*SMALL, "--epochs", "2", "--out", "unused"])
+    saved = {name: getattr(args, name) for name in RUN_DEFINING if name != "sigma_x2"}
+    saved["epochs"] = 2
+    with pytest.raises(ValueError, match=r"--sigma-x2 0.5 \(checkpoint: .none \(an objective before the ALBO's units"):
+        check_same_run(args, saved, 1, 1)
+    check_same_run(args, {**saved, "sigma_x2": 0.5}, 1, 1)  # the same run, written by this version

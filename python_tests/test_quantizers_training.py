@@ -70,3 +70,14 @@ def test_options_of_another_quantizer_are_refused():
     args = parse_args([*TINY, "--quantizer", "vqvae-affine", "--quantizer-option", "sync_nu=1", "--out", "unused"])
     with pytest.raises(ValueError, match="sync_nu"):
         quantizer_options(args)
+
+
+@pytest.mark.parametrize("value, scale", [("False", 0.0), ("True", 1.0)])
+def test_gmvq_noise_switch_of_older_runs_reads_as_its_noise_scale(value, scale):
+    # Checkpoints of gmvq_ext 0.1 recorded --quantizer-option noise=...: they still evaluate and tokenize.
+    args = parse_args([*TINY, "--quantizer", "gmvq", "--quantizer-option", f"noise={value}", "--out", "unused"])
+    assert quantizer_options(args)["noise_scale"] == scale
+    assert QUANTIZERS["gmvq"](dim=16, codebook_size=64, **quantizer_options(args)).noise_scale == scale
+    args = parse_args([*TINY, "--quantizer", "vqvae", "--quantizer-option", "noise=False", "--out", "unused"])
+    with pytest.raises(ValueError, match="noise"):
+        quantizer_options(args)  # only GM-VQ ever had it
