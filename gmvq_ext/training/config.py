@@ -126,7 +126,7 @@ def build_parser() -> TrainingParser:
                "0 none (default 0)")
     model("--commitment", type=float, help="VQ-VAE family: commitment weight (default 0.25)")
     model("--quantizer-option", action="append", default=[], metavar="NAME=VALUE",
-          help="any other keyword of the quantizer's constructor, e.g. kl_weight=5e-4, replace_after=50, "
+          help="any other keyword of the quantizer's constructor, e.g. kl_weight=1, replace_after=50, "
                "hard=False (repeatable; values parsed as Python literals)")
 
     optimisation = p.group("optimisation", "how it is trained", defines_run=True)
