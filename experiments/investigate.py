@@ -283,18 +283,8 @@ def tuning(args, dataset: str = "cifar10") -> dict[str, dict]:
             state[system]["lever"] += 1
 
 
-def lever_default(system: str, lever: str):
-    """The first candidate of a lever (its default), looked up through INHERITS."""
-    while system:
-        for name, values in SYSTEMS[system][1]:
-            if name == lever:
-                return values[0]
-        system = INHERITS.get(system)
-    return None
-
-
 def system_levers(system: str) -> list:
-    """Every lever of a system, its parent's (INHERITS) included."""
+    """Every lever of a system, its parent's (INHERITS) first, its own after."""
     levers = []
     while system:
         levers = SYSTEMS[system][1] + levers
@@ -302,13 +292,19 @@ def system_levers(system: str) -> list:
     return levers
 
 
+def lever_defaults(system: str) -> dict:
+    """The first candidate of every lever (its default); a system's own lever overrides its parent's."""
+    return {lever: values[0] for lever, values in system_levers(system)}
+
+
 def tune_run(args, system: str, settings: dict) -> Run:
     # Every lever is passed to the trainer, those not searched yet at their first candidate,
     # so a run never depends on the package's defaults (which the study itself changes).
-    full = {**{lever: values[0] for lever, values in system_levers(system)}, **settings}
+    defaults = lever_defaults(system)
+    full = {**defaults, **settings}
     # A lever at its default (other than the learning rate, which every name carries)
     # leaves the name alone: the previous round's best run is this run, not run twice.
-    named = {k: v for k, v in settings.items() if k == "lr" or v != lever_default(system, k)}
+    named = {k: v for k, v in settings.items() if k == "lr" or v != defaults.get(k)}
     return Run(name=f"tune-{slug(system)}-{settings_slug(named)}", phase="tune", system=system,
                dataset="cifar10", settings=full, seed=0, epochs=args.tune_epochs, val=True)
 

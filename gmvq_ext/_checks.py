@@ -96,7 +96,7 @@ def check_distribution(distribution: str) -> None:
 
 
 def check_quantize_inputs(z, weight, codebook, temperature, sigma_z2, noise_state, gumbel_noise, eps_noise,
-                          noise_scale: float = 1.0) -> None:
+                          noise_scale: float) -> None:
     check_codebook_inputs(z, weight, codebook)
     check_temperature(temperature, z)
     check_positive_finite(sigma_z2, "sigma_z2")

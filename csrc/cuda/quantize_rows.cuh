@@ -92,14 +92,14 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32) backward_prepare_kernel(Ro
   // d z_out / d r through the scale |r| / c0 is (alpha / c0) r / |r|, taken as 0 at r = 0.
   const T through_scale = a.noisy && rho > T(0) ? alpha / (rho * a.c0) : T(0);
   const T coefficient = through_scale + a.grad_latent_reg[n] / a.sigma_z2;
-  const T noise_scale = rho / a.c0;  // s = |r| / c0, the factor of eps in z_out
+  const T eps_factor = rho / a.c0;  // |r| / c0, the factor of eps in z_out
   T beta = T(0);
   for (int64_t d = lane; d < a.d; d += 32) {
     const T direct = coefficient * (z[d] - zq[d]);
     const T gzq = g_out[d] - direct;
     a.grad_z[n * a.d + d] = direct;
     a.grad_zq[n * a.dp + d] = gzq;
-    if (a.grad_eps != nullptr) a.grad_eps[n * a.d + d] = g_out[d] * noise_scale;
+    if (a.grad_eps != nullptr) a.grad_eps[n * a.d + d] = g_out[d] * eps_factor;
     if (a.soft) beta += gzq * zq[d];
   }
   if (a.soft) {
