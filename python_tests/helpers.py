@@ -32,7 +32,7 @@ import torch
 
 import gmvq_ext
 from gmvq_ext import build_quantizer, ops, reference
-from gmvq_ext.quantizers import AffineVQ, VectorQuantizer
+from gmvq_ext.quantizers import QUANTIZERS, AffineVQ, VectorQuantizer
 
 BUILD_INFO = gmvq_ext.build_info()
 HAS_CUDA = torch.cuda.is_available() and BUILD_INFO["with_cuda"]
@@ -242,9 +242,11 @@ QUANTIZER_OPTIONS = {
 def make_quantizer(name: str, **options):
     """build_quantizer(name) with K = 16, D = 4 and QUANTIZER_OPTIONS[name] (`options` win),
     its parameters drawn after torch.manual_seed(0). A VQ-VAE variant then gets codes at
-    the data's scale (a batch uses several of them) and an affine one a map that is not
-    the identity."""
+    the data's scale (a batch uses several of them), kept by its training forward (no
+    k-means unless asked), and an affine one a map that is not the identity."""
     torch.manual_seed(0)
+    if issubclass(QUANTIZERS[name], VectorQuantizer):
+        options.setdefault("kmeans_init", False)
     q = build_quantizer(name, codebook_size=16, dim=4, **{**QUANTIZER_OPTIONS.get(name, {}), **options})
     if isinstance(q, VectorQuantizer):
         gen = torch.Generator().manual_seed(5)

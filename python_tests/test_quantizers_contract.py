@@ -246,6 +246,9 @@ def test_compile_fullgraph_in_training(name):
         torch.manual_seed(0)
         modules.append(build_quantizer(name, codebook_size=16, dim=4).train())
     eager, compiled_module = modules
+    first = torch.randn(2, eager.input_channels, 3, 3, generator=torch.Generator().manual_seed(9))
+    for module in modules:  # k-means on the first training batch runs eagerly, before compiling (fullgraph)
+        module(first)
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     for seed in range(2):
         x = torch.randn(2, eager.input_channels, 3, 3, generator=torch.Generator().manual_seed(seed))

@@ -14,7 +14,7 @@ def make(cls=AffineVQ, **options):
     torch.manual_seed(0)
     if cls is AffineVQ:
         options.setdefault("affine_lr", AFFINE_LR)
-    q = cls(dim=4, codebook_size=16, **options)
+    q = cls(dim=4, codebook_size=16, kmeans_init=False, **options)  # the codes below, kept
     with torch.no_grad():
         q.codebook.copy_(torch.randn(16, 4, generator=torch.Generator().manual_seed(5)))
     return q

@@ -74,3 +74,7 @@ class AffineVQ(VectorQuantizer):
 
     def codebook_map(self, raw: Tensor) -> Tensor:
         return raw * self.affine_scale() + self.affine_shift()
+
+    def raw_codes(self, code_vectors: Tensor) -> Tensor:
+        """The inverse map, (e - b) / a: k-means centroids become raw codes whose code vectors they are."""
+        return (code_vectors - self.affine_shift()) / self.affine_scale()

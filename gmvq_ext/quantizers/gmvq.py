@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from . import backend, collectives
 from .base import Quantizer, entropy, usage_statistics
-from .kmeans import kmeans
+from .kmeans_init import KMeansInit
 
 WEIGHT_MODES = ("full", "scalar", None)
 
 
-class GaussianMixtureVQ(Quantizer):
+class GaussianMixtureVQ(KMeansInit, Quantizer):
     """GM-VQ bottleneck: Gumbel-softmax over a Gaussian mixture codebook, trained with the ALBO.
 
     Input channels (the encoder head's output), by ``weight``:
@@ -73,7 +73,7 @@ class GaussianMixtureVQ(Quantizer):
     gradient of y.
 
     Defaults, chosen on CIFAR-10 validation. beta = 1, the ALBO itself:
-    over 0.01 ... 48 (experiments/sweep_beta.py, 2 seeds x 15 epochs) it gave
+    over 0.01 ... 48 (experiments/sweep.py, 2 seeds x 15 epochs) it gave
     the lowest validation MSE, 21.8e-3 at perplexity 426, against 23.2e-3 at
     3 and 25.0e-3 at 0.3; lower beta uses fewer codes, higher more
     (experiments/results/beta_sweep.md). The others come from
@@ -108,12 +108,8 @@ class GaussianMixtureVQ(Quantizer):
         self.input_channels = self.code_dim + self.weight_channels
         self.beta, self.gamma, self.sigma_z2, self.hard = float(beta), float(gamma), float(sigma_z2), bool(hard)
         self.noise_scale = float(noise_scale)
-        self.kmeans_iterations = int(kmeans_iterations)
         self.codebook = nn.Parameter(torch.randn(self.codebook_size, self.code_dim))
-        self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        # Python mirror of `initialized`, so the compiled forward never reads the buffer's value.
-        self._kmeans_pending = bool(kmeans_init)
-        self.register_load_state_dict_post_hook(_sync_kmeans_flag)
+        self._setup_kmeans(kmeans_init, kmeans_iterations)
 
     def extra_repr(self) -> str:
         return (f"dim={self.code_dim}, codebook_size={self.codebook_size}, weight={self.weight_mode!r}, "
@@ -148,8 +144,7 @@ class GaussianMixtureVQ(Quantizer):
         codebook = self.codebook
         z_hat = z_hat.to(codebook.dtype)
         weight = None if w_raw is None else F.softplus(w_raw.to(codebook.dtype))
-        if self.training and self._kmeans_pending:
-            self.initialise_codebook(z_hat)
+        self._kmeans_if_pending(z_hat)
         n = z_hat.shape[0]
         z_out, indices, q_bar, latent_reg = backend.quantize(
             z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training, self._noise_state(),
@@ -185,26 +180,3 @@ class GaussianMixtureVQ(Quantizer):
         weight = None if raw is None else F.softplus(raw.to(codebook.dtype))
         probs, _ = backend.weighted_softmax(z_hat.to(codebook.dtype), weight, codebook, 1.0)
         return probs.reshape(*index_shape, self.codebook_size)
-
-    # ------------------------------------------------------------------ initialisation
-    # Never traced: under torch.compile it runs eagerly (a graph break, an error with fullgraph=True).
-    @torch._dynamo.disable
-    @torch.no_grad()
-    def initialise_codebook(self, z_hat: Tensor) -> None:
-        """k-means of z_hat (N, D) rows into the codebook; every rank gets rank 0's result.
-
-        Rank 0 clusters the vectors of every rank (gathered); the seed is the
-        module's ``seed`` buffer, so the result is reproducible."""
-        data = collectives.gather_to_rank0(z_hat.detach().reshape(-1, self.code_dim))
-        _, rank = collectives.world_size_and_rank()
-        if rank == 0:
-            centroids = kmeans(data, self.codebook_size, self.kmeans_iterations, seed=int(self.seed))
-            self.codebook.copy_(centroids.to(self.codebook.dtype))
-        collectives.broadcast_from_rank0_(self.codebook.data)
-        self.initialized.fill_(True)
-        self._kmeans_pending = False
-
-
-def _sync_kmeans_flag(module: GaussianMixtureVQ, incompatible_keys) -> None:
-    # A loaded state says whether k-means already ran; the Python mirror follows it.
-    module._kmeans_pending = not bool(module.initialized)

@@ -36,13 +36,17 @@ from torch import Tensor, nn
 
 from . import backend
 from .base import Quantizer, entropy, usage_statistics
+from .kmeans_init import KMeansInit
 
 
-class SQVAEQuantizer(Quantizer):
-    """input_channels = code_dim = D."""
+class SQVAEQuantizer(KMeansInit, Quantizer):
+    """input_channels = code_dim = D. The codebook starts as the k-means
+    centroids of the first training batch (the paper starts every model so);
+    ``kmeans_init=False``: standard normal."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, latent_weight: float = 0.096,
-                 log_variance_init: float = 0.0, hard: bool = False, seed: int = 0,
+                 log_variance_init: float = 0.0, hard: bool = False, kmeans_init: bool = True,
+                 kmeans_iterations: int = 10, seed: int = 0,
                  channel_first: Optional[bool] = None, temperature_start: float = 2.0,
                  temperature_end: float = 0.1):
         super().__init__(channel_first=channel_first, seed=seed, temperature_start=temperature_start,
@@ -52,6 +56,7 @@ class SQVAEQuantizer(Quantizer):
         self.latent_weight, self.hard = float(latent_weight), bool(hard)
         self.codebook = nn.Parameter(torch.randn(self.codebook_size, self.code_dim))
         self.log_variance = nn.Parameter(torch.tensor(float(log_variance_init)))
+        self._setup_kmeans(kmeans_init, kmeans_iterations)
 
     def extra_repr(self) -> str:
         return (f"dim={self.code_dim}, codebook_size={self.codebook_size}, "
@@ -61,6 +66,7 @@ class SQVAEQuantizer(Quantizer):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.to(self.codebook.dtype)
             n = z.shape[0]
+            self._kmeans_if_pending(z)
             variance = self.log_variance.exp()
             logits = -backend.codebook_distance(z, None, self.codebook) / (2.0 * variance)
             probs = torch.softmax(logits, dim=1)

@@ -36,13 +36,17 @@ from torch import Tensor, nn
 from . import collectives, noise
 from .backend import codebook_distance
 from .base import Quantizer, code_counts, mean_squared_distance, usage_statistics
+from .kmeans_init import KMeansInit
 
 
-class VectorQuantizer(Quantizer):
+class VectorQuantizer(KMeansInit, Quantizer):
     """VQ-VAE quantizer: input and output D channels.
 
-    The codebook starts uniform in [-1/K, 1/K] (the customary VQ-VAE
-    initialisation), trained by the codebook loss (no EMA).
+    The codebook is trained by the codebook loss (no EMA). It starts as the
+    k-means centroids of the first training batch's vectors (as compared:
+    l2-normalised for the l2 variants), as the paper starts every model;
+    ``kmeans_init=False`` keeps the customary VQ-VAE start, uniform in
+    [-1/K, 1/K].
 
     A training forward, in order, with the hooks subclasses override:
       ``_before_quantize(z)``      (dead-code replacement)
@@ -55,6 +59,7 @@ class VectorQuantizer(Quantizer):
     with z and given to the decoder (l2 normalisation, affine map)."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, commitment: float = 0.25,
+                 kmeans_init: bool = True, kmeans_iterations: int = 10,
                  seed: int = 0, channel_first: Optional[bool] = None):
         super().__init__(channel_first=channel_first, seed=seed)
         self.code_dim = self.input_channels = int(dim)
@@ -62,6 +67,7 @@ class VectorQuantizer(Quantizer):
         self.commitment = float(commitment)
         bound = 1.0 / self.codebook_size
         self.codebook = nn.Parameter(torch.empty(self.codebook_size, self.code_dim).uniform_(-bound, bound))
+        self._setup_kmeans(kmeans_init, kmeans_iterations)
 
     def extra_repr(self) -> str:
         return f"dim={self.code_dim}, codebook_size={self.codebook_size}, commitment={self.commitment}"
@@ -85,6 +91,7 @@ class VectorQuantizer(Quantizer):
             if self.training:
                 self._before_quantize(z)
             z = self._project(z)
+            self._kmeans_if_pending(z)
             indices = self._assign(z)
             z_q = self.codebook_vectors()[indices]
             codebook_loss = self._codebook_loss(z, z_q, indices)
@@ -140,7 +147,8 @@ class DeadCodeReplacementVQ(VectorQuantizer):
     takes the value of an encoder output of this batch picked by Philox
     (key: the ``seed`` buffer, counter: the ``step`` buffer), and its counter
     restarts. Under torch.distributed rank 0's choice is broadcast. The
-    optimiser's moments of a replaced code are left as they are."""
+    optimiser's moments of a replaced code are left as they are. A training
+    forward's ``info["codes_replaced"]`` counts the codes it replaced."""
 
     def __init__(self, dim: int = 64, codebook_size: int = 1024, *, replace_after: int = 100, **options):
         super().__init__(dim, codebook_size, **options)
@@ -156,13 +164,21 @@ class DeadCodeReplacementVQ(VectorQuantizer):
     def _before_quantize(self, z: Tensor) -> None:
         offset = self._next_noise_offset()
         if z.shape[0] == 0:
+            self._codes_replaced = self.steps_unused.new_zeros(())
             return
         dead = self.steps_unused >= self.replace_after
+        self._codes_replaced = dead.sum()
         picks = noise.random_indices(self.seed, offset, self.codebook_size, z.shape[0], z.device)
         # Branch-free: every code is rewritten, live ones with their own value.
         self.codebook.copy_(torch.where(dead[:, None], z[picks], self.codebook))
         collectives.broadcast_from_rank0_(self.codebook.data)
         self.steps_unused.masked_fill_(dead, 0)
+
+    def quantize_vectors(self, rows: Tensor):
+        quantized, indices, loss, info = super().quantize_vectors(rows)
+        if self.training:
+            info["codes_replaced"] = self._codes_replaced.to(torch.float32)
+        return quantized, indices, loss, info
 
     @torch.no_grad()
     def _after_quantize(self, counts: Tensor) -> None:

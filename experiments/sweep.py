@@ -1,0 +1,287 @@
+"""Train systems at chosen settings with several seeds and compare them on
+validation (or, once chosen, on test): the engine of issue 26's study.
+
+    # GM-VQ's beta around the ALBO beside two baselines at their defaults
+    python experiments/sweep.py "gmvq:beta=0.01|0.1|0.3|1|3|10|48" vqvae-l2 vqvae --seeds 0,1 --epochs 15
+    # every system's learning rate
+    python experiments/sweep.py "gmvq:lr=0.003|0.01|0.03" "vqvae-l2:lr=0.003|0.01|0.03" --out results/lr_grid
+    # the chosen settings, tested
+    python experiments/sweep.py gmvq:lr=0.01 vqvae-l2:lr=0.003 --seeds 0,1,2 --epochs 30 --evaluate test
+
+A point is ``SYSTEM[:lever=value,lever=value...]``; ``a|b|c`` gives one point
+per value (several such levers: every combination). A lever is a flag of
+``gmvq_ext.train`` (lr, beta, gamma, sigma_z2, noise_scale, sigma_x2,
+commitment, weight_decay, warmup_epochs, batch_size) or else a keyword of the
+quantizer's constructor (replace_after, latent_weight, kl_weight,
+temperature_start, ...) passed as ``--quantizer-option``. Whatever a point
+does not set is the package's default, written into the command so a run
+never depends on a later default: lr 1e-2, batch 128, 1 warmup epoch.
+
+Every run is one ``python -m gmvq_ext.train`` on one thread, ``--jobs`` at a
+time, resumable (``--auto-resume``), kept under ``--runs-dir`` in a folder
+named by its settings (a finished one is read, not retrained). ``--evaluate
+val`` holds out 10% of CIFAR-10's training images (CelebA: its official
+validation split) and reads only the validation metrics: nothing is chosen on
+a test split. ``--evaluate test`` trains on every training image and reports
+the test split: for chosen settings only. Writes OUT.json (every run's
+command, last-epoch metrics and per-epoch curve), OUT.md (mean ± standard
+deviation over seeds), OUT.png (MSE against perplexity: the frontier) and
+OUT-curves.png (MSE and perplexity against epoch, one line per point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import gmvq_ext
+except ImportError:  # a development tree built in place (dev/dev_build.sh): the package beside this folder
+    sys.path.insert(0, str(ROOT))
+    import gmvq_ext
+# The runs import the same gmvq_ext as this script (installed, or the development tree).
+PACKAGE_PARENT = Path(gmvq_ext.__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_DATA = {"cifar10": DATA / "cifar10-sample", "celeba": DATA / "celeba-sample"}
+METRIC_NAMES = ("mse", "psnr", "perplexity", "codes_used")
+TRAINER_LEVERS = ("lr", "beta", "gamma", "sigma_z2", "noise_scale", "sigma_x2", "commitment", "weight_decay",
+                  "warmup_epochs", "batch_size")
+# The settings every command states, unless a point sets them.
+FIXED = {"lr": 1e-2, "batch_size": 128, "warmup_epochs": 1}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("points", nargs="+", metavar="SYSTEM[:lever=v1|v2,...]")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--dataset", choices=tuple(DEFAULT_DATA), default="cifar10")
+    p.add_argument("--data-dir", help="default: ../shared/data/<dataset>-sample")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "sweep"))
+    p.add_argument("--evaluate", choices=("val", "test"), default="val",
+                   help="val: tune (validation metrics only); test: the chosen settings, all training images")
+    p.add_argument("--out", default=str(RESULTS / "sweep"),
+                   help="writes OUT.json, OUT.md, OUT.png and OUT-curves.png")
+    args = p.parse_args(argv)
+    args.data_dir = Path(args.data_dir or DEFAULT_DATA[args.dataset]).resolve()
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    return args
+
+
+def expand(spec: str) -> list[tuple[str, dict]]:
+    """'gmvq:beta=0.1|1,lr=0.01' -> [("gmvq", {"beta": 0.1, "lr": 0.01}), ("gmvq", {"beta": 1.0, "lr": 0.01})]."""
+    system, _, settings = spec.partition(":")
+    if system not in gmvq_ext.QUANTIZERS:
+        raise SystemExit(f"point {spec!r}: unknown system {system!r}; choose one of {sorted(gmvq_ext.QUANTIZERS)}")
+    names, choices = [], []
+    for item in filter(None, settings.split(",")):
+        name, equals, values = item.partition("=")
+        if not equals or not values:
+            raise SystemExit(f"point {spec!r}: {item!r} is not lever=value")
+        names.append(name.strip().replace("-", "_"))
+        choices.append([literal(value) for value in values.split("|")])
+    return [(system, dict(zip(names, combination))) for combination in itertools.product(*choices)]
+
+
+def literal(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)
+
+
+def label(system: str, levers: dict) -> str:
+    return system + "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+                            for name, value in sorted(levers.items()))
+
+
+def command(args, system: str, levers: dict, seed: int, out: Path) -> list[str]:
+    settings = {**FIXED, **levers}
+    flags = []
+    for name, value in sorted(settings.items()):
+        if name in TRAINER_LEVERS:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+        else:
+            flags += ["--quantizer-option", f"{name}={value!r}"]
+    split = ["--val-fraction", "0.1"] if args.evaluate == "val" and args.dataset == "cifar10" else []
+    return [sys.executable, "-m", "gmvq_ext.train", "--dataset", args.dataset, "--data-dir", str(args.data_dir),
+            "--quantizer", system, *flags, "--epochs", str(args.epochs), "--seed", str(seed), *split,
+            "--codebook-size", "1024", "--dim", "64", "--device", "cpu", "--out", str(out.resolve()),
+            "--auto-resume"]
+
+
+def run_folder(args, system: str, levers: dict, seed: int) -> Path:
+    name = label(system, levers).replace(" ", "_")
+    return Path(args.runs_dir) / f"{args.dataset}-{args.evaluate}-epochs={args.epochs}" / f"{name}-seed={seed}"
+
+
+def train(args, system: str, levers: dict, seed: int) -> dict:
+    out = run_folder(args, system, levers, seed)
+    cmd = command(args, system, levers, seed, out)
+    if not (out / "results.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE_PARENT)}
+        with open(out.parent / f"{out.name}.log", "a") as log:  # cwd: not a source tree that could shadow it
+            done = subprocess.run(cmd, cwd=out.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:  # e.g. a diverged run (a non-finite loss stops it): a result, not a crash
+            reason = (out.parent / f"{out.name}.log").read_text().strip().splitlines()[-1:] or ["no output"]
+            print(f"{label(system, levers)}, seed {seed}: exit {done.returncode}: {reason[0]}", file=sys.stderr)
+            return {"system": system, "levers": levers, "seed": seed, "command": cmd,
+                    "failed": f"exit {done.returncode}: {reason[0]}", "curve": []}
+    return read_run(args.evaluate, out, system, levers, seed, cmd)
+
+
+def read_run(split: str, out: Path, system: str, levers: dict, seed: int, cmd: list[str]) -> dict:
+    """The final metrics of ``split``, the per-epoch curve of the split evaluated every epoch (validation
+    where there is one) and how many codes were replaced in all."""
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last, steps = epochs[-1], [0] + [epoch["step"] for epoch in epochs]
+    if split == "test":  # results.json: the test split after the last epoch (CelebA evaluates val per epoch)
+        results = json.loads((out / "results.json").read_text())
+        final = {f"test/{name}": results.get("codes_used" if name == "codes_used" else f"test_{name}")
+                 for name in METRIC_NAMES}
+    else:
+        final = {f"val/{name}": last.get(f"val/{name}") for name in METRIC_NAMES}
+    every_epoch = "val" if "val/mse" in last else "test"
+    replaced = [epoch.get("train/codes_replaced") for epoch in epochs]
+    return {"system": system, "levers": levers, "seed": seed, "epochs": last["epoch"], "command": cmd, **final,
+            "curve_split": every_epoch,
+            "curve": [{"epoch": epoch["epoch"], "mse": epoch.get(f"{every_epoch}/mse"),
+                       "perplexity": epoch.get(f"{every_epoch}/perplexity")} for epoch in epochs],
+            "codes_replaced": None if None in replaced else round(sum(
+                mean * (after - before) for mean, before, after in zip(replaced, steps, steps[1:])))}
+
+
+def summary(runs: list[dict], split: str) -> list[dict]:
+    """One row per point, in the order first given: mean and standard deviation over seeds of each metric."""
+    rows = {}
+    for run in runs:
+        rows.setdefault(label(run["system"], run["levers"]), []).append(run)
+    table = []
+    for name, group in rows.items():
+        row = {"point": name, "system": group[0]["system"], "levers": group[0]["levers"], "seeds": len(group),
+               "failed": sum(1 for run in group if run.get("failed"))}
+        for metric in METRIC_NAMES:
+            values = [run[f"{split}/{metric}"] for run in group if run.get(f"{split}/{metric}") is not None]
+            row[metric] = statistics.mean(values) if values else None
+            row[metric + " sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        replaced = [run["codes_replaced"] for run in group if run.get("codes_replaced") is not None]
+        row["codes_replaced"] = statistics.mean(replaced) if replaced else None
+        table.append(row)
+    return table
+
+
+SPLIT_WORDS = {"val": "the validation split (CIFAR-10: 10% of the training images held out)",
+               "test": "the test split (trained on all training images; not used for any choice)"}
+
+
+def markdown(args, rows: list[dict]) -> str:
+    split = args.evaluate
+    lines = [f"# {args.dataset} sample, {split}, {args.epochs} epochs", "",
+             f"Seeds {args.seeds}; mean ± standard deviation over seeds; the last epoch's metrics on "
+             f"{SPLIT_WORDS[split]}. Settings a row does not name are the package's defaults with lr 1e-2, "
+             f"batch 128, 1 warmup epoch. Commands in {Path(args.out).name}.json.", "",
+             f"| point | {split} MSE (1e-3) | {split} PSNR (dB) | {split} perplexity | codes used | "
+             "codes replaced | seeds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(row, name, scale=1.0, digits=1):
+        if row[name] is None:
+            return "-"
+        return f"{row[name] * scale:.{digits}f} ± {row[name + ' sd'] * scale:.{digits}f}"
+
+    for row in rows:
+        replaced = "-" if row["codes_replaced"] is None else f"{row['codes_replaced']:.0f}"
+        seeds = f"{row['seeds']}" + (f" ({row['failed']} failed)" if row["failed"] else "")
+        lines.append(f"| {row['point']} | {cell(row, 'mse', 1e3, 2)} | {cell(row, 'psnr', 1, 2)} | "
+                     f"{cell(row, 'perplexity', 1, 0)} | {cell(row, 'codes_used', 1, 0)} | {replaced} | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(rows: list[dict], split: str, dataset: str, path: Path) -> None:
+    """MSE against perplexity: one series per system (its points joined in the order given), seeds as error bars."""
+    from gmvq_ext.training.visuals import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    for system in dict.fromkeys(row["system"] for row in rows):
+        group = [row for row in rows if row["system"] == system and row["mse"] is not None]
+        ax.errorbar([r["perplexity"] for r in group], [1e3 * r["mse"] for r in group],
+                    xerr=[r["perplexity sd"] for r in group], yerr=[1e3 * r["mse sd"] for r in group],
+                    marker="o", capsize=2, label=system)
+        for row in group:
+            if row["levers"]:
+                ax.annotate(row["point"].split(" ", 1)[1], (row["perplexity"], 1e3 * row["mse"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{split} perplexity (of 1024 codes)")
+    ax.set_ylabel(f"{split} MSE (1e-3, pixels in [-1, 1])")
+    ax.set_title(f"{dataset} sample: reconstruction against code usage")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """MSE and perplexity against epoch, one line per point (the mean over its seeds)."""
+    from gmvq_ext.training.visuals import pyplot
+
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    groups = {}
+    for run in runs:
+        if run["curve"]:
+            groups.setdefault(label(run["system"], run["levers"]), []).append(run["curve"])
+    for name, curves in groups.items():
+        epochs = [point["epoch"] for point in curves[0]]
+        for axis, metric, scale in ((left, "mse", 1e3), (right, "perplexity", 1.0)):
+            values = [statistics.mean(scale * curve[i][metric] for curve in curves) for i in range(len(epochs))]
+            axis.plot(epochs, values, label=name)
+    split = next((run["curve_split"] for run in runs if run["curve"]), "val")
+    left.set_ylabel(f"{split} MSE (1e-3)")
+    right.set_ylabel(f"{split} perplexity")
+    right.set_yscale("log")
+    for axis in (left, right):
+        axis.set_xlabel("epoch")
+        axis.grid(True, alpha=0.3)
+    if groups:
+        left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    points = [point for spec in args.points for point in expand(spec)]
+    jobs = [(system, levers, seed) for system, levers in points for seed in args.seed_list]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(lambda job: train(args, *job), jobs))
+    rows = summary(runs, args.evaluate)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({
+        "dataset": args.dataset, "epochs": args.epochs, "seeds": args.seed_list, "split": args.evaluate,
+        "points": args.points, "summary": rows, "runs": runs}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(args, rows))
+    plot_frontier(rows, args.evaluate, args.dataset, out.with_suffix(".png"))
+    plot_curves(runs, out.parent / f"{out.name}-curves.png")
+    print(markdown(args, rows))
+
+
+if __name__ == "__main__":
+    main()

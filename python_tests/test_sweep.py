@@ -1,0 +1,102 @@
+"""experiments/sweep.py: points expand into settings, every command states them and reads only
+validation metrics, the summary is the mean and spread over seeds, a failed run is a result and
+not a crash, and a real (one-epoch) sweep writes the table, the JSON and both plots."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import SAMPLE_DATA
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "sweep.py"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_point_expands_into_every_combination_of_its_values():
+    sweep = load_sweep()
+    assert sweep.expand("vqvae") == [("vqvae", {})]
+    assert sweep.expand("gmvq:beta=0.1|1,lr=0.01") == [("gmvq", {"beta": 0.1, "lr": 0.01}),
+                                                       ("gmvq", {"beta": 1, "lr": 0.01})]
+    assert len(sweep.expand("sqvae:lr=1|2|3,latent_weight=1|2")) == 6
+    for bad in ("nonsense", "gmvq:beta", "gmvq:beta="):
+        with pytest.raises(SystemExit, match="nonsense|beta"):
+            sweep.expand(bad)
+
+
+def test_commands_state_every_setting_trainer_flags_and_quantizer_options_apart(tmp_path):
+    sweep = load_sweep()
+    args = sweep.parse_args(["vqvae", "--runs-dir", str(tmp_path)])
+    levers = {"lr": 0.003, "commitment": 1.0, "replace_after": 30}
+    cmd = sweep.command(args, "vqvae-replace", levers, 1, tmp_path / "run")
+    flags = dict(zip(cmd, cmd[1:]))
+    assert flags["--lr"] == "0.003" and flags["--commitment"] == "1.0" and flags["--batch-size"] == "128"
+    assert flags["--quantizer-option"] == "replace_after=30" and flags["--val-fraction"] == "0.1"
+    test_args = sweep.parse_args(["vqvae", "--evaluate", "test"])
+    assert "--val-fraction" not in sweep.command(test_args, "vqvae", {}, 0, tmp_path / "run")
+    # Distinct settings never share a run folder.
+    assert sweep.run_folder(args, "gmvq", {"lr": 0.01}, 0) != sweep.run_folder(args, "gmvq", {"lr": 0.03}, 0)
+
+
+def test_summary_is_the_mean_and_spread_over_seeds_in_the_order_given():
+    sweep = load_sweep()
+    runs = [{"system": "vqvae", "levers": {}, "val/mse": 0.05, "val/psnr": 20.0, "val/perplexity": 20.0,
+             "val/codes_used": 30, "test/mse": 1.0, "codes_replaced": None}]
+    for beta, mses in ((10.0, (0.04, 0.06)), (0.1, (0.02, 0.03))):
+        runs += [{"system": "gmvq", "levers": {"beta": beta}, "val/mse": mse, "val/psnr": 21.0,
+                  "val/perplexity": 100.0, "val/codes_used": 200} for mse in mses]
+    runs.append({"system": "gmvq", "levers": {"beta": 0.1}, "failed": "exit 1: diverged", "curve": []})
+    rows = sweep.summary(runs, "val")
+    assert [row["point"] for row in rows] == ["vqvae", "gmvq beta=10", "gmvq beta=0.1"]
+    assert rows[0]["seeds"] == 1 and rows[0]["mse sd"] == 0.0 and rows[0]["mse"] == 0.05  # never the test split
+    assert rows[2]["mse"] == pytest.approx(0.025) and rows[2]["mse sd"] == pytest.approx(0.00707, rel=1e-3)
+    assert rows[2]["failed"] == 1 and rows[2]["seeds"] == 3
+    args = sweep.parse_args(["vqvae"])
+    assert "| gmvq beta=0.1 | 25.00 ± 7.07 |" in sweep.markdown(args, rows)
+    assert "3 (1 failed)" in sweep.markdown(args, rows)
+
+
+def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
+    sweep = load_sweep()
+    out = tmp_path / "sweep"
+    sweep.main(["gmvq:beta=1", "vqvae-replace:replace_after=5", "--seeds", "0", "--epochs", "1", "--jobs", "1",
+                "--data-dir", str(SAMPLE_DATA / "cifar10-sample"), "--runs-dir", str(tmp_path / "runs"),
+                "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["point"] for row in result["summary"]] == ["gmvq beta=1", "vqvae-replace replace_after=5"]
+    for run in result["runs"]:
+        assert "--val-fraction" in run["command"] and run["val/mse"] > 0 and run["epochs"] == 1
+        assert not any(key.startswith("test/") for key in run)
+        assert [point["epoch"] for point in run["curve"]] == [1] and run["curve"][0]["mse"] == run["val/mse"]
+    gmvq, replace = result["runs"]
+    assert gmvq["codes_replaced"] is None and replace["codes_replaced"] > 0  # dead codes were replaced
+    assert "| gmvq beta=1 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert (tmp_path / "sweep-curves.png").stat().st_size > 10_000
+    # A second call reads the finished runs instead of training them again.
+    logs = {path: path.stat().st_size for path in (tmp_path / "runs").rglob("*.log")}
+    sweep.main(["gmvq:beta=1", "--seeds", "0", "--epochs", "1", "--data-dir", str(SAMPLE_DATA / "cifar10-sample"),
+                "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    assert {path: path.stat().st_size for path in (tmp_path / "runs").rglob("*.log")} == logs
+    assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["val/mse"] == gmvq["val/mse"]
+
+
+def test_a_run_that_fails_is_recorded_with_its_reason(tmp_path):
+    sweep = load_sweep()
+    out = tmp_path / "sweep"
+    sweep.main(["vqvae:lr=-1", "--seeds", "0", "--epochs", "1", "--data-dir", str(SAMPLE_DATA / "cifar10-sample"),
+                "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+    run, = json.loads(out.with_suffix(".json").read_text())["runs"]
+    assert run["failed"].startswith("exit 2") and "lr" in run["failed"]
+    assert "1 (1 failed)" in out.with_suffix(".md").read_text()
