@@ -266,6 +266,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     points = [point for spec in args.points for point in expand(spec)]
     jobs = [(system, levers, seed) for system, levers in points for seed in args.seed_list]
@@ -275,6 +276,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
+        "sweep_command": ["python", "experiments/sweep.py", *argv],
         "dataset": args.dataset, "epochs": args.epochs, "seeds": args.seed_list, "split": args.evaluate,
         "points": args.points, "summary": rows, "runs": runs}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(args, rows))

@@ -74,6 +74,7 @@ def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
                 "--data-dir", str(SAMPLE_DATA / "cifar10-sample"), "--runs-dir", str(tmp_path / "runs"),
                 "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())
+    assert result["sweep_command"][2:5] == ["gmvq:beta=1", "vqvae-replace:replace_after=5", "--seeds"]
     assert [row["point"] for row in result["summary"]] == ["gmvq beta=1", "vqvae-replace replace_after=5"]
     for run in result["runs"]:
         assert "--val-fraction" in run["command"] and run["val/mse"] > 0 and run["epochs"] == 1
@@ -90,6 +91,13 @@ def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
     assert {path: path.stat().st_size for path in (tmp_path / "runs").rglob("*.log")} == logs
     assert json.loads(out.with_suffix(".json").read_text())["runs"][0]["val/mse"] == gmvq["val/mse"]
+    # From scratch (a fresh runs folder), the row comes back bit for bit: every row can be rerun.
+    again = tmp_path / "again"
+    sweep.main(["vqvae-replace:replace_after=5", "--seeds", "0", "--epochs", "1", "--data-dir",
+                str(SAMPLE_DATA / "cifar10-sample"), "--runs-dir", str(tmp_path / "fresh"), "--out", str(again)])
+    rerun, = json.loads(again.with_suffix(".json").read_text())["runs"]
+    assert {key: rerun[key] for key in ("val/mse", "val/perplexity", "codes_replaced")} == \
+        {key: replace[key] for key in ("val/mse", "val/perplexity", "codes_replaced")}
 
 
 def test_a_run_that_fails_is_recorded_with_its_reason(tmp_path):
