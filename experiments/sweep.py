@@ -3,8 +3,8 @@ validation (or, once chosen, on test): the engine of issue 26's study.
 
     # GM-VQ's beta around the ALBO beside two baselines at their defaults
     python experiments/sweep.py "gmvq:beta=0.01|0.1|0.3|1|3|10|48" vqvae-l2 vqvae --seeds 0,1 --epochs 15
-    # every system's learning rate
-    python experiments/sweep.py "gmvq:lr=0.003|0.01|0.03" "vqvae-l2:lr=0.003|0.01|0.03" --out results/lr_grid
+    # a system's learning rate, the grid extended until its best value is interior
+    python experiments/sweep.py "vqvae-l2:lr=0.003|0.01|0.03" --extend "lr=0.0003|0.001|0.003|0.01|0.03|0.1|0.3"
     # the chosen settings, tested
     python experiments/sweep.py gmvq:lr=0.01 vqvae-l2:lr=0.003 --seeds 0,1,2 --epochs 30 --evaluate test
 
@@ -72,7 +72,19 @@ def parse_args(argv=None):
                    help="val: tune (validation metrics only); test: the chosen settings, all training images")
     p.add_argument("--out", default=str(RESULTS / "sweep"),
                    help="writes OUT.json, OUT.md, OUT.png and OUT-curves.png")
+    p.add_argument("--extend", metavar="LEVER=v1|v2|...",
+                   help="a ladder of values for LEVER: wherever a system's best value of it (lowest mean validation "
+                        "MSE) is the lowest or highest of its grid, the next value of the ladder is trained too, "
+                        "until the best is interior or the ladder ends")
     args = p.parse_args(argv)
+    args.ladder = None
+    if args.extend:
+        if args.evaluate != "val":
+            p.error("--extend chooses values, so only on validation (--evaluate val)")
+        name, _, values = args.extend.partition("=")
+        args.ladder = (name.strip().replace("-", "_"), [literal(value) for value in values.split("|") if value])
+        if len(args.ladder[1]) < 2:
+            p.error(f"--extend {args.extend!r}: give LEVER=v1|v2|... with two values or more")
     args.data_dir = Path(args.data_dir or DEFAULT_DATA[args.dataset]).resolve()
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     return args
@@ -100,6 +112,49 @@ def literal(text: str):
         except ValueError:
             pass
     return {"True": True, "False": False}.get(text, text)
+
+
+def beyond_the_edges(points: list[tuple[str, dict]], runs: list[dict], ladder) -> list[tuple[str, dict]]:
+    """The points to add so that each group's best value of the ladder's lever is not at the edge of its grid.
+
+    A group: the points of one system that differ only in that lever. Its best value has the lowest mean
+    validation MSE over seeds (failed runs left out)."""
+    name, values = ladder
+    groups: dict[str, list] = {}
+    for system, levers in points:
+        if name in levers:
+            others = {key: value for key, value in levers.items() if key != name}
+            groups.setdefault(label(system, others), []).append((system, levers))
+    added = []
+    for group in groups.values():
+        grid = sorted(levers[name] for _, levers in group)
+        if len(grid) < 2 or any(value not in values for value in grid):
+            continue
+        mean_mse = {}
+        for system, levers in group:
+            mses = [run["val/mse"] for run in runs if run["system"] == system and run["levers"] == levers
+                    and run.get("val/mse") is not None]
+            if mses:
+                mean_mse[levers[name]] = statistics.mean(mses)
+        if not mean_mse:
+            continue
+        best = min(mean_mse, key=mean_mse.get)
+        step = -1 if best == grid[0] else 1 if best == grid[-1] else 0
+        position = values.index(best) + step
+        if step and 0 <= position < len(values) and values[position] not in grid:
+            system, levers = group[0]
+            added.append((system, {**levers, name: values[position]}))
+    return added
+
+
+def in_grid_order(points: list[tuple[str, dict]], lever: str) -> list[tuple[str, dict]]:
+    """Points grouped as first given, each group ordered by ``lever``."""
+    first_seen: dict[str, int] = {}
+    for system, levers in points:
+        first_seen.setdefault(label(system, {k: v for k, v in levers.items() if k != lever}), len(first_seen))
+    return sorted(points, key=lambda point: (
+        first_seen[label(point[0], {k: v for k, v in point[1].items() if k != lever})],
+        point[1].get(lever, 0)))
 
 
 def label(system: str, levers: dict) -> str:
@@ -269,9 +324,26 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     points = [point for spec in args.points for point in expand(spec)]
-    jobs = [(system, levers, seed) for system, levers in points for seed in args.seed_list]
+    if args.ladder:
+        ladder_values = args.ladder[1]
+        for system, levers in points:
+            if args.ladder[0] in levers and levers[args.ladder[0]] not in ladder_values:
+                raise SystemExit(f"{label(system, levers)}: {args.ladder[0]} is not a value of --extend's ladder")
+    runs: list[dict] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda job: train(args, *job), jobs))
+        while True:
+            done = {(run["system"], label("", run["levers"]), run["seed"]) for run in runs}
+            jobs = [(system, levers, seed) for system, levers in points for seed in args.seed_list
+                    if (system, label("", levers), seed) not in done]
+            runs += list(pool.map(lambda job: train(args, *job), jobs))
+            added = beyond_the_edges(points, runs, args.ladder) if args.ladder else []
+            if not added:
+                break
+            points += added
+    if args.ladder:
+        points = in_grid_order(points, args.ladder[0])
+    order = {(system, label("", levers)): index for index, (system, levers) in enumerate(points)}
+    runs.sort(key=lambda run: (order[(run["system"], label("", run["levers"]))], run["seed"]))
     rows = summary(runs, args.evaluate)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

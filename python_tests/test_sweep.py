@@ -108,3 +108,48 @@ def test_a_run_that_fails_is_recorded_with_its_reason(tmp_path):
     run, = json.loads(out.with_suffix(".json").read_text())["runs"]
     assert run["failed"].startswith("exit 2") and "lr" in run["failed"]
     assert "1 (1 failed)" in out.with_suffix(".md").read_text()
+
+
+def fake_run(system, levers, seed, mse):
+    return {"system": system, "levers": levers, "seed": seed, "val/mse": mse, "val/psnr": 20.0,
+            "val/perplexity": 10.0, "val/codes_used": 10, "codes_replaced": None, "curve_split": "val",
+            "curve": [{"epoch": 1, "mse": mse, "perplexity": 10.0}]}
+
+
+def test_a_grid_whose_best_value_is_at_an_edge_is_extended_along_the_ladder():
+    sweep = load_sweep()
+    ladder = ("lr", [0.001, 0.003, 0.01, 0.03, 0.1])
+    points = sweep.expand("gmvq:lr=0.003|0.01|0.03,beta=1") + sweep.expand("gmvq:lr=0.003|0.01|0.03,beta=3")
+
+    def runs_with(best_for_beta):  # the MSE falls towards each group's best lr
+        return [fake_run(system, levers, seed, abs(levers["lr"] - best_for_beta[levers["beta"]]))
+                for system, levers in points for seed in (0, 1)]
+
+    added = sweep.beyond_the_edges(points, runs_with({1: 0.03, 3: 0.003}), ladder)
+    assert added == [("gmvq", {"lr": 0.1, "beta": 1}), ("gmvq", {"lr": 0.001, "beta": 3})]
+    assert sweep.beyond_the_edges(points, runs_with({1: 0.01, 3: 0.01}), ladder) == []  # interior: done
+    at_the_end = ("lr", [0.003, 0.01, 0.03])
+    assert sweep.beyond_the_edges(points, runs_with({1: 0.03, 3: 0.01}), at_the_end) == []  # the ladder ends
+    failed = [run if run["levers"]["lr"] != 0.03 else {**run, "val/mse": None, "failed": "exit 1"}
+              for run in runs_with({1: 0.03, 3: 0.01})]
+    assert sweep.beyond_the_edges(points, failed, ladder) == []  # a diverged value is not a best
+
+
+def test_extend_trains_until_the_best_value_is_interior(tmp_path, monkeypatch):
+    sweep = load_sweep()
+    trained = []
+
+    def train(args, system, levers, seed):
+        trained.append(levers["lr"])
+        return fake_run(system, levers, seed, abs(levers["lr"] - 0.1) + seed * 1e-4)  # best lr: 0.1
+
+    monkeypatch.setattr(sweep, "train", train)
+    out = tmp_path / "lr"
+    sweep.main(["vqvae:lr=0.003|0.01", "--extend", "lr=0.001|0.003|0.01|0.03|0.1|0.3|1", "--out", str(out)])
+    assert sorted(set(trained)) == [0.003, 0.01, 0.03, 0.1, 0.3] and len(trained) == 10  # each once per seed
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [row["levers"]["lr"] for row in result["summary"]] == [0.003, 0.01, 0.03, 0.1, 0.3]
+    with pytest.raises(SystemExit):
+        sweep.main(["vqvae:lr=0.003|0.01", "--extend", "lr=0.001|0.003", "--evaluate", "test"])
+    with pytest.raises(SystemExit, match="ladder"):
+        sweep.main(["vqvae:lr=0.005", "--extend", "lr=0.001|0.003", "--out", str(out)])
