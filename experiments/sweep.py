@@ -266,16 +266,20 @@ def markdown(args, rows: list[dict]) -> str:
 
 
 def plot_frontier(rows: list[dict], split: str, dataset: str, path: Path) -> None:
-    """MSE against perplexity: one series per system (its points joined in the order given), seeds as error bars."""
+    """MSE against perplexity, seeds as error bars: one series per system and set of levers set
+    (e.g. GM-VQ over beta apart from GM-VQ over gamma), its points joined in the order given."""
     from gmvq_ext.training.visuals import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    for system in dict.fromkeys(row["system"] for row in rows):
-        group = [row for row in rows if row["system"] == system and row["mse"] is not None]
+    def series(row):
+        return row["system"] + (f" ({', '.join(sorted(row['levers']))})" if row["levers"] else "")
+
+    for name in dict.fromkeys(series(row) for row in rows):
+        group = [row for row in rows if series(row) == name and row["mse"] is not None]
         ax.errorbar([r["perplexity"] for r in group], [1e3 * r["mse"] for r in group],
                     xerr=[r["perplexity sd"] for r in group], yerr=[1e3 * r["mse sd"] for r in group],
-                    marker="o", capsize=2, label=system)
+                    marker="o", capsize=2, label=name)
         for row in group:
             if row["levers"]:
                 ax.annotate(row["point"].split(" ", 1)[1], (row["perplexity"], 1e3 * row["mse"]),
@@ -309,6 +313,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     split = next((run["curve_split"] for run in runs if run["curve"]), "val")
     left.set_ylabel(f"{split} MSE (1e-3)")
     right.set_ylabel(f"{split} perplexity")
+    left.set_yscale("log")  # the first epochs' errors are ten times the last ones'
     right.set_yscale("log")
     for axis in (left, right):
         axis.set_xlabel("epoch")
