@@ -5,19 +5,21 @@ from pathlib import Path
 
 
 def _build_fingerprint() -> str:
-    """The compiled library and the fake kernels: what inductor's caches do not key on.
+    """The compiled library and the package's Python (the fake kernels, the quantizers' traced
+    code): what inductor's caches do not key on fully.
     Found without importing gmvq_ext: importing it (and torch) fixes inductor's cache
     directory, so the variable below must be set first."""
     package = Path(importlib.util.find_spec("gmvq_ext").origin).parent
     digest = hashlib.sha1()
-    for path in sorted(package.glob("_C*")) + [package / "ops.py"]:
+    for path in sorted(package.glob("_C*")) + sorted(package.rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
 # Warm inductor cache between runs (torch.compile tests compile C++ on CPU), one per
 # build: a cache filled by an earlier build of the ops replayed stale graphs (seen as
-# "shape '[94016217451600, ...]' is invalid" in a compiled training step).
+# "shape '[94016217451600, ...]' is invalid" in a compiled training step; seen again after a
+# change to the quantizers' Python alone, hence every source file in the fingerprint).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).parent.parent / "build" / "inductor-cache" /
                                                      _build_fingerprint()))
 

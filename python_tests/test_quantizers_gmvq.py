@@ -20,12 +20,11 @@ make = functools.partial(make_quantizer, "gmvq")
 
 
 def test_defaults_are_the_validation_choice():
-    # beta 1 (the ALBO): experiments/results/beta_sweep.md. The rest from experiments/investigate.py,
-    # 2026-11-28 (CIFAR-10 validation): gamma 0.1 at sigma_z2 8 beside a plain MSE, no training noise,
-    # temperature 0.5 -> 0.05, soft samples; in the ALBO's units (docs/math.md, times P / M = 48 at
-    # sigma_x2 = 0.5): gamma 0.1 * 48 * 0.5 / 8 = 0.3 at sigma_z2 0.5.
+    # beta 1 (the ALBO) and gamma 0.1: experiments/results/cifar10/ (beta-gmvq.md, levers-gmvq.md).
+    # The rest from experiments/investigate.py, 2026-11-28 (CIFAR-10 validation): no training noise,
+    # temperature 0.5 -> 0.05, soft samples.
     q = GaussianMixtureVQ(dim=4, codebook_size=16)
-    assert (q.sigma_z2, q.noise_scale, q.hard, q.gamma, q.beta, q.weight_mode) == (0.5, 0.0, False, 0.3, 1.0,
+    assert (q.sigma_z2, q.noise_scale, q.hard, q.gamma, q.beta, q.weight_mode) == (0.5, 0.0, False, 0.1, 1.0,
                                                                                      "full")
     q.set_progress(0, 10)
     assert float(q.temperature) == pytest.approx(0.5)

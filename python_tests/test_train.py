@@ -145,15 +145,18 @@ def test_options_must_fit_the_quantizer(tmp_path):
 def test_quantizer_options_from_the_command_line():
     from gmvq_ext.training.config import parse_args, quantizer_options
 
+    # Every keyword, at its default unless given: a checkpoint holds the settings in full.
     args = parse_args([*without_gamma(), "--quantizer", "vqvae", "--commitment", "0.5", "--out", "x"])
-    assert quantizer_options(args) == {"commitment": 0.5, "seed": 3}
+    assert quantizer_options(args) == {"commitment": 0.5, "seed": 3, "kmeans_init": True, "kmeans_iterations": 10,
+                                       "channel_first": None}
     # --beta is GM-VQ's KL weight only, never the VQ-VAE commitment.
     with pytest.raises(ValueError, match="--beta does not apply to the vqvae quantizer"):
         quantizer_options(parse_args([*without_gamma(), "--quantizer", "vqvae", "--beta", "0.5", "--out", "x"]))
     args = parse_args([*SMALL, "--beta", "2", "--sigma-z2", "0.25", "--quantizer-option", "weight=scalar",
                        "--quantizer-option", "hard=False", "--out", "x"])
-    assert quantizer_options(args) == {
-        "beta": 2.0, "gamma": 0.1, "sigma_z2": 0.25, "weight": "scalar", "hard": False, "seed": 3}
+    given = {"beta": 2.0, "gamma": 0.1, "sigma_z2": 0.25, "weight": "scalar", "hard": False, "seed": 3}
+    assert {name: quantizer_options(args)[name] for name in given} == given
+    assert quantizer_options(args)["noise_scale"] == 0.0  # a default, written out
 
 
 def test_compile_and_bf16_mixed_precision(tmp_path):

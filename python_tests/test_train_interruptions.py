@@ -173,3 +173,22 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_checkpoin
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_resumed_run_keeps_the_quantizer_settings_it_started_with(tmp_path, capsys):
+    """Defaults change between versions (GM-VQ's gamma did): the checkpoint holds every quantizer keyword,
+    and a resumed run is built with them, not with this version's defaults, and says so."""
+    out = tmp_path / "run"
+    train.main([*RUN, "--out", str(out), "--stop-after-epoch", "1"])
+    path = out / ckpt.CHECKPOINT_NAME
+    state = ckpt.load(path)
+    saved = state["quantizer_options"]
+    assert saved["gamma"] == 0.1 and saved["temperature_end"] == 0.05 and saved["kmeans_init"] is True
+    state["quantizer_options"] = {**saved, "gamma": 0.25}  # as a version whose default was 0.25 wrote it
+    ckpt.save_atomic(state, path)
+    capsys.readouterr()
+    resumed = train.main([*RUN, "--out", str(out), "--resume"])
+    assert resumed["quantizer"]["options"]["gamma"] == 0.25
+    logged = "".join(capsys.readouterr())
+    assert "resuming with the checkpoint's quantizer settings {'gamma': 0.25}" in logged
+    assert "this version's defaults: {'gamma': 0.1}" in logged

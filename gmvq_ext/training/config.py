@@ -119,7 +119,7 @@ def build_parser() -> TrainingParser:
                f"objective); default {DEFAULT_SIGMA_X2} (the reconstruction term is the plain MSE)")
     model("--beta", type=float,
           help="GM-VQ: weight of KL(q_bar || uniform); 1 is the ALBO (default 1; gmvq-entropy 5)")
-    model("--gamma", type=float, help="GM-VQ: weight of the latent term; 1 is the ALBO (default 0.3)")
+    model("--gamma", type=float, help="GM-VQ: weight of the latent term; 1 is the ALBO (default 0.1)")
     model("--sigma-z2", type=float, help="GM-VQ: prior variance sigma_z^2 of the latent term (default 0.5)")
     model("--noise-scale", type=float,
           help="GM-VQ: training noise, times the paper's s = ||z - z_q|| / sqrt(2 sigma_z^2 D); 1 the paper's, "
@@ -226,10 +226,14 @@ def run_downsampling(args) -> int:
 
 
 def quantizer_options(args) -> dict:
-    """Keyword options for ``build_quantizer`` from ``args``: the quantizer
-    flags and options given (each must be one the quantizer accepts) and the seed."""
-    accepted = quantizer_keywords(QUANTIZERS[args.quantizer])
-    options = {}
+    """Keyword options for ``build_quantizer`` from ``args``: every keyword the
+    quantizer takes, at its default unless a flag or option gives it (each
+    must be one the quantizer accepts), and the seed. Written in full into
+    checkpoints, so that a run resumed by a later version, whose defaults may
+    differ, is built as it was started (``resumed_quantizer_options``)."""
+    defaults = quantizer_defaults(QUANTIZERS[args.quantizer])
+    accepted = set(defaults) | {"dim", "codebook_size"}
+    options = dict(defaults)
     for name in QUANTIZER_FLAGS:
         value = getattr(args, name, None)
         if value is None:
@@ -250,18 +254,28 @@ def quantizer_options(args) -> dict:
     return options
 
 
-def quantizer_keywords(cls) -> set[str]:
-    """Constructor keywords of a quantizer class, following ``**options`` to its base classes."""
-    keywords = set()
+def quantizer_defaults(cls) -> dict:
+    """Every constructor keyword of a quantizer class but dim and codebook_size, with its default,
+    following ``**options`` to its base classes (the first class to name a keyword sets its default)."""
+    defaults: dict = {}
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         parameters = inspect.signature(vars(klass)["__init__"]).parameters
-        keywords |= {n for n, p in parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
-                     and p.kind is not p.VAR_POSITIONAL}
+        for name, parameter in parameters.items():
+            if name in ("self", "dim", "codebook_size") or parameter.default is parameter.empty:
+                continue
+            defaults.setdefault(name, parameter.default)
         if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             break
-    return keywords
+    return defaults
+
+
+def resumed_quantizer_options(args, saved: dict | None) -> dict:
+    """The options of a resumed run: those its checkpoint was built with (every keyword, for checkpoints
+    written since the options were stored in full), this version's defaults only for keywords it lacks.
+    The run-defining flags were checked to be the same, so only defaults can differ."""
+    return {**quantizer_options(args), **(saved or {})}
 
 
 def parse_option(item: str) -> tuple[str, object]:

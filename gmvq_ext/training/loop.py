@@ -39,7 +39,7 @@ from ..objective import latent_fraction, per_pixel_bound
 from ..quantizers.backend import has_kernel
 from . import checkpoint as ckpt
 from . import process_group
-from .config import WARMUP_START_FACTOR, build_model, quantizer_options
+from .config import WARMUP_START_FACTOR, build_model, quantizer_options, resumed_quantizer_options
 from .lr_schedule import warmup_cosine
 from .metrics import evaluate, test_results
 from .resume import check_same_run, open_metrics, starting_state
@@ -105,6 +105,12 @@ def run(args, ctx: process_group.Context) -> dict | None:
     # ---- model, optimizer, schedule (same initial weights on every rank)
     torch.manual_seed(args.seed)
     options = quantizer_options(args)
+    if state is not None:  # built as it was started, even where this version's defaults differ
+        current, options = options, resumed_quantizer_options(args, state.get("quantizer_options"))
+        changed = {name: value for name, value in options.items() if current.get(name) != value}
+        if changed:
+            log(f"resuming with the checkpoint's quantizer settings {changed} (this version's defaults: "
+                f"{ {name: current.get(name) for name in changed} })")
     model = build_model(args, options).to(ctx.device)
     kernels = "kernels" if has_kernel("quantize", ctx.device.type) else "the reference (no kernel for this device)"
     log(f"quantizer {args.quantizer} {options}; {sum(p.numel() for p in model.parameters())} parameters; "
