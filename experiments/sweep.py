@@ -14,8 +14,11 @@ per value (several such levers: every combination). A lever is a flag of
 commitment, weight_decay, warmup_epochs, batch_size) or else a keyword of the
 quantizer's constructor (replace_after, latent_weight, kl_weight,
 temperature_start, ...) passed as ``--quantizer-option``. Whatever a point
-does not set is the package's default, written into the command so a run
-never depends on a later default: lr 1e-2, batch 128, 1 warmup epoch.
+does not set is the package's default: lr 1e-2, batch 128 and 1 warmup epoch
+are written into every command, and each run's quantizer settings as the
+trainer resolved them are recorded beside it (``quantizer_options``), so a
+row stays what it was when a default changes later; a study that must be
+rerun under later defaults names its settings (``gmvq:gamma=0.3,...``).
 
 Every run is one ``python -m gmvq_ext.train`` on one thread, ``--jobs`` at a
 time, resumable (``--auto-resume``), kept under ``--runs-dir`` in a folder
@@ -203,8 +206,8 @@ def read_run(split: str, out: Path, system: str, levers: dict, seed: int, cmd: l
     where there is one) and how many codes were replaced in all."""
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last, steps = epochs[-1], [0] + [epoch["step"] for epoch in epochs]
+    results = json.loads((out / "results.json").read_text())
     if split == "test":  # results.json: the test split after the last epoch (CelebA evaluates val per epoch)
-        results = json.loads((out / "results.json").read_text())
         final = {f"test/{name}": results.get("codes_used" if name == "codes_used" else f"test_{name}")
                  for name in METRIC_NAMES}
     else:
@@ -212,6 +215,9 @@ def read_run(split: str, out: Path, system: str, levers: dict, seed: int, cmd: l
     every_epoch = "val" if "val/mse" in last else "test"
     replaced = [epoch.get("train/codes_replaced") for epoch in epochs]
     return {"system": system, "levers": levers, "seed": seed, "epochs": last["epoch"], "command": cmd, **final,
+            # Every setting of the quantizer as the trainer resolved it: a later change of a default does not
+            # change what this row was (rerun it with these values given explicitly).
+            "quantizer_options": results["quantizer"]["options"],
             "curve_split": every_epoch,
             "curve": [{"epoch": epoch["epoch"], "mse": epoch.get(f"{every_epoch}/mse"),
                        "perplexity": epoch.get(f"{every_epoch}/perplexity")} for epoch in epochs],

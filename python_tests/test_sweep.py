@@ -81,6 +81,7 @@ def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
         assert not any(key.startswith("test/") for key in run)
         assert [point["epoch"] for point in run["curve"]] == [1] and run["curve"][0]["mse"] == run["val/mse"]
     gmvq, replace = result["runs"]
+    assert gmvq["quantizer_options"]["beta"] == 1 and gmvq["quantizer_options"]["gamma"] == 0.1  # resolved
     assert gmvq["codes_replaced"] is None and replace["codes_replaced"] > 0  # dead codes were replaced
     assert "| gmvq beta=1 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
