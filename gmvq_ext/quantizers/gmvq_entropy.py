@@ -7,7 +7,7 @@ tuning gamma, and "GM-VQ + Entropy" with "higher entropy regularization"
 therefore the default of beta: 5, five times GM-VQ's (the ALBO's, in the
 units of docs/math.md "Units of the objective"), the largest value of the
 sweep proposed there. On CIFAR-10 validation a larger beta buys code usage
-with reconstruction (experiments/results/beta_sweep.md: beta 3 gave
+with reconstruction (experiments/results/cifar10/beta-gmvq.md, at gamma 0.3: beta 3 gave
 perplexity 783 at 23.2e-3 MSE, beta 10 917 at 26.4e-3, against 426 at
 21.8e-3 for beta 1). Every option of ``GaussianMixtureVQ`` applies, ``beta``
 (``--beta``) included: ``gmvq-entropy --beta 2`` and ``gmvq --beta 2`` build
