@@ -53,7 +53,7 @@ class Tokenizer:
         cuda when available, else cpu)."""
         from .pretrained import network_config
         from .training import checkpoint as ckpt
-        from .training.config import quantizer_options, run_downsampling, run_image_size
+        from .training.config import as_saved, quantizer_options, run_downsampling, run_image_size
 
         device = resolve_device(device)
         state = ckpt.load(path)
@@ -61,7 +61,7 @@ class Tokenizer:
         config = network_config(image_size=run_image_size(args), downsampling=run_downsampling(args),
                                 residual_blocks=RESIDUAL_BLOCKS[args.dataset], quantizer=args.quantizer,
                                 codebook_size=args.codebook_size, dim=args.dim,
-                                quantizer_options=quantizer_options(args),
+                                quantizer_options=as_saved(quantizer_options(args), state.get("quantizer_options")),
                                 trained_on={"dataset": args.dataset, "epochs": state["epoch"], "steps": state["step"]})
         return cls(model, config["image_size"], vars(args), config)
 

@@ -192,3 +192,7 @@ def test_a_resumed_run_keeps_the_quantizer_settings_it_started_with(tmp_path, ca
     logged = "".join(capsys.readouterr())
     assert "resuming with the checkpoint's quantizer settings {'gamma': 0.25}" in logged
     assert "this version's defaults: {'gamma': 0.1}" in logged
+    # A model loaded from the checkpoint is described by the same settings.
+    from gmvq_ext import Tokenizer
+    tokenizer = Tokenizer.from_checkpoint(path, device="cpu")
+    assert tokenizer.config["quantizer_options"]["gamma"] == 0.25 and tokenizer.model.quantizer.gamma == 0.25

@@ -241,11 +241,11 @@ def rng_state_problem(rng) -> str | None:
 def restore_model(state: dict, path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, Namespace]:
     """(the trained autoencoder on ``device``, in eval mode; the run's arguments)
     from a ``load``ed ``state``. ``path`` only names the file in errors."""
-    from .config import build_model, quantizer_options
+    from .config import as_saved, build_model, quantizer_options
 
     args = Namespace(**state["args"])
     try:
-        model = build_model(args, quantizer_options(args))
+        model = build_model(args, as_saved(quantizer_options(args), state.get("quantizer_options")))
     except (ValueError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {str(path)!r} describes a model this gmvq_ext cannot build: "
                               f"{error}") from None

@@ -230,9 +230,9 @@ def quantizer_options(args) -> dict:
     quantizer takes, at its default unless a flag or option gives it (each
     must be one the quantizer accepts), and the seed. Written in full into
     checkpoints, so that a run resumed by a later version, whose defaults may
-    differ, is built as it was started (``resumed_quantizer_options``)."""
+    differ, is built as it was started (``as_saved``)."""
     defaults = quantizer_defaults(QUANTIZERS[args.quantizer])
-    accepted = set(defaults) | {"dim", "codebook_size"}
+    accepted = set(defaults)
     options = dict(defaults)
     for name in QUANTIZER_FLAGS:
         value = getattr(args, name, None)
@@ -245,9 +245,8 @@ def quantizer_options(args) -> dict:
         keyword, value = parse_option(item)
         if keyword == "noise" and "noise_scale" in accepted:  # GM-VQ's switch before noise_scale (gmvq_ext 0.1)
             keyword, value = "noise_scale", 1.0 if value else 0.0
-        if keyword not in accepted or keyword in ("dim", "codebook_size"):
-            raise ValueError(f"--quantizer-option {keyword}: the {args.quantizer} quantizer takes "
-                             f"{sorted(accepted - {'dim', 'codebook_size'})}")
+        if keyword not in accepted:
+            raise ValueError(f"--quantizer-option {keyword}: the {args.quantizer} quantizer takes {sorted(accepted)}")
         options[keyword] = value
     if "seed" in accepted:
         options["seed"] = args.seed  # the quantizer's own (Philox) noise key
@@ -271,11 +270,12 @@ def quantizer_defaults(cls) -> dict:
     return defaults
 
 
-def resumed_quantizer_options(args, saved: dict | None) -> dict:
-    """The options of a resumed run: those its checkpoint was built with (every keyword, for checkpoints
-    written since the options were stored in full), this version's defaults only for keywords it lacks.
-    The run-defining flags were checked to be the same, so only defaults can differ."""
-    return {**quantizer_options(args), **(saved or {})}
+def as_saved(options: dict, saved: dict | None) -> dict:
+    """The options of a model rebuilt from a checkpoint (resumed or loaded): ``options`` (this version's,
+    from the run's arguments) overridden by those the checkpoint was built with (every keyword, for
+    checkpoints written since they were stored in full). Its arguments give the same flags, so only
+    defaults can differ."""
+    return {**options, **(saved or {})}
 
 
 def parse_option(item: str) -> tuple[str, object]:

@@ -39,7 +39,7 @@ from ..objective import latent_fraction, per_pixel_bound
 from ..quantizers.backend import has_kernel
 from . import checkpoint as ckpt
 from . import process_group
-from .config import WARMUP_START_FACTOR, build_model, quantizer_options, resumed_quantizer_options
+from .config import WARMUP_START_FACTOR, as_saved, build_model, quantizer_options
 from .lr_schedule import warmup_cosine
 from .metrics import evaluate, test_results
 from .resume import check_same_run, open_metrics, starting_state
@@ -106,7 +106,7 @@ def run(args, ctx: process_group.Context) -> dict | None:
     torch.manual_seed(args.seed)
     options = quantizer_options(args)
     if state is not None:  # built as it was started, even where this version's defaults differ
-        current, options = options, resumed_quantizer_options(args, state.get("quantizer_options"))
+        current, options = options, as_saved(options, state.get("quantizer_options"))
         changed = {name: value for name, value in options.items() if current.get(name) != value}
         if changed:
             log(f"resuming with the checkpoint's quantizer settings {changed} (this version's defaults: "
