@@ -54,7 +54,8 @@ except ImportError:  # a development tree built in place (dev/dev_build.sh): the
 PACKAGE_PARENT = Path(gmvq_ext.__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT_DATA = {"cifar10": DATA / "cifar10-sample", "celeba": DATA / "celeba-sample"}
+# CelebA: the sample's 2000 face crops (split 80/10/10 by file name); its 32 aligned faces are all "train".
+DEFAULT_DATA = {"cifar10": DATA / "cifar10-sample", "celeba": DATA / "celeba-sample" / "test_crops"}
 METRIC_NAMES = ("mse", "psnr", "perplexity", "codes_used")
 TRAINER_LEVERS = ("lr", "beta", "gamma", "sigma_z2", "noise_scale", "sigma_x2", "commitment", "weight_decay",
                   "warmup_epochs", "batch_size")
@@ -173,7 +174,8 @@ def command(args, system: str, levers: dict, seed: int, out: Path) -> list[str]:
             flags += [f"--{name.replace('_', '-')}", str(value)]
         else:
             flags += ["--quantizer-option", f"{name}={value!r}"]
-    split = ["--val-fraction", "0.1"] if args.evaluate == "val" and args.dataset == "cifar10" else []
+    # CIFAR-10 holds out 10% of its training images; CelebA evaluates its own validation split.
+    split = ["--val-fraction", "0.1"] if args.evaluate == "val" else []
     return [sys.executable, "-m", "gmvq_ext.train", "--dataset", args.dataset, "--data-dir", str(args.data_dir),
             "--quantizer", system, *flags, "--epochs", str(args.epochs), "--seed", str(seed), *split,
             "--codebook-size", "1024", "--dim", "64", "--device", "cpu", "--out", str(out.resolve()),
@@ -198,7 +200,32 @@ def train(args, system: str, levers: dict, seed: int) -> dict:
             print(f"{label(system, levers)}, seed {seed}: exit {done.returncode}: {reason[0]}", file=sys.stderr)
             return {"system": system, "levers": levers, "seed": seed, "command": cmd,
                     "failed": f"exit {done.returncode}: {reason[0]}", "curve": []}
+    else:
+        changed = settings_since_changed(out, cmd)
+        if changed:
+            raise SystemExit(f"{out} was trained with {', '.join(changed)}: a default changed since, so this "
+                             f"point no longer names that run. Name the setting in the point (to read the run) "
+                             f"or give a fresh --runs-dir (to train it as the point now means).")
     return read_run(args.evaluate, out, system, levers, seed, cmd)
+
+
+def settings_since_changed(out: Path, cmd: list[str]) -> list[str]:
+    """The settings a finished run was trained with that its command now resolves otherwise: a folder is
+    named by the levers a point sets, so a later change of a default would otherwise pass an old run off
+    as the new setting. Compares what the run recorded (runs of older versions record fewer settings)."""
+    from gmvq_ext.training.config import QUANTIZER_FLAGS, RUN_DEFINING, parse_args as trainer_args, quantizer_options
+
+    now_args = trainer_args(cmd[3:])  # the command after "python -m gmvq_ext.train"
+    results = json.loads((out / "results.json").read_text())
+    then_args, then_options = results.get("args", {}), results["quantizer"]["options"]
+    now_options = quantizer_options(now_args)
+    # The quantizer's flags and options are compared as resolved (a flag left out means its default).
+    trainer_settings = set(RUN_DEFINING) - set(QUANTIZER_FLAGS) - {"quantizer_option"}
+    changed = [f"{name}={then_args[name]!r} (now {getattr(now_args, name)!r})" for name in RUN_DEFINING
+               if name in trainer_settings and name in then_args and then_args[name] != getattr(now_args, name)]
+    return changed + [f"{name}={then_options[name]!r} (now {now_options[name]!r})"
+                      for name in sorted(then_options.keys() & now_options.keys())
+                      if then_options[name] != now_options[name]]
 
 
 def read_run(split: str, out: Path, system: str, levers: dict, seed: int, cmd: list[str]) -> dict:
@@ -207,7 +234,9 @@ def read_run(split: str, out: Path, system: str, levers: dict, seed: int, cmd: l
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last, steps = epochs[-1], [0] + [epoch["step"] for epoch in epochs]
     results = json.loads((out / "results.json").read_text())
-    if split == "test":  # results.json: the test split after the last epoch (CelebA evaluates val per epoch)
+    if split == "val" and "val/mse" not in last:
+        raise SystemExit(f"{out} evaluated no validation split: it cannot be read for a choice")
+    if split == "test":  # results.json: the test split after the last epoch
         final = {f"test/{name}": results.get("codes_used" if name == "codes_used" else f"test_{name}")
                  for name in METRIC_NAMES}
     else:

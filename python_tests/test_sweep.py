@@ -99,6 +99,37 @@ def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
     rerun, = json.loads(again.with_suffix(".json").read_text())["runs"]
     assert {key: rerun[key] for key in ("val/mse", "val/perplexity", "codes_replaced")} == \
         {key: replace[key] for key in ("val/mse", "val/perplexity", "codes_replaced")}
+    # A run trained under an older default is not passed off as the point's setting today.
+    results_file = Path(gmvq["command"][gmvq["command"].index("--out") + 1]) / "results.json"
+    results = json.loads(results_file.read_text())
+    results["quantizer"]["options"]["gamma"] = 0.25
+    results["args"]["sigma_x2"] = 0.125
+    results_file.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"sigma_x2=0.125 \(now 0.5\), gamma=0.25 \(now 0.1\).*fresh --runs-dir"):
+        sweep.main(["gmvq:beta=1", "--seeds", "0", "--epochs", "1", "--data-dir", str(SAMPLE_DATA / "cifar10-sample"),
+                    "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
+
+
+def test_celeba_tunes_on_its_validation_split_and_tests_on_its_test_split(tmp_path):
+    sweep = load_sweep()
+    assert sweep.DEFAULT_DATA["celeba"].name == "test_crops"  # the sample's aligned faces are all "train"
+    crops = tmp_path / "crops"  # 20 real faces: 16 train, 2 val, 2 test by file name (a batch of 8)
+    crops.mkdir()
+    for source in sorted((SAMPLE_DATA / "celeba-sample" / "test_crops").glob("*.jpg"))[:20]:
+        (crops / source.name).write_bytes(source.read_bytes())
+    common = ["vqvae:batch_size=8", "--dataset", "celeba", "--data-dir", str(crops), "--seeds", "0", "--epochs", "1",
+              "--jobs", "1", "--runs-dir", str(tmp_path / "runs")]
+    sweep.main([*common, "--out", str(tmp_path / "val")])
+    tuned, = json.loads((tmp_path / "val.json").read_text())["runs"]
+    assert "--val-fraction" in tuned["command"] and tuned["curve_split"] == "val" and tuned["val/mse"] > 0
+    sweep.main([*common, "--evaluate", "test", "--out", str(tmp_path / "test")])
+    tested, = json.loads((tmp_path / "test.json").read_text())["runs"]
+    assert "--val-fraction" not in tested["command"] and tested["curve_split"] == "test"
+    assert tested["test/mse"] > 0 and not any(key.startswith("val/") for key in tested)
+    # A run that evaluated no validation split cannot be read for a choice.
+    test_run = Path(tested["command"][tested["command"].index("--out") + 1])
+    with pytest.raises(SystemExit, match="no validation split"):
+        sweep.read_run("val", test_run, "vqvae", {"batch_size": 8}, 0, tested["command"])
 
 
 def test_a_run_that_fails_is_recorded_with_its_reason(tmp_path):
