@@ -1,4 +1,4 @@
-"""The training loop of ``gmvq-train`` (``python -m gmvq_ext.train``), top to bottom.
+"""The training loop of ``gmvq-train`` (``python -m gmvq_ext.train``): ``run`` drives a ``Trainer``.
 
 The run folder --out receives, from rank 0 only:
     checkpoint.pt      model, optimizer, scheduler, position, RNG states of every rank, args
@@ -76,222 +76,265 @@ class Position:
 
 
 def run(args, ctx: process_group.Context) -> dict | None:
+    """Train (continuing the checkpoint in --out where there is one), evaluate after every epoch, test at
+    the end. Returns rank 0's results (None on other ranks, and when --stop-after-epoch ends the process
+    early, as an interruption would)."""
     # Bitwise reproducibility (exact --resume) needs deterministic kernels, e.g.
     # for the scatter-add of codebook gradients; on the CPU they cost little.
     if ctx.device.type == "cpu" or args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    log = print if ctx.is_main else (lambda *a, **k: None)
-    out = Path(args.out)
-    checkpoint_path = out / ckpt.CHECKPOINT_NAME
+    trainer = Trainer(args, ctx)
+    last_epoch = args.epochs if args.stop_after_epoch is None else min(args.epochs, args.stop_after_epoch)
+    with StopRequests() as stop:
+        while trainer.position.epoch < last_epoch:
+            trainer.train_epoch(stop)
+            trainer.end_epoch()
+            if stop.agreed(ctx):
+                raise Preempted(f"stopped on {stop.signal_name or 'another rank'} after epoch "
+                                f"{trainer.position.epoch}, checkpoint written; --resume continues it")
+    if last_epoch < args.epochs:
+        trainer.log(f"stopped after epoch {last_epoch} of {args.epochs}; continue with --resume")
+        trainer.close()
+        return None
+    return trainer.test()
 
-    # ---- resume or start fresh: rank 0 reads the run folder, every rank gets its decision
-    state = process_group.broadcast_object(starting_state(args, checkpoint_path) if ctx.is_main else None, ctx)
-    if isinstance(state, Exception):
-        raise state
-    if state is not None:
-        check_same_run(args, state["args"], state["world_size"], ctx.world_size)
 
-    # ---- data: train, per-epoch evaluation (validation when held out, else test), test
-    data = open_run_data(args, ctx, log)
-    train_set, eval_set, test_set, eval_split = data.train, data.evaluation, data.test, data.eval_split
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch
-    log(f"{args.dataset}: {len(train_set)} train, {len(eval_set)} {eval_split}, {len(test_set)} test images"
-        + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else "") + "; "
-        f"{steps_per_epoch} steps/epoch, {ctx.world_size} process(es) on {ctx.device}")
+class Trainer:
+    """One run's state (data, model, optimiser, schedule, position, step metrics, outputs) and its
+    parts: an epoch of steps, the end of an epoch, the checkpoint, the final test."""
 
-    # ---- model, optimizer, schedule (same initial weights on every rank)
-    torch.manual_seed(args.seed)
-    options = quantizer_options(args)
-    if state is not None:  # built as it was started, even where this version's defaults differ
-        current, options = options, as_saved(options, state.get("quantizer_options"))
-        changed = {name: value for name, value in options.items() if current.get(name) != value}
+    def __init__(self, args, ctx: process_group.Context):
+        self.args, self.ctx = args, ctx
+        self.log = print if ctx.is_main else (lambda *a, **k: None)
+        self.out = Path(args.out)
+        self.checkpoint_path = self.out / ckpt.CHECKPOINT_NAME
+
+        # ---- resume or start fresh: rank 0 reads the run folder, every rank gets its decision
+        state = process_group.broadcast_object(
+            starting_state(args, self.checkpoint_path) if ctx.is_main else None, ctx)
+        if isinstance(state, Exception):
+            raise state
+        if state is not None:
+            check_same_run(args, state["args"], state["world_size"], ctx.world_size)
+
+        # ---- data: train, per-epoch evaluation (validation when held out, else test), test
+        self.data = data = open_run_data(args, ctx, self.log)
+        self.steps_per_epoch = len(data.train) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(data.train)} training images are fewer than one batch of {args.batch_size}")
+        self.total_steps = args.epochs * self.steps_per_epoch
+        self.log(f"{args.dataset}: {len(data.train)} train, {len(data.evaluation)} {data.eval_split}, "
+                 f"{len(data.test)} test images"
+                 + (f" ({len(data.skipped)} unreadable skipped)" if data.skipped else "") + "; "
+                 f"{self.steps_per_epoch} steps/epoch, {ctx.world_size} process(es) on {ctx.device}")
+
+        # ---- model, optimizer, schedule (same initial weights on every rank)
+        torch.manual_seed(args.seed)
+        self.options = self.quantizer_settings(state)
+        self.bare = build_model(args, self.options).to(ctx.device)
+        kernels = "kernels" if has_kernel("quantize", ctx.device.type) else "the reference (no kernel for this device)"
+        self.log(f"quantizer {args.quantizer} {self.options}; {sum(p.numel() for p in self.bare.parameters())} "
+                 f"parameters; gmvq ops: {ctx.device.type} {kernels}")
+        self.optimizer = torch.optim.AdamW(self.bare.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            self.total_steps, round(args.warmup_epochs * self.steps_per_epoch), WARMUP_START_FACTOR))
+        self.position, self.metrics = Position(), StepMetrics(ctx.device)
+        self.code_counts = torch.zeros(args.codebook_size, dtype=torch.int64, device=ctx.device)
+        self.epoch_seconds = 0.0  # of the current epoch, before this process (a resumed epoch's earlier part)
+        if state is not None:
+            self.restore(state)
+        else:
+            ckpt.seed_everything(args.seed + ctx.rank)  # each rank its own noise stream
+        self.model = self.bare
+        if ctx.distributed:
+            process_group.keep_gradient_strides(self.bare)
+            self.model = DistributedDataParallel(
+                self.bare, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # --compile: the whole training forward (the quantizer's fused op included) as compiled graphs;
+        # --precision bf16-mixed: autocast (the quantizers compute in float32 inside).
+        self.forward = torch.compile(self.model) if args.compile else self.model
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                                       enabled=args.precision == "bf16-mixed")
+
+        self.writer = self.metrics_file = None
+        if ctx.is_main:  # the run folder appears once data and model are ready
+            from torch.utils.tensorboard import SummaryWriter
+
+            (self.out / "images").mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.out / "tensorboard"),
+                                        purge_step=self.position.step if state is not None else None)
+            self.metrics_file = open_metrics(self.out / "metrics.jsonl", keep_epochs=self.position.epoch)
+        self.fixed_images = torch.stack([data.evaluation[i]
+                                         for i in range(min(RECONSTRUCTION_IMAGES, len(data.evaluation)))])
+        self.inject = parse_injection(os.environ.get(INJECT_NONFINITE_ENV))
+        self.signal_step = signal_at_step(os.environ.get(SIGNAL_AT_STEP_ENV), ctx.rank)
+
+    def quantizer_settings(self, state: dict | None) -> dict:
+        """This version's settings for the run's arguments; a resumed run is built as it was started,
+        even where this version's defaults differ."""
+        options = quantizer_options(self.args)
+        if state is None:
+            return options
+        saved = as_saved(options, state.get("quantizer_options"))
+        changed = {name: value for name, value in saved.items() if options.get(name) != value}
         if changed:
-            log(f"resuming with the checkpoint's quantizer settings {changed} (this version's defaults: "
-                f"{ {name: current.get(name) for name in changed} })")
-    model = build_model(args, options).to(ctx.device)
-    kernels = "kernels" if has_kernel("quantize", ctx.device.type) else "the reference (no kernel for this device)"
-    log(f"quantizer {args.quantizer} {options}; {sum(p.numel() for p in model.parameters())} parameters; "
-        f"gmvq ops: {ctx.device.type} {kernels}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(args.warmup_epochs * steps_per_epoch), WARMUP_START_FACTOR))
-    position, metrics = Position(), StepMetrics(ctx.device)
-    code_counts = torch.zeros(args.codebook_size, dtype=torch.int64, device=ctx.device)
-    if state is not None:
-        ckpt.load_weights(model, state, checkpoint_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        position = Position(state["epoch"], state["step"], 0, state["train_seconds"], state.get("skipped_steps", 0))
+            self.log(f"resuming with the checkpoint's quantizer settings {changed} (this version's defaults: "
+                     f"{ {name: options.get(name) for name in changed} })")
+        return saved
+
+    def restore(self, state: dict) -> None:
+        """Weights, optimiser, schedule, position and RNG from a checkpoint, mid-epoch ones included."""
+        ckpt.load_weights(self.bare, state, self.checkpoint_path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        position = self.position = Position(state["epoch"], state["step"], 0, state["train_seconds"],
+                                            state.get("skipped_steps", 0))
         if ckpt.mid_epoch(state):
             progress = state["epoch_progress"]
             position.batches_done = progress["batches"]
-            metrics.load_state(progress["metrics"])
-            code_counts.copy_(progress["code_counts"])
-        ckpt.set_rng_state(state["rng"][ctx.rank])
-        log(f"resumed from epoch {position.epoch} (step {position.step}"
-            + (f", {position.batches_done} batches into epoch {position.epoch + 1})" if position.batches_done else ")"))
-    else:
-        ckpt.seed_everything(args.seed + ctx.rank)  # each rank its own noise stream
-    bare = model
-    if ctx.distributed:
-        process_group.keep_gradient_strides(model)
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    # --compile: the whole training forward (the quantizer's fused op included) as compiled graphs;
-    # --precision bf16-mixed: autocast (the quantizers compute in float32 inside).
-    forward = torch.compile(model) if args.compile else model
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+            self.metrics.load_state(progress["metrics"])
+            self.code_counts.copy_(progress["code_counts"])
+            self.epoch_seconds = progress["seconds"]
+        ckpt.set_rng_state(state["rng"][self.ctx.rank])
+        self.log(f"resumed from epoch {position.epoch} (step {position.step}"
+                 + (f", {position.batches_done} batches into epoch {position.epoch + 1})"
+                    if position.batches_done else ")"))
 
-    writer = metrics_file = None
-    if ctx.is_main:  # the run folder appears once data and model are ready
-        from torch.utils.tensorboard import SummaryWriter
-
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=position.step if state is not None else None)
-        metrics_file = open_metrics(out / "metrics.jsonl", keep_epochs=position.epoch)
-    fixed_images = torch.stack([eval_set[i] for i in range(min(RECONSTRUCTION_IMAGES, len(eval_set)))])
-    inject = parse_injection(os.environ.get(INJECT_NONFINITE_ENV))
-    signal_step = signal_at_step(os.environ.get(SIGNAL_AT_STEP_ENV), ctx.rank)
-
-    def save_checkpoint(epoch_progress: dict | None) -> None:
+    def save_checkpoint(self, epoch_progress: dict | None) -> None:
         """Rank 0 writes the run's state at ``position`` (a collective: every rank calls it)."""
-        rng_states = process_group.gather_objects(ckpt.rng_state(), ctx)
+        rng_states = process_group.gather_objects(ckpt.rng_state(), self.ctx)
+        if self.ctx.is_main:
+            position = self.position
+            ckpt.save_atomic({"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scheduler": self.scheduler.state_dict(), "epoch": position.epoch,
+                              "step": position.step, "train_seconds": position.train_seconds, "rng": rng_states,
+                              "args": vars(self.args), "quantizer_options": self.options,
+                              "world_size": self.ctx.world_size, "skipped_steps": position.skipped,
+                              "epoch_progress": epoch_progress}, self.checkpoint_path)
+
+    def train_epoch(self, stop: StopRequests) -> None:
+        """The current epoch's remaining steps; on an agreed stop request, a mid-epoch checkpoint and
+        Preempted."""
+        args, ctx, position = self.args, self.ctx, self.position
+        self.model.train()
+        batches = training_batches(len(self.data.train), args.batch_size, args.seed, position.epoch, ctx.rank,
+                                   ctx.world_size)
+        loader = DataLoader(self.data.train, collate_fn=collate_images, num_workers=args.num_workers,
+                            batch_sampler=batches[position.batches_done:],
+                            pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
+        if position.batches_done == 0:
+            self.metrics.start_epoch()
+            self.code_counts.zero_()
+            self.epoch_seconds = 0.0
+        started = time.perf_counter()
+        bar = progress_bar(loader, f"epoch {position.epoch + 1}/{args.epochs}", ctx.is_main,
+                           position.batches_done, self.steps_per_epoch)
+        for images in bar:
+            self.step(images.to(ctx.device, non_blocking=True))
+            if position.step % args.log_every == 0:  # the only host reads of the loop
+                self.report(bar)
+                if stop.agreed(ctx) and position.batches_done < len(batches):
+                    self.count_seconds(started)
+                    self.save_checkpoint({"batches": position.batches_done, "metrics": self.metrics.state(),
+                                          "code_counts": self.code_counts.cpu(), "seconds": self.epoch_seconds})
+                    raise Preempted(f"stopped on {stop.signal_name or 'another rank'} at step {position.step} "
+                                    f"(epoch {position.epoch + 1}), checkpoint written; --resume continues it")
+        self.count_seconds(started)
+
+    def count_seconds(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.epoch_seconds += elapsed
+        self.position.train_seconds += elapsed
+
+    def step(self, images: torch.Tensor) -> None:
+        """One optimiser step on ``images``; its metrics stay on the device."""
+        args, position = self.args, self.position
+        self.bare.quantizer.set_progress(position.step, self.total_steps)
+        with self.autocast:
+            reconstruction, indices, quantizer_loss, info = self.forward(images)
+            mse = F.mse_loss(reconstruction, images)
+            mse, quantizer_loss, info = self.inject.terms(position.step + 1, mse, quantizer_loss, info)
+            # The negative bound per pixel-channel (gmvq_ext/objective.py): a weight of 1 means the paper's.
+            loss = per_pixel_bound(mse, quantizer_loss, latent_fraction(images, indices), args.sigma_x2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.inject.gradient(position.step + 1, self.bare)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.bare.parameters() if p.grad is not None])
+        scalars = {"loss": loss, "mse": mse, "grad_norm": grad_norm, **scalar_info(info)}
+        # --skip-nonfinite: a host read every step, the price of deciding before the update.
+        bad_terms = self.metrics.nonfinite_terms(scalars) if args.skip_nonfinite else []
+        if not bad_terms:
+            self.optimizer.step()
+        self.scheduler.step()
+        position.step += 1
+        position.batches_done += 1
+        if bad_terms:
+            position.skipped += 1
+            self.log(f"step {position.step}: the {' and '.join(bad_terms)} went non-finite; step skipped "
+                     f"({position.skipped} of at most {args.skip_nonfinite})")
+            if position.skipped > args.skip_nonfinite:
+                raise NonFiniteError(f"step {position.step}: more than --skip-nonfinite {args.skip_nonfinite} "
+                                     f"steps went non-finite (this time the {' and '.join(bad_terms)}); "
+                                     "nothing after the last checkpoint was saved")
+        else:
+            self.metrics.add(scalars, position.step)
+            self.code_counts += torch.bincount(indices.reshape(-1), minlength=args.codebook_size)
+        if position.step == self.signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def report(self, bar) -> None:
+        """The last --log-every steps' means: checked for non-finite terms, shown, logged."""
+        reading = self.metrics.read()
+        check_finite(reading)
+        window = reading.window_means
+        bar.set_postfix(loss=f"{window['loss']:.4f}", mse=f"{window['mse']:.4f}",
+                        ppl=f"{window.get('perplexity', float('nan')):.0f}")
+        if self.writer is not None:
+            self.writer.add_scalar("step/loss", window["loss"], self.position.step)
+            self.writer.add_scalar("step/lr", self.scheduler.get_last_lr()[0], self.position.step)
+
+    def end_epoch(self) -> None:
+        """Average over steps and ranks, evaluate, checkpoint, and (rank 0) write the epoch's files."""
+        args, ctx, position = self.args, self.ctx, self.position
+        reading = self.metrics.read()
+        check_finite(reading)
+        train_metrics = mean_over_ranks(reading.epoch_means, ctx)
+        process_group.all_reduce_sum(self.code_counts, ctx)
+        train_metrics["codes_used"] = int((self.code_counts > 0).sum())
+        process_group.broadcast_buffers(self.bare, ctx)  # evaluate rank 0's BatchNorm statistics everywhere
+        eval_metrics = evaluate(self.bare, self.data.evaluation, args.eval_batch_size, ctx, args.num_workers)
+        position.epoch, position.batches_done = position.epoch + 1, 0
+        self.save_checkpoint(None)
         if ctx.is_main:
-            ckpt.save_atomic({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "epoch": position.epoch, "step": position.step,
-                              "train_seconds": position.train_seconds, "rng": rng_states, "args": vars(args),
-                              "quantizer_options": options, "world_size": ctx.world_size,
-                              "skipped_steps": position.skipped, "epoch_progress": epoch_progress}, checkpoint_path)
+            split = self.data.eval_split
+            record = {"epoch": position.epoch, "step": position.step, "lr": self.scheduler.get_last_lr()[0],
+                      "epoch_seconds": self.epoch_seconds,
+                      "images_per_second": self.steps_per_epoch * args.batch_size / self.epoch_seconds,
+                      **{f"train/{k}": v for k, v in train_metrics.items()},
+                      **{f"{split}/{k}": v for k, v in eval_metrics.items() if k != "code_counts"}}
+            write_epoch_outputs(self.out, record, eval_metrics, split, position.epoch, self.writer,
+                                self.metrics_file, self.fixed_images,
+                                reconstruct(self.bare, self.fixed_images, ctx.device))
+            self.log(f"epoch {position.epoch}: train mse {train_metrics['mse']:.5f} | {split} mse "
+                     f"{eval_metrics['mse']:.5f} perplexity {eval_metrics['perplexity']:.1f} "
+                     f"codes {eval_metrics['codes_used']} | {record['images_per_second']:.0f} img/s")
+        process_group.barrier(ctx)
 
-    def check_finite(reading) -> None:
-        if reading.nonfinite_terms:
-            raise NonFiniteError(
-                f"step {reading.first_nonfinite_step}: the {' and '.join(reading.nonfinite_terms)} went non-finite "
-                f"(NaN or inf); nothing after the last checkpoint was saved, and --resume continues from it "
-                f"(a lower --lr, or fp32, usually avoids it)")
-
-    # ---- training (--stop-after-epoch ends the process early, as an interruption would)
-    last_epoch = args.epochs if args.stop_after_epoch is None else min(args.epochs, args.stop_after_epoch)
-    with StopRequests() as stop:
-        while position.epoch < last_epoch:
-            epoch = position.epoch
-            model.train()
-            batches = training_batches(len(train_set), args.batch_size, args.seed, epoch, ctx.rank, ctx.world_size)
-            loader = DataLoader(train_set, collate_fn=collate_images, num_workers=args.num_workers,
-                                batch_sampler=batches[position.batches_done:],
-                                pin_memory=ctx.device.type == "cuda", generator=torch.Generator())
-            if position.batches_done == 0:
-                metrics.start_epoch()
-                code_counts.zero_()
-                epoch_seconds = 0.0
-            else:
-                epoch_seconds = state["epoch_progress"]["seconds"]
-            started = time.perf_counter()
-            bar = progress_bar(loader, f"epoch {epoch + 1}/{args.epochs}", ctx.is_main, position.batches_done,
-                               steps_per_epoch)
-            for images in bar:
-                images = images.to(ctx.device, non_blocking=True)
-                bare.quantizer.set_progress(position.step, total_steps)
-                with autocast:
-                    reconstruction, indices, quantizer_loss, info = forward(images)
-                    mse = F.mse_loss(reconstruction, images)
-                    mse, quantizer_loss, info = inject.terms(position.step + 1, mse, quantizer_loss, info)
-                    # The negative bound per pixel-channel (gmvq_ext/objective.py): a weight of 1 means the paper's.
-                    loss = per_pixel_bound(mse, quantizer_loss, latent_fraction(images, indices), args.sigma_x2)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                inject.gradient(position.step + 1, bare)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in bare.parameters() if p.grad is not None])
-                scalars = {"loss": loss, "mse": mse, "grad_norm": grad_norm, **scalar_info(info)}
-                # --skip-nonfinite: a host read every step, the price of deciding before the update.
-                bad_terms = metrics.nonfinite_terms(scalars) if args.skip_nonfinite else []
-                if not bad_terms:
-                    optimizer.step()
-                scheduler.step()
-                position.step += 1
-                position.batches_done += 1
-                if bad_terms:
-                    position.skipped += 1
-                    log(f"step {position.step}: the {' and '.join(bad_terms)} went non-finite; step skipped "
-                        f"({position.skipped} of at most {args.skip_nonfinite})")
-                    if position.skipped > args.skip_nonfinite:
-                        raise NonFiniteError(f"step {position.step}: more than --skip-nonfinite "
-                                             f"{args.skip_nonfinite} steps went non-finite (this time the "
-                                             f"{' and '.join(bad_terms)}); nothing after the last checkpoint "
-                                             "was saved")
-                else:
-                    metrics.add(scalars, position.step)
-                    code_counts += torch.bincount(indices.reshape(-1), minlength=args.codebook_size)
-                if position.step == signal_step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-                if position.step % args.log_every == 0:  # the only host reads of the loop
-                    reading = metrics.read()
-                    check_finite(reading)
-                    window = reading.window_means
-                    bar.set_postfix(loss=f"{window['loss']:.4f}", mse=f"{window['mse']:.4f}",
-                                    ppl=f"{window.get('perplexity', float('nan')):.0f}")
-                    if writer is not None:
-                        writer.add_scalar("step/loss", window["loss"], position.step)
-                        writer.add_scalar("step/lr", scheduler.get_last_lr()[0], position.step)
-                    if stop.agreed(ctx) and position.batches_done < len(batches):
-                        epoch_seconds += time.perf_counter() - started
-                        position.train_seconds += time.perf_counter() - started
-                        save_checkpoint({"batches": position.batches_done, "metrics": metrics.state(),
-                                         "code_counts": code_counts.cpu(), "seconds": epoch_seconds})
-                        raise Preempted(f"stopped on {stop.signal_name or 'another rank'} at step {position.step} "
-                                        f"(epoch {epoch + 1}), checkpoint written; --resume continues it")
-            epoch_seconds += time.perf_counter() - started
-            position.train_seconds += time.perf_counter() - started
-
-            # ---- end of epoch: average over steps and ranks, evaluate, pictures, checkpoint
-            reading = metrics.read()
-            check_finite(reading)
-            train_metrics = mean_over_ranks(reading.epoch_means, ctx)
-            process_group.all_reduce_sum(code_counts, ctx)
-            train_metrics["codes_used"] = int((code_counts > 0).sum())
-            process_group.broadcast_buffers(bare, ctx)  # evaluate rank 0's BatchNorm statistics everywhere
-            eval_metrics = evaluate(bare, eval_set, args.eval_batch_size, ctx, args.num_workers)
-            position.epoch, position.batches_done = epoch + 1, 0
-            save_checkpoint(None)
-            if ctx.is_main:
-                record = {"epoch": epoch + 1, "step": position.step, "lr": scheduler.get_last_lr()[0],
-                          "epoch_seconds": epoch_seconds,
-                          "images_per_second": steps_per_epoch * args.batch_size / epoch_seconds,
-                          **{f"train/{k}": v for k, v in train_metrics.items()},
-                          **{f"{eval_split}/{k}": v for k, v in eval_metrics.items() if k != "code_counts"}}
-                write_epoch_outputs(out, record, eval_metrics, eval_split, epoch + 1, writer, metrics_file,
-                                    fixed_images, reconstruct(bare, fixed_images, ctx.device))
-                log(f"epoch {epoch + 1}: train mse {train_metrics['mse']:.5f} | {eval_split} mse "
-                    f"{eval_metrics['mse']:.5f} perplexity {eval_metrics['perplexity']:.1f} "
-                    f"codes {eval_metrics['codes_used']} | {record['images_per_second']:.0f} img/s")
-            process_group.barrier(ctx)
-            if stop.agreed(ctx):
-                raise Preempted(f"stopped on {stop.signal_name or 'another rank'} after epoch {epoch + 1}, "
-                                "checkpoint written; --resume continues it")
-
-    if last_epoch < args.epochs:
-        log(f"stopped after epoch {last_epoch} of {args.epochs}; continue with --resume")
-        if ctx.is_main:
-            metrics_file.close()
-            writer.close()
-        return None
-
-    # ---- final test evaluation
-    process_group.broadcast_buffers(bare, ctx)
-    test_metrics = evaluate(bare, test_set, args.eval_batch_size, ctx, args.num_workers)
-    # Data-parallel ranks must hold identical weights; record each rank's checksum.
-    checksums = process_group.gather_objects(parameter_checksum(bare), ctx)
-    if len(set(checksums)) > 1:
-        log(f"warning: ranks ended with different parameters: checksums {checksums}")
-    results = None
-    if ctx.is_main:
+    def test(self) -> dict | None:
+        """The final test evaluation: rank 0 writes and returns results.json's contents."""
+        args, ctx, position = self.args, self.ctx, self.position
+        process_group.broadcast_buffers(self.bare, ctx)
+        test_metrics = evaluate(self.bare, self.data.test, args.eval_batch_size, ctx, args.num_workers)
+        # Data-parallel ranks must hold identical weights; record each rank's checksum.
+        checksums = process_group.gather_objects(parameter_checksum(self.bare), ctx)
+        if len(set(checksums)) > 1:
+            self.log(f"warning: ranks ended with different parameters: checksums {checksums}")
+        if not ctx.is_main:
+            return None
         results = {
-            **test_results(test_metrics, args, options),
-            "train_images": len(train_set),
-            **data.skipped_record(),
+            **test_results(test_metrics, args, self.options),
+            "train_images": len(self.data.train),
+            **self.data.skipped_record(),
             "epochs": args.epochs,
             "steps": position.step,
             "skipped_nonfinite_steps": position.skipped,
@@ -303,16 +346,28 @@ def run(args, ctx: process_group.Context) -> dict | None:
             "device": str(ctx.device),
             "args": vars(args),
         }
-        write_json_atomic(out / "results.json", results)
-        metrics_file.close()
-        writer.close()
-        log(f"test mse {results['test_mse']:.5f} ([-1,1] pixels; {results['test_mse_01']:.5f} in [0,1]), "
-            f"perplexity {results['test_perplexity']:.1f}, codes used {results['codes_used']}"
-            f"/{args.codebook_size} -> {out / 'results.json'}")
-    return results
+        write_json_atomic(self.out / "results.json", results)
+        self.close()
+        self.log(f"test mse {results['test_mse']:.5f} ([-1,1] pixels; {results['test_mse_01']:.5f} in [0,1]), "
+                 f"perplexity {results['test_perplexity']:.1f}, codes used {results['codes_used']}"
+                 f"/{args.codebook_size} -> {self.out / 'results.json'}")
+        return results
+
+    def close(self) -> None:
+        if self.ctx.is_main:
+            self.metrics_file.close()
+            self.writer.close()
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def check_finite(reading) -> None:
+    if reading.nonfinite_terms:
+        raise NonFiniteError(
+            f"step {reading.first_nonfinite_step}: the {' and '.join(reading.nonfinite_terms)} went non-finite "
+            f"(NaN or inf); nothing after the last checkpoint was saved, and --resume continues from it "
+            f"(a lower --lr, or fp32, usually avoids it)")
+
 
 def write_epoch_outputs(out: Path, record: dict, eval_metrics: dict, eval_split: str, epoch: int, writer,
                         metrics_file, fixed_images, reconstructions) -> None:
