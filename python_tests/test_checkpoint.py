@@ -17,24 +17,10 @@ import torch
 from gmvq_ext import train
 from gmvq_ext.cli import evaluate
 from gmvq_ext.training import checkpoint as ckpt
-from gmvq_ext.training.config import build_model, parse_args, quantizer_options
+from gmvq_ext.training.config import build_model, parse_args
 from helpers import PACKAGE_PARENT, subprocess_env
 
-from test_train import SMALL
-
-
-def small_state(**changes) -> dict:
-    """A checkpoint state shaped exactly as train.py writes it, without training."""
-    args = parse_args([*SMALL, "--epochs", "1", "--out", "unused"])
-    options = quantizer_options(args)
-    model = build_model(args, options)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": 1, "step": 3, "train_seconds": 0.5, "rng": [ckpt.rng_state()], "args": vars(args),
-             "quantizer_options": options, "world_size": 1}
-    state.update(changes)
-    return state
+from training_runs import SMALL, small_state
 
 
 class WritesMarker:

@@ -22,7 +22,7 @@ from gmvq_ext.data import build_dataset
 from gmvq_ext.download import CIFAR10_MD5_ENV, CIFAR10_URL_ENV, DownloadError, celeba_instructions, ensure_cifar10
 from helpers import SAMPLE_DATA
 
-from test_train import SMALL
+from training_runs import SMALL
 
 # One intra-op thread for every test (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

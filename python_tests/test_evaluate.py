@@ -9,7 +9,7 @@ import pytest
 from gmvq_ext import train
 from gmvq_ext.cli import evaluate
 
-from test_train import SMALL, run_cli
+from training_runs import SMALL, run_cli
 
 # One intra-op thread for every test (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

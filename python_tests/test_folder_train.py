@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from contextlib import redirect_stdout
-from io import StringIO
 
 import numpy as np
 import pytest
@@ -22,54 +20,13 @@ from gmvq_ext.cli.evaluate import main as evaluate_main
 from gmvq_ext.cli.export import main as export_main
 from gmvq_ext.cli.tokenize import main as tokenize_main
 from gmvq_ext.cli.train import main as train_main
-from gmvq_ext.data import DataSource, hash_split
+from gmvq_ext.data import hash_split
+from folder_runs import TINY, folder_test_images, folder_test_reconstructions, photos, run  # noqa: F401 (fixtures)
 from helpers import PACKAGE_PARENT, subprocess_env
-from image_folders import BROKEN, make_photo_folder
-from test_image_quality import psnr_reference, ssim_reference
+from image_folders import BROKEN
+from image_quality_reference import psnr_reference, ssim_reference
 
-TINY = ["--dataset", "folder", "--image-size", "32", "--downsampling", "8", "--quantizer", "gmvq",
-        "--codebook-size", "32", "--dim", "8", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0",
-        "--lr", "1e-3", "--seed", "0", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return make_photo_folder(tmp_path_factory.mktemp("own-images"))
-
-
-def folder_test_images(photos) -> torch.Tensor:
-    """The test split of the run's folder (the broken file skipped), as the run reads it."""
-    datasets, _ = DataSource("folder", str(photos), image_size=32, skip_bad_images=True).open(("test",),
-                                                                                            progress=False)
-    return torch.stack([datasets["test"][i] for i in range(len(datasets["test"]))])
-
-
-def folder_test_reconstructions(out, photos) -> tuple[torch.Tensor, torch.Tensor]:
-    """(test images, the run's evaluation reconstructions of them)."""
-    images = folder_test_images(photos)
-    with torch.no_grad():
-        return images, gmvq_ext.Tokenizer.from_checkpoint(out / "checkpoint.pt", device="cpu").model(images)[0]
-
-
-@pytest.fixture(scope="module")
-def run(photos, tmp_path_factory):
-    """One epoch with --skip-bad-images; (run folder, what it printed)."""
-    out = tmp_path_factory.mktemp("runs") / "photos"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the module-scoped fixture runs before the per-test one
-    printed = StringIO()
-    with redirect_stdout(printed):
-        train_main([*TINY, "--data-dir", str(photos), "--skip-bad-images", "--out", str(out)])
-    torch.set_num_threads(threads)
-    return out, printed.getvalue()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_without_skip_the_broken_file_stops_the_run_before_training(photos, tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gmvq_ext import build_quantizer
 from gmvq_ext.models import build_autoencoder
 from gmvq_ext.objective import latent_fraction, per_pixel_bound
-from test_train import SMALL, run_cli
+from training_runs import SMALL, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

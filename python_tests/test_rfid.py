@@ -20,7 +20,7 @@ from gmvq_ext.data import to_uint8
 from gmvq_ext.training import rfid
 from gmvq_ext.training.rfid import ReconstructionFID, WeightsError
 
-from test_folder_train import folder_test_reconstructions, photos, run  # noqa: F401 (fixtures: a trained run)
+from folder_runs import folder_test_reconstructions, photos, run  # noqa: F401 (fixtures: a trained run)
 
 
 class PooledPixels(torch.nn.Module):

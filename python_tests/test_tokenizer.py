@@ -14,8 +14,7 @@ from gmvq_ext.training import checkpoint as ckpt
 from gmvq_ext.training.config import build_model, parse_args, quantizer_options
 from helpers import DEVICES
 
-from test_checkpoint import small_state
-from test_train import DATA, SMALL, run_cli
+from training_runs import DATA, SMALL, run_cli, small_state
 
 
 def calibrated(model: torch.nn.Module) -> torch.nn.Module:

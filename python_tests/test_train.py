@@ -5,45 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gmvq_ext import train
 from gmvq_ext.training.visuals import read_curves
-from helpers import PACKAGE_PARENT, SAMPLE_DATA, subprocess_env
+from training_runs import DATA, SMALL, load_weights, run_cli, without_gamma
 
-DATA = SAMPLE_DATA / "cifar10-sample"
-
-SMALL = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "--codebook-size", "64",
-         "--dim", "16", "--batch-size", "32", "--max-train-images", "96", "--max-test-images", "64",
-         "--lr", "1e-3", "--warmup-epochs", "1", "--gamma", "0.1", "--seed", "3", "--device", "cpu"]
 RESULT_KEYS = {"test_mse", "test_mse_01", "test_perplexity", "codes_used", "epochs", "images_per_second",
                "quantizer", "args", "pixel_range"}
 METRICS_TO_MATCH = ("test_mse", "test_mse_01", "test_perplexity", "test_perplexity_hard", "codes_used", "steps")
 
 
-def without_gamma() -> list[str]:
-    """SMALL minus its GM-VQ-only --gamma option."""
-    at = SMALL.index("--gamma")
-    return SMALL[:at] + SMALL[at + 2:]
-
-
 # One intra-op thread for every test (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*argv, env=None, module=("-m", "gmvq_ext.train")):
-    environment = subprocess_env(OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, *module, *argv], cwd=PACKAGE_PARENT, env=environment, capture_output=True,
-                          text=True, timeout=600)
-
-
-def load_weights(out: Path) -> dict:
-    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_one_epoch_cli_writes_every_artifact(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,12 +15,9 @@ from pathlib import Path
 import pytest
 
 from gmvq_ext import train
-from helpers import PACKAGE_PARENT, SAMPLE_DATA, free_port, subprocess_env
+from helpers import free_port
+from training_runs import SMALL, finish, start, torchrun, wait_for
 
-DATA = SAMPLE_DATA / "cifar10-sample"
-SMALL = ["--dataset", "cifar10", "--data-dir", str(DATA), "--quantizer", "gmvq", "--codebook-size", "64",
-         "--dim", "16", "--batch-size", "32", "--max-train-images", "96", "--max-test-images", "64",
-         "--lr", "1e-3", "--warmup-epochs", "1", "--seed", "3", "--device", "cpu"]
 # Within this many seconds of results.json a finished process has exited (it took 1-3 s; a
 # teardown deadlock used to hold it forever).
 EXIT_AFTER_RESULTS_SECONDS = 60
@@ -43,37 +39,6 @@ def reap_leftover_processes(tmp_path):
                     os.kill(int(entry.name), signal.SIGKILL)
             except (OSError, ProcessLookupError):
                 continue
-
-
-def torchrun(*argv: str) -> list[str]:
-    launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    return [launcher, *argv]
-
-
-def start(command: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=PACKAGE_PARENT, env=subprocess_env(OMP_NUM_THREADS="1", **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a stuck test can kill the whole group
-
-
-def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"still running after {timeout} s; stderr:\n{err[-3000:]}")
-    return process.returncode, out, err
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            pytest.fail(f"exited with {process.returncode} before {path.name} appeared:\n{process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.05)
 
 
 def descendant_with_rank(root_pid: int, rank: int) -> int:

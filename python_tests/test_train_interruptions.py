@@ -21,7 +21,7 @@ from gmvq_ext import files, train
 from gmvq_ext.training import checkpoint as ckpt
 from gmvq_ext.training.stopping import EXIT_PREEMPTED
 from helpers import SAMPLE_DATA
-from test_train_distributed import finish, start, torchrun, wait_for
+from training_runs import finish, start, torchrun, wait_for
 
 DATA = SAMPLE_DATA / "cifar10-sample"
 # 8 steps an epoch (1 process, or 2 ranks of 16 images), 3 epochs; a logging (and stopping) point every step.
