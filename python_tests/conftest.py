@@ -17,9 +17,7 @@ def _build_fingerprint() -> str:
 
 
 # Warm inductor cache between runs (torch.compile tests compile C++ on CPU), one per
-# build: a cache filled by an earlier build of the ops replayed stale graphs (seen as
-# "shape '[94016217451600, ...]' is invalid" in a compiled training step; seen again after a
-# change to the quantizers' Python alone, hence every source file in the fingerprint).
+# build of the ops and their Python, so that no test reads graphs another version compiled.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).parent.parent / "build" / "inductor-cache" /
                                                      _build_fingerprint()))
 

@@ -1,6 +1,9 @@
 """k-means initialisation of every quantizer whose encoder outputs live in the code space
 (the paper starts every model of its Table 1 so). GM-VQ's own tests are in test_quantizers_gmvq.py."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ import torch.nn.functional as F
 from gmvq_ext import build_quantizer
 from gmvq_ext.quantizers import QUANTIZERS, AffineVQ, GumbelVQ
 from gmvq_ext.quantizers.kmeans import kmeans
+from helpers import subprocess_env
 
 WITH_KMEANS = sorted(name for name, cls in QUANTIZERS.items() if cls is not GumbelVQ)
 # Those whose training forward changes nothing else in the codebook after k-means.
@@ -108,3 +112,27 @@ def test_replaced_codes_are_counted_per_training_forward(name):
     counts = [float(q(far)[3]["codes_replaced"]) for _ in range(2)]
     assert counts == [0, 15], "nothing is dead at the first forward; then the 15 codes it left unused"
     assert "codes_replaced" not in q.eval()(far)[3]
+
+
+WARM_CACHE_SCRIPT = """
+import torch, gmvq_ext
+torch.manual_seed(0)
+for name in ("gmvq", "vqvae-l2"):
+    quantizer = gmvq_ext.build_quantizer(name, codebook_size=16, dim=4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, quantizer.input_channels, 1), quantizer)
+    step = torch.compile(lambda images: (lambda out: out[0].square().mean() + out[2])(model(images)))
+    for _ in range(2):  # the first call clusters (a graph break), the second is compiled without it
+        step(torch.randn(2, 3, 4, 4)).backward()
+print("trained")
+"""
+
+
+def test_a_compiled_first_forward_runs_again_from_a_warm_compile_cache(tmp_path):
+    # k-means is a graph break of a compiled first forward. Views handed across it came back from a warm
+    # AOTAutograd cache with garbage shapes ("shape '[93873346349544, ...]' is invalid"): the second
+    # process, which reads the first one's cache, failed.
+    env = subprocess_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    for run in ("cold cache", "warm cache"):
+        done = subprocess.run([sys.executable, "-c", WARM_CACHE_SCRIPT], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "trained" in done.stdout, f"{run}:\n{done.stderr[-3000:]}"

@@ -119,6 +119,7 @@ class GaussianMixtureVQ(KMeansInit, Quantizer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, w_raw: Optional[Tensor] = None):
+        self._kmeans_if_pending(x, w_raw)
         if w_raw is None:
             rows, restore, index_shape = self._to_rows(x, self.input_channels)
             z_hat, raw = rows[:, : self.code_dim], rows[:, self.code_dim:]
@@ -136,6 +137,10 @@ class GaussianMixtureVQ(KMeansInit, Quantizer):
         quantized, indices, loss, info = self.quantize_vectors(z_hat, raw)
         return restore(quantized), indices.reshape(index_shape), loss, info
 
+    def _kmeans_vectors(self, x: Tensor, w_raw: Optional[Tensor] = None) -> Tensor:
+        channels = self.input_channels if w_raw is None else self.code_dim
+        return self._to_rows(x, channels)[0][:, : self.code_dim].to(self.codebook.dtype)
+
     def quantize_vectors(self, z_hat: Tensor, w_raw: Optional[Tensor] = None):
         """GM-VQ on rows: z_hat (N, D), w_raw (N, D), (N, 1) or None."""
         with torch.autocast(device_type=z_hat.device.type, enabled=False):
@@ -145,7 +150,6 @@ class GaussianMixtureVQ(KMeansInit, Quantizer):
         codebook = self.codebook
         z_hat = z_hat.to(codebook.dtype)
         weight = None if w_raw is None else F.softplus(w_raw.to(codebook.dtype))
-        self._kmeans_if_pending(z_hat)
         n = z_hat.shape[0]
         z_out, indices, q_bar, latent_reg = backend.quantize(
             z_hat, weight, codebook, self.temperature, self.sigma_z2, self.hard, self.training, self._noise_state(),

@@ -20,11 +20,20 @@ class KMeansInit:
     """Mixin for a Quantizer with a ``codebook`` parameter (K, D).
 
     ``_setup_kmeans(enabled, iterations)`` in the constructor; then
-    ``_kmeans_if_pending(vectors)`` at the start of a training forward, with
-    the (N, D) vectors the codes are compared with. ``initialized`` (a
-    buffer, in the state_dict) records that it ran, so a resumed or loaded
-    model never clusters again; a state saved before the buffer existed is a
-    trained model, read as initialised."""
+    ``_kmeans_if_pending(x, ...)`` first thing in ``forward`` (this class's
+    ``forward`` does it before the quantizer's own), with the forward's own
+    arguments; ``_kmeans_vectors(x, ...)`` gives the (N, D)
+    vectors the codes are compared with. ``initialized`` (a buffer, in the
+    state_dict) records that it ran, so a resumed or loaded model never
+    clusters again; a state saved before the buffer existed is a trained
+    model, read as initialised.
+
+    Why first thing: under torch.compile the k-means is a graph break, and
+    every frame on the stack hands its live tensors across it. Views handed
+    across a break (the rows of ``x``, their z_hat and weight halves) come
+    back from torch 2.13's warm AOTAutograd cache with garbage shapes
+    ("shape '[93873346349544, ...]' is invalid"); ``x`` itself is the
+    caller's tensor, not a view made here."""
 
     def _setup_kmeans(self, enabled: bool, iterations: int) -> None:
         if int(iterations) < 0:
@@ -35,9 +44,22 @@ class KMeansInit:
         self._kmeans_pending = bool(enabled)
         self.register_load_state_dict_post_hook(_sync_kmeans_flag)
 
-    def _kmeans_if_pending(self, vectors: Tensor) -> None:
+    def forward(self, x: Tensor, *more):
+        self._kmeans_if_pending(x, *more)
+        return super().forward(x, *more)
+
+    def _kmeans_if_pending(self, x: Tensor, *more) -> None:
         if self.training and self._kmeans_pending:
-            self.initialise_codebook(vectors)
+            self._initialise_from_input(x, *more)
+
+    def _kmeans_vectors(self, x: Tensor, *more) -> Tensor:
+        """The (N, D) vectors of the forward's input that the codes are compared with."""
+        return self._to_rows(x, self.input_channels)[0].to(self.codebook.dtype)
+
+    @torch._dynamo.disable
+    @torch.no_grad()
+    def _initialise_from_input(self, x: Tensor, *more) -> None:
+        self.initialise_codebook(self._kmeans_vectors(x, *more))
 
     def raw_codes(self, code_vectors: Tensor) -> Tensor:
         """The raw codebook rows whose code vectors are ``code_vectors`` (the affine map inverts itself here)."""

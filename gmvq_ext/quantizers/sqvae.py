@@ -66,7 +66,6 @@ class SQVAEQuantizer(KMeansInit, Quantizer):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.to(self.codebook.dtype)
             n = z.shape[0]
-            self._kmeans_if_pending(z)
             variance = self.log_variance.exp()
             logits = -backend.codebook_distance(z, None, self.codebook) / (2.0 * variance)
             probs = torch.softmax(logits, dim=1)

@@ -85,13 +85,15 @@ class VectorQuantizer(KMeansInit, Quantizer):
     def codebook_vectors(self) -> Tensor:
         return self.codebook_map(self.codebook)
 
+    def _kmeans_vectors(self, x: Tensor) -> Tensor:
+        return self._project(super()._kmeans_vectors(x))
+
     def quantize_vectors(self, rows: Tensor):
         with torch.autocast(device_type=rows.device.type, enabled=False):
             z = rows.to(self.codebook.dtype)
             if self.training:
                 self._before_quantize(z)
             z = self._project(z)
-            self._kmeans_if_pending(z)
             indices = self._assign(z)
             z_q = self.codebook_vectors()[indices]
             codebook_loss = self._codebook_loss(z, z_q, indices)
