@@ -20,16 +20,15 @@ make = functools.partial(make_quantizer, "gmvq")
 
 
 def test_defaults_are_the_validation_choice():
-    # beta 1 (the ALBO) and gamma 0.1: experiments/results/cifar10/ (beta-gmvq.md, levers-gmvq.md).
-    # The rest from experiments/investigate.py, 2026-11-28 (CIFAR-10 validation): no training noise,
-    # temperature 0.5 -> 0.05, soft samples.
+    # beta 1 (the ALBO), gamma 0.1, the paper's temperature 2 -> 0.1 and no training noise:
+    # experiments/results/cifar10/ (beta-gmvq.md, levers-gmvq.md); soft samples: the study of 2026-11-28.
     q = GaussianMixtureVQ(dim=4, codebook_size=16)
     assert (q.sigma_z2, q.noise_scale, q.hard, q.gamma, q.beta, q.weight_mode) == (0.5, 0.0, False, 0.1, 1.0,
                                                                                      "full")
     q.set_progress(0, 10)
-    assert float(q.temperature) == pytest.approx(0.5)
+    assert float(q.temperature) == pytest.approx(2.0)
     q.set_progress(10, 10)
-    assert float(q.temperature) == pytest.approx(0.05)
+    assert float(q.temperature) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("weight, channels", [("full", 8), ("scalar", 5), (None, 4)])
