@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,28 @@ def test_extend_trains_until_the_best_value_is_interior(tmp_path, monkeypatch):
         sweep.main(["vqvae:lr=0.003|0.01", "--extend", "lr=0.001|0.003", "--evaluate", "test"])
     with pytest.raises(SystemExit, match="ladder"):
         sweep.main(["vqvae:lr=0.005", "--extend", "lr=0.001|0.003", "--out", str(out)])
+
+
+@pytest.mark.parametrize("script", ["study_cifar10.sh", "study_celeba.sh"])
+def test_every_command_of_a_study_script_is_one_the_trainer_accepts(tmp_path, script):
+    # The script run with a stand-in `python` that records its arguments: nothing trains.
+    recorder = tmp_path / "bin" / "python"
+    recorder.parent.mkdir()
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/call-$$-$(date +%s%N)"\necho >> "{tmp_path}/calls"\n')
+    recorder.chmod(0o755)
+    env = {**os.environ, "PATH": f"{recorder.parent}{os.pathsep}{os.environ['PATH']}", "RUNS": str(tmp_path / "runs")}
+    subprocess.run(["bash", str(SCRIPT.parent / script)], env=env, check=True, timeout=60)
+    calls = [path.read_text().splitlines() for path in sorted(tmp_path.glob("call-*"))]
+    assert len(calls) == len((tmp_path / "calls").read_text().splitlines()) >= 2
+    sweep = load_sweep()
+    from gmvq_ext.training.config import parse_args as trainer_args, quantizer_options
+
+    for call in calls:
+        assert call[0] == "experiments/sweep.py"
+        args = sweep.parse_args(call[1:])
+        assert args.runs_dir == str(tmp_path / "runs")
+        for spec in args.points:
+            for system, levers in sweep.expand(spec):
+                cmd = sweep.command(args, system, levers, 0, tmp_path / "run")
+                options = quantizer_options(trainer_args(cmd[3:]))  # raises on an option the quantizer lacks
+                assert all(options[name] == value for name, value in levers.items() if name in options)
