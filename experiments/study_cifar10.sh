@@ -31,11 +31,14 @@ $SWEEP "gmvq:$GAMMA,gamma=0.03|0.1|0.3|1" "gmvq:lr=0.01,$EARLY,noise_scale=1" \
 
 # 4. Each baseline's own usage lever at its best learning rate (0.01 for all): dead-code replacement's
 #    patience, the VQ-VAE commitment weight, SQ-VAE's and Gumbel-VQ's regulariser weights (x4 and /4
-#    around the defaults).
-$SWEEP "vqvae-l2-replace:lr=0.01,replace_after=10|30|100|300" --out $OUT/levers-vqvae-l2-replace
-$SWEEP "vqvae-l2:lr=0.01,commitment=0.05|0.25|1" --out $OUT/levers-vqvae-l2
-$SWEEP "sqvae:lr=0.01,latent_weight=0.024|0.096|0.384" --out $OUT/levers-sqvae
-$SWEEP "gumbel:lr=0.01,kl_weight=0.006|0.024|0.096" --out $OUT/levers-gumbel
+#    around the defaults), each grid extended until its best value is interior.
+$SWEEP "vqvae-l2-replace:lr=0.01,replace_after=10|30|100|300" --extend "replace_after=3|10|30|100|300|1000|3000" \
+    --out $OUT/levers-vqvae-l2-replace
+$SWEEP "vqvae-l2:lr=0.01,commitment=0.05|0.25|1" --extend "commitment=0.0125|0.05|0.25|1|4" --out $OUT/levers-vqvae-l2
+$SWEEP "sqvae:lr=0.01,latent_weight=0.024|0.096|0.384" --extend "latent_weight=0.0015|0.006|0.024|0.096|0.384|1.536" \
+    --out $OUT/levers-sqvae
+$SWEEP "gumbel:lr=0.01,kl_weight=0.006|0.024|0.096" --extend "kl_weight=0.0015|0.006|0.024|0.096|0.384" \
+    --out $OUT/levers-gumbel
 
 # 5. GM-VQ's levers together: gamma 0.1 with the paper's temperature (the new default), then hard samples.
 DEFAULTS="lr=0.01,gamma=0.1,temperature_start=2.0,temperature_end=0.1"
@@ -44,9 +47,9 @@ $SWEEP "gmvq:$DEFAULTS" "gmvq:$DEFAULTS,hard=True" --out $OUT/levers-gmvq-defaul
 # 6. The frontier (validation MSE against perplexity): GM-VQ over beta and its levers, each baseline over
 #    its own lever.
 $SWEEP "gmvq:beta=0.01|0.1|0.3|1|3|10|48,$EARLY" "gmvq:$GAMMA,gamma=0.03|0.1|0.3|1" "gmvq:$DEFAULTS" \
-    "vqvae-l2-replace:lr=0.01,replace_after=10|30|100|300" "vqvae-l2:lr=0.01,commitment=0.05|0.25|1" \
-    "sqvae:lr=0.01,latent_weight=0.024|0.096|0.384" "gumbel:lr=0.01,kl_weight=0.006|0.024|0.096" \
-    "vqvae:lr=0.01" --out $OUT/frontier
+    "gmvq:$DEFAULTS,hard=True" "vqvae-l2-replace:lr=0.01,replace_after=10|30|100|300|1000" \
+    "vqvae-l2:lr=0.01,commitment=0.05|0.25|1|4" "sqvae:lr=0.01,latent_weight=0.006|0.024|0.096|0.384" \
+    "gumbel:lr=0.01,kl_weight=0.006|0.024|0.096" "vqvae:lr=0.01" --out $OUT/frontier
 
 # 7. The finals, tested: GM-VQ at its defaults, at gamma 0.1 with the earlier temperature, at gamma 0.3
 #    (the default before this study, tested before it), and the baseline with the lowest validation MSE at
