@@ -161,6 +161,22 @@ def in_grid_order(points: list[tuple[str, dict]], lever: str) -> list[tuple[str,
         point[1].get(lever, 0)))
 
 
+def point_series(specs: list[str], points: list[tuple[str, dict]], ladder_lever: str | None) -> dict[str, int]:
+    """The index of the point given (spec) that each point comes from; a point --extend added belongs
+    to the grid it extends."""
+    series = {label(system, levers): index for index, spec in enumerate(specs) for system, levers in expand(spec)}
+
+    def others(levers):
+        return {name: value for name, value in levers.items() if name != ladder_lever}
+
+    for system, levers in points:
+        if label(system, levers) not in series:
+            series[label(system, levers)] = next(series[label(s, l)] for s, l in points
+                                                 if s == system and others(l) == others(levers)
+                                                 and label(s, l) in series)
+    return series
+
+
 def label(system: str, levers: dict) -> str:
     return system + "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
                             for name, value in sorted(levers.items()))
@@ -300,31 +316,52 @@ def markdown(args, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def series_names(rows: list[dict]) -> list[str]:
+    """Each row's series in the frontier plot: its point's group (one point given on the command line, the
+    points its values expand into and those --extend added), named by the system, the levers that vary
+    within it and the values of those that do not."""
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("series", 0), []).append(row)
+    names = {}
+    for group in groups.values():
+        lever_names = sorted({name for row in group for name in row["levers"]})
+        varying = [name for name in lever_names if len({repr(row["levers"].get(name)) for row in group}) > 1]
+        fixed = [f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                 for name, value in sorted(group[0]["levers"].items()) if name not in varying]
+        name = group[0]["system"] + (f" over {', '.join(varying)}" if varying else "")
+        name += f" ({', '.join(fixed)})" if fixed else ""
+        for row in group:
+            names[id(row)] = name
+            row["varying"] = varying
+    return [names[id(row)] for row in rows]
+
+
 def plot_frontier(rows: list[dict], split: str, dataset: str, path: Path) -> None:
-    """MSE against perplexity, seeds as error bars: one series per system and set of levers set
-    (e.g. GM-VQ over beta apart from GM-VQ over gamma), its points joined in the order given."""
+    """MSE against perplexity, seeds as error bars: one series per point given (its values joined in
+    order), each point labelled by the levers that vary within its series."""
     from gmvq_ext.training.visuals import pyplot
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    def series(row):
-        return row["system"] + (f" ({', '.join(sorted(row['levers']))})" if row["levers"] else "")
-
-    for name in dict.fromkeys(series(row) for row in rows):
-        group = [row for row in rows if series(row) == name and row["mse"] is not None]
+    fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
+    names = series_names(rows)
+    for name in dict.fromkeys(names):
+        group = [row for row, row_name in zip(rows, names) if row_name == name and row["mse"] is not None]
         ax.errorbar([r["perplexity"] for r in group], [1e3 * r["mse"] for r in group],
                     xerr=[r["perplexity sd"] for r in group], yerr=[1e3 * r["mse sd"] for r in group],
                     marker="o", capsize=2, label=name)
         for row in group:
-            if row["levers"]:
-                ax.annotate(row["point"].split(" ", 1)[1], (row["perplexity"], 1e3 * row["mse"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if row["varying"]:
+                text = " ".join(f"{k}={row['levers'][k]:g}" if isinstance(row["levers"][k], float)
+                                else f"{k}={row['levers'][k]}" for k in row["varying"])
+                ax.annotate(text, (row["perplexity"], 1e3 * row["mse"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel(f"{split} perplexity (of 1024 codes)")
     ax.set_ylabel(f"{split} MSE (1e-3, pixels in [-1, 1])")
     ax.set_title(f"{dataset} sample: reconstruction against code usage")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -385,6 +422,9 @@ def main(argv=None) -> None:
     order = {(system, label("", levers)): index for index, (system, levers) in enumerate(points)}
     runs.sort(key=lambda run: (order[(run["system"], label("", run["levers"]))], run["seed"]))
     rows = summary(runs, args.evaluate)
+    series = point_series(args.points, points, args.ladder[0] if args.ladder else None)
+    for row in rows:
+        row["series"] = series[row["point"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
