@@ -20,8 +20,8 @@ make = functools.partial(make_quantizer, "gmvq")
 
 
 def test_defaults_are_the_validation_choice():
-    # beta 1 (the ALBO), gamma 0.1, the paper's temperature 2 -> 0.1 and no training noise:
-    # experiments/results/cifar10/ (beta-gmvq.md, levers-gmvq.md); soft samples: the study of 2026-11-28.
+    # beta 1 (the ALBO), gamma 0.1, the paper's temperature 2 -> 0.1, no training noise and soft samples:
+    # experiments/results/cifar10/ (beta-gmvq.md, levers-gmvq.md, levers-gmvq-defaults.md).
     q = GaussianMixtureVQ(dim=4, codebook_size=16)
     assert (q.sigma_z2, q.noise_scale, q.hard, q.gamma, q.beta, q.weight_mode) == (0.5, 0.0, False, 0.1, 1.0,
                                                                                      "full")
