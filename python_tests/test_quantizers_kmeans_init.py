@@ -60,6 +60,16 @@ def test_the_codes_are_the_centroids_of_the_compared_vectors(name):
                                expected)
 
 
+@pytest.mark.parametrize("name", ["gmvq", "vqvae-l2", "sqvae"])
+def test_under_bfloat16_autocast_the_codebook_is_clustered_in_float32(name):
+    plain, mixed = (build_quantizer(name, codebook_size=16, dim=4, seed=3).train() for _ in range(2))
+    rows = clustered_rows(plain.input_channels) + 0.01 * torch.randn(64, plain.input_channels)
+    plain(rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed(rows)
+    assert torch.equal(mixed.codebook.detach(), plain.codebook.detach())
+
+
 @pytest.mark.parametrize("name", WITH_KMEANS)
 def test_kmeans_init_false_keeps_the_constructed_codebook(name):
     q = build_quantizer(name, codebook_size=16, dim=4, kmeans_init=False).train()

@@ -59,7 +59,8 @@ class KMeansInit:
     @torch._dynamo.disable
     @torch.no_grad()
     def _initialise_from_input(self, x: Tensor, *more) -> None:
-        self.initialise_codebook(self._kmeans_vectors(x, *more))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # clustered in the codebook's dtype
+            self.initialise_codebook(self._kmeans_vectors(x, *more))
 
     def raw_codes(self, code_vectors: Tensor) -> Tensor:
         """The raw codebook rows whose code vectors are ``code_vectors`` (the affine map inverts itself here)."""
