@@ -337,6 +337,13 @@ def series_names(rows: list[dict]) -> list[str]:
     return [names[id(row)] for row in rows]
 
 
+def series_style(index: int, kind: str) -> dict:
+    """Matplotlib's ten colours, then the same colours with the next marker ("marker") or dash pattern
+    ("linestyle"), so that no two of the first forty series look alike."""
+    styles = {"marker": ["o", "s", "^", "D"], "linestyle": ["-", "--", ":", "-."]}[kind]
+    return {"color": f"C{index % 10}", kind: styles[index // 10 % len(styles)]}
+
+
 def plot_frontier(rows: list[dict], split: str, dataset: str, path: Path) -> None:
     """MSE against perplexity, seeds as error bars: one series per point given (its values joined in
     order), each point labelled by the levers that vary within its series."""
@@ -345,11 +352,11 @@ def plot_frontier(rows: list[dict], split: str, dataset: str, path: Path) -> Non
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(13, 6), dpi=110)
     names = series_names(rows)
-    for name in dict.fromkeys(names):
+    for index, name in enumerate(dict.fromkeys(names)):
         group = [row for row, row_name in zip(rows, names) if row_name == name and row["mse"] is not None]
         ax.errorbar([r["perplexity"] for r in group], [1e3 * r["mse"] for r in group],
                     xerr=[r["perplexity sd"] for r in group], yerr=[1e3 * r["mse sd"] for r in group],
-                    marker="o", capsize=2, label=name)
+                    capsize=2, label=name, **series_style(index, "marker"))
         for row in group:
             if row["varying"]:
                 text = " ".join(f"{k}={row['levers'][k]:g}" if isinstance(row["levers"][k], float)
@@ -377,11 +384,11 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     for run in runs:
         if run["curve"]:
             groups.setdefault(label(run["system"], run["levers"]), []).append(run["curve"])
-    for name, curves in groups.items():
+    for index, (name, curves) in enumerate(groups.items()):
         epochs = [point["epoch"] for point in curves[0]]
         for axis, metric, scale in ((left, "mse", 1e3), (right, "perplexity", 1.0)):
             values = [statistics.mean(scale * curve[i][metric] for curve in curves) for i in range(len(epochs))]
-            axis.plot(epochs, values, label=name)
+            axis.plot(epochs, values, label=name, **series_style(index, "linestyle"))
     split = next((run["curve_split"] for run in runs if run["curve"]), "val")
     left.set_ylabel(f"{split} MSE (1e-3)")
     right.set_ylabel(f"{split} perplexity")
@@ -390,10 +397,11 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     for axis in (left, right):
         axis.set_xlabel("epoch")
         axis.grid(True, alpha=0.3)
-    if groups:
-        left.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    if groups:  # beside the plots, not over the lines; the saved figure grows to hold it
+        right.legend(*left.get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                     ncol=1 + (len(groups) - 1) // 30)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -69,6 +69,25 @@ def test_summary_is_the_mean_and_spread_over_seeds_in_the_order_given():
     assert "3 (1 failed)" in sweep.markdown(args, rows)
 
 
+def test_the_frontier_draws_one_series_per_point_given_named_by_what_varies_in_it():
+    sweep = load_sweep()
+    specs = ["gmvq:beta=0.1|1,gamma=0.1", "gmvq:gamma=0.3|1", "vqvae:lr=0.01"]
+    extended = ("gmvq", {"beta": 3.0, "gamma": 0.1})  # --extend went beyond the first grid's edge
+    points = [point for spec in specs for point in sweep.expand(spec)] + [extended]
+    series = sweep.point_series(specs, points, ladder_lever="beta")
+    assert series == {"gmvq beta=0.1 gamma=0.1": 0, "gmvq beta=1 gamma=0.1": 0, "gmvq beta=3 gamma=0.1": 0,
+                      "gmvq gamma=0.3": 1, "gmvq gamma=1": 1, "vqvae lr=0.01": 2}
+    rows = [{"system": system, "levers": levers, "series": series[sweep.label(system, levers)]}
+            for system, levers in points]
+    names = sweep.series_names(rows)
+    assert names == ["gmvq over beta (gamma=0.1)"] * 2 + ["gmvq over gamma"] * 2 + ["vqvae (lr=0.01)",
+                                                                                    "gmvq over beta (gamma=0.1)"]
+    assert [row["varying"] for row in rows] == [["beta"]] * 2 + [["gamma"]] * 2 + [[], ["beta"]]
+    for kind in ("marker", "linestyle"):
+        styles = [tuple(sweep.series_style(index, kind).items()) for index in range(40)]
+        assert len(set(styles)) == 40, f"two of the first 40 series share a colour and a {kind}"
+
+
 def test_a_one_epoch_sweep_writes_table_json_and_plots(tmp_path):
     sweep = load_sweep()
     out = tmp_path / "sweep"
