@@ -23,8 +23,9 @@ rerun under later defaults names its settings (``gmvq:gamma=0.3,...``).
 Every run is one ``python -m gmvq_ext.train`` on one thread, ``--jobs`` at a
 time, resumable (``--auto-resume``), kept under ``--runs-dir`` in a folder
 named by its settings (a finished one is read, not retrained). ``--evaluate
-val`` holds out 10% of CIFAR-10's training images (CelebA: its official
-validation split) and reads only the validation metrics: nothing is chosen on
+val`` holds out 10% of CIFAR-10's training images (CelebA: its own
+validation split, the official partition's or, for a folder of crops, the
+second 10% of the sorted file names) and reads only the validation metrics: nothing is chosen on
 a test split. ``--evaluate test`` trains on every training image and reports
 the test split: for chosen settings only. Writes OUT.json (every run's
 command, last-epoch metrics and per-epoch curve), OUT.md (mean ± standard
@@ -289,16 +290,20 @@ def summary(runs: list[dict], split: str) -> list[dict]:
     return table
 
 
-SPLIT_WORDS = {"val": "the validation split (CIFAR-10: 10% of the training images held out)",
-               "test": "the test split (trained on all training images; not used for any choice)"}
+SPLIT_WORDS = {("val", "cifar10"): "the validation split (10% of the training images held out)",
+               ("val", "celeba"): "the validation split (the official partition's; a folder of crops such as "
+                                  "the sample's: the second 10% of its sorted file names)",
+               ("test", "cifar10"): "the test split (trained on all training images; not used for any choice)",
+               ("test", "celeba"): "the test split (not used for any choice)"}
 
 
 def markdown(args, rows: list[dict]) -> str:
     split = args.evaluate
     lines = [f"# {args.dataset} sample, {split}, {args.epochs} epochs", "",
              f"Seeds {args.seeds}; mean ± standard deviation over seeds; the last epoch's metrics on "
-             f"{SPLIT_WORDS[split]}. Settings a row does not name are the package's defaults with lr 1e-2, "
-             f"batch 128, 1 warmup epoch. Commands in {Path(args.out).name}.json.", "",
+             f"{SPLIT_WORDS[split, args.dataset]}. Settings a row does not name are the package's defaults with "
+             f"lr {FIXED['lr']:g}, batch {FIXED['batch_size']}, {FIXED['warmup_epochs']} warmup epoch. "
+             f"Commands in {Path(args.out).name}.json.", "",
              f"| point | {split} MSE (1e-3) | {split} PSNR (dB) | {split} perplexity | codes used | "
              "codes replaced | seeds |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

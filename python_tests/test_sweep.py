@@ -143,6 +143,7 @@ def test_celeba_tunes_on_its_validation_split_and_tests_on_its_test_split(tmp_pa
     sweep.main([*common, "--out", str(tmp_path / "val")])
     tuned, = json.loads((tmp_path / "val.json").read_text())["runs"]
     assert "--val-fraction" in tuned["command"] and tuned["curve_split"] == "val" and tuned["val/mse"] > 0
+    assert "second 10% of its sorted file names" in (tmp_path / "val.md").read_text()
     sweep.main([*common, "--evaluate", "test", "--out", str(tmp_path / "test")])
     tested, = json.loads((tmp_path / "test.json").read_text())["runs"]
     assert "--val-fraction" not in tested["command"] and tested["curve_split"] == "test"
