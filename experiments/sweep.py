@@ -25,8 +25,8 @@ time, resumable (``--auto-resume``), kept under ``--runs-dir`` in a folder
 named by its settings (a finished one is read, not retrained). ``--evaluate
 val`` holds out 10% of CIFAR-10's training images (CelebA: its own
 validation split, the official partition's or, for a folder of crops, the
-second 10% of the sorted file names) and reads only the validation metrics: nothing is chosen on
-a test split. ``--evaluate test`` trains on every training image and reports
+second 10% of the sorted file names) and reads only the validation metrics:
+nothing is chosen on a test split. ``--evaluate test`` trains on every training image and reports
 the test split: for chosen settings only. Writes OUT.json (every run's
 command, last-epoch metrics and per-epoch curve), OUT.md (mean ± standard
 deviation over seeds), OUT.png (MSE against perplexity: the frontier) and
